@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def build_server(
     address: str,
     *,
     max_workers_streams: int = 1000,
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, AioHealthServicer]:
     """Creates the server with health and reflection, bound to ``address``.
 
     ``service_names`` are the fully qualified services (``DESCRIPTOR.services_by_name[...]
@@ -44,7 +45,7 @@ def build_server(
         ]
     )
     add_servicers(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
@@ -58,7 +59,7 @@ def build_server(
 
 
 async def set_serving(
-    health_servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool
+    health_servicer: AioHealthServicer, service_names: Iterable[str], serving: bool
 ) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING
