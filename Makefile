@@ -5,11 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.shortline-installed
+# Compose v1 validates docker-compose.yml offline; it needs old pins, so it
+# lives in its own venv (see ../shared/MEASURED.md).
+COMPOSE_VENV ?= .venv-compose
+COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
 GEN_STAMP := shortline/.protos-generated
 
 .PHONY: setup protos run test lint typecheck unit clean
 
-setup: $(STAMP) $(GEN_STAMP)
+setup: $(STAMP) $(GEN_STAMP) $(COMPOSE_STAMP)
 
 # torch first, from the CPU build on local disk: anything that pulls torch
 # before it would download a CUDA build of several GB.
@@ -28,6 +32,13 @@ $(GEN_STAMP): $(PROTOS) $(STAMP)
 	touch $@
 
 protos: $(GEN_STAMP)
+
+$(COMPOSE_STAMP):
+	test -x $(COMPOSE_VENV)/bin/python || $(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/pip install -q "cython<3" wheel "setuptools<70"
+	$(COMPOSE_VENV)/bin/pip install -q --no-build-isolation pyyaml==5.4.1
+	$(COMPOSE_VENV)/bin/pip install -q docker-compose==1.29.2
+	touch $@
 
 run: setup
 	$(VENV)/bin/shortline up

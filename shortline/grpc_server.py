@@ -36,7 +36,8 @@ def build_server(
     """Creates the server with health and reflection, bound to ``address``.
 
     ``service_names`` are the fully qualified services (``DESCRIPTOR.services_by_name[...]
-    .full_name``); they start NOT_SERVING until :func:`set_serving` is called.
+    .full_name``). Health answers NOT_FOUND for them until :func:`set_serving` is awaited:
+    call ``set_serving(..., False)`` right after ``start()`` and ``True`` once ready.
     """
     server = grpc.aio.server(
         options=[

@@ -1,0 +1,159 @@
+"""Blocking client for services that are not asyncio."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+
+from shortline.client.channel import call_metadata, is_retryable, sync_channel
+from shortline.client.resume import DeliveredText
+from shortline.client.types import (
+    Accepted,
+    ClientOptions,
+    Result,
+    accepted_from_pb,
+    build_request,
+    result_from_pb,
+    state_name,
+)
+from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+class GenerateStream:
+    """Iterates over text deltas; ``result`` is set once the stream ends.
+
+    Retries on UNAVAILABLE reuse the request id, so the scheduler attaches to
+    the same job instead of running it again, and text already yielded is not
+    yielded twice.
+    """
+
+    def __init__(
+        self,
+        client: ShortlineClient,
+        request: scheduler_pb2.GenerateRequest,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._text = DeliveredText()
+        self._call: grpc.Call | None = None
+        self.accepted: Accepted | None = None
+        self.result: Result | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    def _remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
+
+    def __iter__(self) -> Iterator[str]:
+        options = self._client.options
+        attempt = 0
+        while True:
+            self._text.new_attempt()
+            try:
+                call = self._client.stub.Generate(
+                    self._request,
+                    timeout=self._remaining(),
+                    metadata=call_metadata(options),
+                )
+                self._call = call
+                for msg in call:
+                    event = msg.WhichOneof("event")
+                    if event == "accepted":
+                        self.accepted = accepted_from_pb(msg.accepted)
+                    elif event == "delta":
+                        fresh = self._text.accept(msg.delta.text)
+                        if fresh:
+                            yield fresh
+                    elif event == "result":
+                        self.result = result_from_pb(msg.result)
+                return
+            except grpc.RpcError as exc:
+                if not is_retryable(exc) or attempt >= options.retries:
+                    raise
+                attempt += 1
+                time.sleep(options.backoff_seconds * (2 ** (attempt - 1)))
+
+    def cancel(self) -> str:
+        """Cancels the job on the scheduler (not just this stream); returns its state."""
+        return self._client.cancel(self.request_id)
+
+
+class ShortlineClient:
+    """``with ShortlineClient(ClientOptions(target=...)) as client: ...``"""
+
+    def __init__(self, options: ClientOptions | None = None) -> None:
+        self.options = options or ClientOptions()
+        self._channel = sync_channel(self.options)
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str = "smollm2-135m-instruct",
+        max_tokens: int = 128,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        ignore_eos: bool = False,
+        priority: int | None = None,
+        length_model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerateStream:
+        """Starts a generation; iterate the returned stream for text."""
+        request = build_request(
+            prompt,
+            request_id=request_id or uuid.uuid4().hex,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            ignore_eos=ignore_eos,
+            priority=priority,
+            length_model=length_model,
+        )
+        return GenerateStream(self, request, timeout or self.options.timeout_seconds)
+
+    def cancel(self, request_id: str) -> str:
+        response = self.stub.Cancel(
+            scheduler_pb2.CancelRequest(request_id=request_id),
+            timeout=self.options.timeout_seconds,
+            metadata=call_metadata(self.options),
+        )
+        return state_name(response.state)
+
+    def stats(self) -> scheduler_pb2.GetStatsResponse:
+        response: scheduler_pb2.GetStatsResponse = self.stub.GetStats(
+            scheduler_pb2.GetStatsRequest(),
+            timeout=self.options.timeout_seconds,
+            metadata=call_metadata(self.options),
+        )
+        return response
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ShortlineClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
