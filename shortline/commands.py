@@ -1,0 +1,147 @@
+"""Top-level commands for users: ``up`` (the local stack), ``generate`` and ``stats``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+from shortline.config import add_arguments, from_args
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from shortline.stack import StackConfig
+
+    up = sub.add_parser(
+        "up",
+        help="start the whole stack as local processes (what `make run` does)",
+        description="Starts Triton (smollm2 + replay), a predictor, the scheduler and workers "
+        "on 127.0.0.1, waits until all are SERVING, and stops them all on Ctrl-C or SIGTERM.",
+    )
+    add_arguments(up, StackConfig, "stack")
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="stream one answer from the scheduler")
+    gen.add_argument("prompt")
+    gen.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler address")
+    gen.add_argument("--model", default="smollm2-135m-instruct")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens")
+    gen.add_argument("--length-model", default="", help="whose lengths the predictor predicts")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--token", default=None, help="bearer token")
+    gen.set_defaults(func=_generate)
+
+    stats = sub.add_parser("stats", help="print the scheduler's queue and worker state")
+    stats.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler address")
+    stats.set_defaults(func=_stats)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from shortline.stack import Stack, StackConfig, StackError
+
+    cfg = from_args(StackConfig, args, "stack")
+    stack = Stack(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"starting {len(stack.children)} services; logs in {stack.log_dir}", flush=True)
+    try:
+        stack.start()
+    except StackError as exc:
+        print(f"shortline up: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"Shortline is serving. Scheduler: {stack.scheduler_address}\n"
+        f"Try: shortline generate --scheduler {stack.scheduler_address} "
+        '"Give me three tips for a good night\'s sleep." --max-tokens 64\n'
+        "Ctrl-C stops everything.",
+        flush=True,
+    )
+    try:
+        while not stop.is_set():
+            dead = [c.name for c in stack.children if c.process and c.process.poll() is not None]
+            if dead:
+                print(f"shortline up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                break
+            stop.wait(1.0)
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+    return 0 if stop.is_set() else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from shortline.client import ClientOptions, ShortlineClient
+
+    options = ClientOptions(target=args.scheduler, token=args.token)
+    with ShortlineClient(options) as client:
+        stream = client.generate(
+            args.prompt,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            ignore_eos=args.ignore_eos,
+            length_model=args.length_model,
+            timeout=args.timeout,
+        )
+        try:
+            for text in stream:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            stream.cancel()
+            print("\ncancelled", file=sys.stderr)
+            return 130
+    print()
+    result = stream.result
+    if result is not None:
+        print(
+            f"[{result.finish_reason}] queue wait {result.queue_wait_seconds * 1000:.0f} ms, "
+            f"first token {result.time_to_first_token_seconds * 1000:.0f} ms, "
+            f"completion {result.completion_seconds:.2f} s, "
+            f"tokens predicted {result.predicted_tokens:.0f} ({result.prediction_source}) "
+            f"vs actual {result.actual_tokens}, preemptions {result.preemptions}, "
+            f"worker {result.worker_id}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import grpc
+
+    from shortline.client import ClientOptions, ShortlineClient
+
+    with ShortlineClient(ClientOptions(target=args.scheduler, timeout_seconds=5)) as client:
+        try:
+            s = client.stats()
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"policy {s.policy}, batching {s.batching}")
+    print(f"queue {s.queue_depth}, running {s.running}")
+    print(
+        f"completed {s.completed}, cancelled {s.cancelled}, failed {s.failed}, "
+        f"preemptions {s.preemptions}, predictor fallbacks {s.predictor_fallbacks}, "
+        f"cache hits {s.cache_hits}/{s.cache_lookups}"
+    )
+    print(f"{'worker':<12} {'address':<22} {'slots':>9} {'alive':>6} {'heartbeat':>10}")
+    for w in s.workers:
+        print(
+            f"{w.worker_id:<12} {w.address:<22} {w.slots_used:>4}/{w.slots_total:<4} "
+            f"{'yes' if w.alive else 'no':>6} {w.seconds_since_heartbeat:>9.1f}s"
+        )
+    return 0
