@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stats.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler address")
     stats.set_defaults(func=_stats)
 
+    health = sub.add_parser(
+        "health", help="exit 0 if a service's gRPC health check says SERVING (for probes)"
+    )
+    health.add_argument("address", help="HOST:PORT of any Shortline service")
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(func=_health)
+
 
 def _up(args: argparse.Namespace) -> int:
     from shortline.stack import Stack, StackConfig, StackError
@@ -145,3 +152,13 @@ def _stats(args: argparse.Namespace) -> int:
             f"{'yes' if w.alive else 'no':>6} {w.seconds_since_heartbeat:>9.1f}s"
         )
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from shortline.stack import grpc_serving
+
+    if grpc_serving(args.address, timeout=args.timeout):
+        print("SERVING")
+        return 0
+    print(f"{args.address} is not SERVING", file=sys.stderr)
+    return 1
