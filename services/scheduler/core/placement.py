@@ -1,0 +1,72 @@
+"""Placement: the free slot on the least-loaded worker, in O(max slots).
+
+Workers with a free slot sit in buckets by how many slots they use; the
+first non-empty bucket holds the least-loaded ones (ties: the one that has
+been at that load longest). A full worker leaves the board.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WorkerSlots:
+    __slots__ = ("alive", "batch_left", "id", "jobs", "slots", "used")
+
+    def __init__(self, worker_id: Any, slots: int) -> None:
+        self.id = worker_id
+        self.slots = slots
+        self.used = 0
+        self.jobs: dict[Any, None] = {}  # job ids running here, insertion ordered
+        self.alive = True
+        self.batch_left = 0  # dynamic batching: jobs of the current batch not yet finished
+
+
+class SlotBoard:
+    def __init__(self) -> None:
+        self._levels: list[dict[Any, WorkerSlots]] = []
+        self.free = 0  # free slots over all live workers
+
+    def _ensure(self, level: int) -> None:
+        while len(self._levels) <= level:
+            self._levels.append({})
+
+    def add(self, w: WorkerSlots) -> None:
+        self._ensure(w.slots)
+        if w.used < w.slots:
+            self._levels[w.used][w.id] = w
+        self.free += w.slots - w.used
+
+    def discard(self, w: WorkerSlots) -> None:
+        if w.used < w.slots:
+            self._levels[w.used].pop(w.id, None)
+        self.free -= w.slots - w.used
+
+    def pick(self) -> WorkerSlots | None:
+        """Least-loaded worker with a free slot."""
+        for level in self._levels:
+            if level:
+                return next(iter(level.values()))
+        return None
+
+    def pick_idle(self) -> WorkerSlots | None:
+        """A worker with every slot free (dynamic batching)."""
+        if self._levels and self._levels[0]:
+            return next(iter(self._levels[0].values()))
+        return None
+
+    def take(self, w: WorkerSlots, n: int = 1) -> None:
+        levels = self._levels
+        del levels[w.used][w.id]
+        w.used += n
+        if w.used < w.slots:
+            levels[w.used][w.id] = w
+        self.free -= n
+
+    def give_back(self, w: WorkerSlots, n: int = 1) -> None:
+        levels = self._levels
+        if w.used < w.slots:
+            del levels[w.used][w.id]
+        w.used -= n
+        levels[w.used][w.id] = w
+        self.free += n

@@ -1,0 +1,143 @@
+"""Scheduling policies: a key function plus a queue kind, chosen once by a factory.
+
+The core never branches on a policy's name: it pushes and pops a
+:class:`~services.scheduler.core.queue.ReadyQueue` built here and asks the
+policy's preemption rule, if any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.scheduler.core.clock import Clock
+from services.scheduler.core.job import Job
+from services.scheduler.core.queue import (
+    BoundedWaitQueue,
+    FifoQueue,
+    HeapQueue,
+    KeyFn,
+    ReadyQueue,
+)
+
+POLICY_NAMES = ("fcfs", "ssjf", "ssjf-aging", "sjf-oracle")
+PREEMPT_SUFFIX = "+preempt"
+
+
+class PolicyError(ValueError):
+    """Unknown policy, bad parameters, or a policy this mode may not use."""
+
+
+def predicted_remaining(job: Job) -> float:
+    """Predicted tokens still to generate; at least 1 so an overrun job is not "free"."""
+    rest = job.predicted - job.generated
+    return rest if rest > 1.0 else 1.0
+
+
+def true_remaining(job: Job) -> float:
+    if job.true_tokens is None:
+        return predicted_remaining(job)
+    rest = job.true_tokens - job.generated
+    return rest if rest > 1.0 else 1.0
+
+
+@dataclass(frozen=True)
+class PreemptionRule:
+    """Preempt a running job for a queued one only when it clearly pays off.
+
+    The queued job's remaining key times ``factor`` must be below the running
+    job's remaining key; the running job must still be early (fewer than
+    ``max_fraction`` of its predicted tokens generated), which bounds the
+    recompute cost; and no job is preempted more than ``max_per_job`` times.
+    """
+
+    factor: float = 4.0
+    max_fraction: float = 0.25
+    max_per_job: int = 1
+
+    def __post_init__(self) -> None:
+        if self.factor < 1.0:
+            raise PolicyError(f"preempt factor must be >= 1, got {self.factor}")
+        if not 0.0 < self.max_fraction <= 1.0:
+            raise PolicyError(f"preempt max fraction must be in (0, 1], got {self.max_fraction}")
+        if self.max_per_job < 1:
+            raise PolicyError(f"preempt max per job must be >= 1, got {self.max_per_job}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    key: KeyFn | None  # None: arrival order
+    remaining: KeyFn  # remaining work in tokens, as this policy believes it
+    wait_bound: float | None = None
+    preemption: PreemptionRule | None = None
+    uses_truth: bool = False
+
+    def make_queue(self, clock: Clock) -> ReadyQueue:
+        if self.key is None:
+            return FifoQueue()
+        if self.wait_bound is not None:
+            return BoundedWaitQueue(self.key, self.wait_bound, clock)
+        return HeapQueue(self.key)
+
+
+def _aging_key(rate: float) -> KeyFn:
+    # predicted - rate * (now - arrival) orders exactly as predicted + rate * arrival,
+    # which never changes while the job waits: the heap stays valid.
+    def key(job: Job) -> float:
+        return predicted_remaining(job) + rate * job.arrival
+
+    return key
+
+
+def make_policy(
+    spec: str,
+    *,
+    aging_rate: float = 10.0,
+    max_wait_s: float = 30.0,
+    preemption: PreemptionRule | None = None,
+    allow_oracle: bool = False,
+) -> Policy:
+    """Builds a policy from ``NAME[+preempt]``, e.g. ``ssjf``, ``ssjf-aging+preempt``.
+
+    ``aging_rate`` is in tokens of key per second waited; ``max_wait_s`` is the hard
+    bound W of ``ssjf-aging``. Serving passes ``allow_oracle=False``: ``sjf-oracle``
+    needs true lengths, which only a benchmark knows.
+    """
+    name = spec.strip()
+    preempt = name.endswith(PREEMPT_SUFFIX)
+    if preempt:
+        name = name[: -len(PREEMPT_SUFFIX)]
+    rule = (preemption or PreemptionRule()) if preempt else None
+    if name == "fcfs":
+        if rule is not None:
+            raise PolicyError("fcfs cannot preempt: it has no notion of a shorter job")
+        return Policy(name=spec, key=None, remaining=predicted_remaining)
+    if name == "ssjf":
+        return Policy(
+            name=spec, key=predicted_remaining, remaining=predicted_remaining, preemption=rule
+        )
+    if name == "ssjf-aging":
+        if aging_rate < 0:
+            raise PolicyError(f"aging rate must be >= 0, got {aging_rate}")
+        if max_wait_s <= 0:
+            raise PolicyError(f"max wait must be > 0 seconds, got {max_wait_s}")
+        return Policy(
+            name=spec,
+            key=_aging_key(aging_rate),
+            remaining=predicted_remaining,
+            wait_bound=max_wait_s,
+            preemption=rule,
+        )
+    if name == "sjf-oracle":
+        if not allow_oracle:
+            raise PolicyError(
+                "policy sjf-oracle needs true output lengths: only benchmark mode may use it"
+            )
+        return Policy(
+            name=spec,
+            key=true_remaining,
+            remaining=true_remaining,
+            preemption=rule,
+            uses_truth=True,
+        )
+    raise PolicyError(f"unknown policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,195 @@
+"""The ready queue: one small interface, three implementations.
+
+Removal is lazy everywhere: a removed job's entry is marked dead (its job slot
+set to ``None``) and skipped when it surfaces, so cancel and pop both stay
+O(log n) (vLLM rebuilds its heap on removal, O(n)). An entry is a list
+``[key, seq, job]``; ``job.entry`` points at it while the job is queued.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from services.scheduler.core.clock import Clock
+from services.scheduler.core.job import Job
+
+KeyFn = Callable[[Job], float]
+
+
+class ReadyQueue(Protocol):
+    def push(self, job: Job) -> None: ...
+    def pop(self) -> Job | None: ...
+    def peek(self) -> Job | None: ...
+    def remove(self, job: Job) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Job]: ...
+
+
+def _take(entry: list[Any]) -> Job:
+    job: Job = entry[2]
+    entry[2] = None
+    job.entry = None
+    return job
+
+
+class FifoQueue:
+    """Arrival order (``job.seq``). A requeued job older than the head goes to the front."""
+
+    def __init__(self) -> None:
+        self._dq: deque[list[Any]] = deque()
+        self._n = 0
+
+    def push(self, job: Job) -> None:
+        entry = [0.0, job.seq, job]
+        job.entry = entry
+        dq = self._dq
+        self._clean()
+        if dq and job.seq < dq[0][1]:
+            dq.appendleft(entry)
+        else:
+            dq.append(entry)
+        self._n += 1
+
+    def _clean(self) -> None:
+        dq = self._dq
+        while dq and dq[0][2] is None:
+            dq.popleft()
+
+    def pop(self) -> Job | None:
+        self._clean()
+        if not self._dq:
+            return None
+        self._n -= 1
+        return _take(self._dq.popleft())
+
+    def peek(self) -> Job | None:
+        self._clean()
+        return self._dq[0][2] if self._dq else None
+
+    def remove(self, job: Job) -> bool:
+        entry = job.entry
+        if entry is None or entry[2] is not job:
+            return False
+        _take(entry)
+        self._n -= 1
+        return True
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Job]:
+        return (e[2] for e in self._dq if e[2] is not None)
+
+
+class HeapQueue:
+    """Smallest ``key(job)`` first (computed once at push); ties by arrival order."""
+
+    def __init__(self, key: KeyFn) -> None:
+        self._key = key
+        self._heap: list[list[Any]] = []
+        self._n = 0
+
+    def push(self, job: Job) -> None:
+        entry = [self._key(job), job.seq, job]
+        job.entry = entry
+        heapq.heappush(self._heap, entry)
+        self._n += 1
+
+    def _clean(self) -> None:
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+
+    def pop(self) -> Job | None:
+        self._clean()
+        if not self._heap:
+            return None
+        self._n -= 1
+        return _take(heapq.heappop(self._heap))
+
+    def peek(self) -> Job | None:
+        self._clean()
+        return self._heap[0][2] if self._heap else None
+
+    def remove(self, job: Job) -> bool:
+        entry = job.entry
+        if entry is None or entry[2] is not job:
+            return False
+        _take(entry)
+        self._n -= 1
+        if self._n == 0:
+            self._heap.clear()
+        return True
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Job]:
+        return (e[2] for e in self._heap if e[2] is not None)
+
+
+class BoundedWaitQueue:
+    """A key heap plus a FIFO view of the same entries: a job ready for longer than
+    ``bound`` seconds goes next, oldest first; otherwise the smallest key.
+
+    Pushes happen at the clock's "now", which never goes back, so push order is
+    ``ready_since`` order and the FIFO view is a plain deque. An entry popped
+    through one view is dead in the other (they share it).
+    """
+
+    def __init__(self, key: KeyFn, bound: float, clock: Clock) -> None:
+        self._key = key
+        self._bound = bound
+        self._clock = clock
+        self._heap: list[list[Any]] = []
+        self._dq: deque[list[Any]] = deque()
+        self._n = 0
+
+    def push(self, job: Job) -> None:
+        entry = [self._key(job), job.seq, job]
+        job.entry = entry
+        heapq.heappush(self._heap, entry)
+        self._dq.append(entry)
+        self._n += 1
+
+    def _head(self) -> list[Any] | None:
+        dq = self._dq
+        while dq and dq[0][2] is None:
+            dq.popleft()
+        if dq and self._clock.now() - dq[0][2].ready_since > self._bound:
+            return dq[0]
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def pop(self) -> Job | None:
+        entry = self._head()
+        if entry is None:
+            return None
+        self._n -= 1
+        return _take(entry)
+
+    def peek(self) -> Job | None:
+        entry = self._head()
+        return None if entry is None else entry[2]
+
+    def remove(self, job: Job) -> bool:
+        entry = job.entry
+        if entry is None or entry[2] is not job:
+            return False
+        _take(entry)
+        self._n -= 1
+        if self._n == 0:
+            self._heap.clear()
+            self._dq.clear()
+        return True
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Job]:
+        return (e[2] for e in self._heap if e[2] is not None)

@@ -1,0 +1,521 @@
+"""SchedulerCore: the one object the service and the simulator both drive.
+
+It owns the live jobs, the ready queue (built by the policy), the workers'
+slots and the preemption bookkeeping. Drivers report events (``submit``,
+``on_prediction``, ``on_progress``, ``on_finish``, ``on_cancel``,
+``on_stopped``, ``on_worker_lost``) and ask ``dispatch()`` what to do next:
+a list of :class:`Assign` (run this job on that worker) and :class:`Stop`
+(stop this job on that worker; call ``on_stopped`` once it has). A slot is
+released only when the driver says the worker let go of the job, so a worker
+never holds more jobs than it has slots.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from services.scheduler.core.batching import Batching, BatchingMode
+from services.scheduler.core.cache import SemanticCache
+from services.scheduler.core.clock import Clock
+from services.scheduler.core.fallback import FallbackPredictor
+from services.scheduler.core.job import Job, JobState
+from services.scheduler.core.placement import SlotBoard, WorkerSlots
+from services.scheduler.core.policies import Policy
+
+QUEUED = JobState.QUEUED
+PREDICTED = JobState.PREDICTED
+RUNNING = JobState.RUNNING
+PREEMPTED = JobState.PREEMPTED
+DONE = JobState.DONE
+CANCELLED = JobState.CANCELLED
+FAILED = JobState.FAILED
+
+SOURCE_PREDICTOR = "predictor"
+SOURCE_CACHE = "cache"
+SOURCE_FALLBACK = "fallback"
+SOURCE_ORACLE = "oracle"
+
+# Running jobs looked at per preemption check beyond those ruled out for good.
+_PREEMPT_SCAN = 8
+
+
+class QueueFullError(Exception):
+    """Admission refused: the service maps it to RESOURCE_EXHAUSTED."""
+
+    def __init__(self, depth: int, limit: int) -> None:
+        super().__init__(f"queue is full: {depth} requests waiting, limit {limit}")
+        self.depth = depth
+        self.limit = limit
+
+
+class DuplicateJobError(ValueError):
+    """A job id that is already live was submitted again."""
+
+
+class Assign(NamedTuple):
+    job: Job
+    worker_id: Any
+
+
+class Stop(NamedTuple):
+    job: Job
+    worker_id: Any
+    preempt: bool  # True: requeue after the stop; False: cancelled for good
+
+
+Decision = Assign | Stop
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        policy: Policy,
+        batching: Batching,
+        clock: Clock,
+        *,
+        queue_limit: int = 10_000,
+        cache: SemanticCache | None = None,
+        fallback: FallbackPredictor | None = None,
+        progress: Callable[[Job], int] | None = None,
+        max_requeues: int = 3,
+    ) -> None:
+        if queue_limit < 1:
+            raise ValueError(f"queue limit must be >= 1, got {queue_limit}")
+        self.policy = policy
+        self.batching = batching
+        self.clock = clock
+        self.queue_limit = queue_limit
+        self.cache = cache
+        self.fallback = fallback or FallbackPredictor()
+        # How many tokens a running job has generated so far. The service keeps
+        # ``job.generated`` current from the stream; the simulator computes it.
+        self._progress = progress
+        self.max_requeues = max_requeues
+        self.queue = policy.make_queue(clock)
+        self._dynamic = batching.mode is BatchingMode.DYNAMIC
+        self._board = SlotBoard()
+        self._workers: dict[Any, WorkerSlots] = {}
+        self._jobs: dict[Any, Job] = {}
+        self._seq = itertools.count(1)
+        self._awaiting_prediction = 0
+        self._running = 0
+        self._preempting: set[Any] = set()
+        self._running_heap: list[tuple[float, int, int, Job]] = []
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._window_start: float | None = None
+        self.submitted = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.failed = 0
+        self.preemptions = 0
+        self.requeued = 0
+
+    # ---- workers -------------------------------------------------------------
+
+    def add_worker(self, worker_id: Any, slots: int) -> None:
+        """Registers a worker (again after a restart: its old jobs are requeued)."""
+        if slots < 1:
+            raise ValueError(f"worker slots must be >= 1, got {slots}")
+        if worker_id in self._workers:
+            self.on_worker_lost(worker_id)
+        w = WorkerSlots(worker_id, self.batching.usable_slots(slots))
+        self._workers[worker_id] = w
+        self._board.add(w)
+
+    def on_worker_lost(self, worker_id: Any) -> list[Job]:
+        """Removes the worker; its jobs go back to the queue to resume elsewhere."""
+        w = self._workers.pop(worker_id, None)
+        if w is None:
+            return []
+        self._board.discard(w)
+        w.alive = False
+        now = self.clock.now()
+        requeued: list[Job] = []
+        for job_id in list(w.jobs):
+            job = self._jobs[job_id]
+            job.worker = None
+            self._running -= 1
+            self._preempting.discard(job_id)
+            if job.state is RUNNING or job.state is PREEMPTED:
+                if job.state is RUNNING:
+                    job.to(PREEMPTED)
+                job.requeues += 1
+                self.requeued += 1
+                if job.requeues > self.max_requeues:
+                    self._end(job, FAILED, "error", now)
+                    continue
+                self._requeue(job, now)
+                requeued.append(job)
+            else:  # cancelled while running: nothing left to do
+                del self._jobs[job_id]
+        return requeued
+
+    @property
+    def workers(self) -> dict[Any, WorkerSlots]:
+        return self._workers
+
+    # ---- admission and prediction -------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Admits a job (state QUEUED, awaiting its prediction) or raises QueueFullError."""
+        if job.id in self._jobs:
+            raise DuplicateJobError(f"job {job.id!r} is already live")
+        depth = self._awaiting_prediction + len(self.queue)
+        if depth >= self.queue_limit:
+            raise QueueFullError(depth, self.queue_limit)
+        job.seq = next(self._seq)
+        self._jobs[job.id] = job
+        self._awaiting_prediction += 1
+        self.submitted += 1
+        if job.deadline is not None:
+            heapq.heappush(self._deadlines, (job.deadline, job.seq, job))
+
+    def on_prediction(
+        self,
+        job_id: Any,
+        predicted: float | None,
+        source: str = SOURCE_PREDICTOR,
+        embedding: Any = None,
+    ) -> Job | None:
+        """Queues the job by its prediction; a cache hit overrides it, ``None`` falls back.
+
+        Returns ``None`` when the job is no longer waiting for a prediction (a late
+        answer for a cancelled job).
+        """
+        job = self._jobs.get(job_id)
+        if job is None or job.state is not QUEUED:
+            return None
+        if embedding is not None and self.cache is not None:
+            job.embedding = embedding
+            hit = self.cache.lookup(job.length_model, embedding)
+            if hit is not None:
+                predicted, source = hit, SOURCE_CACHE
+        if predicted is None or math.isnan(predicted):
+            predicted, source = self.fallback.predict(job.length_model), SOURCE_FALLBACK
+        if predicted < 1.0:
+            predicted = 1.0
+        job.predicted = predicted if predicted < job.max_tokens else float(job.max_tokens)
+        job.prediction_source = source
+        job.to(PREDICTED)
+        self._awaiting_prediction -= 1
+        job.ready_since = self.clock.now()
+        self.queue.push(job)
+        return job
+
+    def on_prediction_failed(self, job_id: Any) -> Job | None:
+        return self.on_prediction(job_id, None)
+
+    # ---- dispatch ------------------------------------------------------------
+
+    def dispatch(self) -> list[Decision]:
+        """What to start (and whom to preempt) now."""
+        decisions: list[Decision] = []
+        queue = self.queue
+        board = self._board
+        if self._dynamic:
+            self._dispatch_dynamic(decisions)
+        else:
+            while board.free and len(queue):
+                w = board.pick()
+                job = queue.pop()
+                if w is None or job is None:
+                    break
+                board.take(w)
+                self._start(job, w, decisions)
+        if (
+            self.policy.preemption is not None
+            and not self._dynamic
+            and not board.free
+            and not self._preempting
+            and len(queue)
+        ):
+            self._maybe_preempt(decisions)
+        return decisions
+
+    def _dispatch_dynamic(self, decisions: list[Decision]) -> None:
+        queue = self.queue
+        board = self._board
+        now = self.clock.now()
+        while len(queue):
+            w = board.pick_idle()
+            if w is None:
+                return
+            n = len(queue)
+            if n < w.slots:
+                if self._window_start is None:
+                    self._window_start = now
+                if now < self._window_start + self.batching.wait_s:
+                    return
+            k = min(n, w.slots)
+            board.take(w, w.slots)  # the batch holds every slot until its last job ends
+            w.batch_left = k
+            for _ in range(k):
+                job = queue.pop()
+                if job is None:
+                    break
+                self._start(job, w, decisions)
+            self._window_start = None
+        self._window_start = None
+
+    def _start(self, job: Job, w: WorkerSlots, decisions: list[Decision]) -> None:
+        job.to(RUNNING)
+        now = self.clock.now()
+        if job.first_dispatch is None:
+            job.first_dispatch = now
+        job.worker = w.id
+        job.run_token += 1
+        job.run_start_generated = job.generated
+        w.jobs[job.id] = None
+        self._running += 1
+        if self.policy.preemption is not None:
+            heapq.heappush(
+                self._running_heap,
+                (-self.policy.remaining(job), job.seq, job.run_token, job),
+            )
+        decisions.append(Assign(job, w.id))
+
+    def _maybe_preempt(self, decisions: list[Decision]) -> None:
+        rule = self.policy.preemption
+        best = self.queue.peek()
+        if rule is None or best is None:
+            return
+        threshold = self.policy.remaining(best) * rule.factor
+        heap = self._running_heap
+        kept: list[tuple[float, int, int, Job]] = []
+        victim: Job | None = None
+        while heap and len(kept) < _PREEMPT_SCAN:
+            entry = heap[0]
+            neg_rem, _, token, job = entry
+            if job.state is not RUNNING or job.run_token != token:
+                heapq.heappop(heap)
+                continue
+            if -neg_rem <= threshold:
+                break  # remaining keys only shrink: nobody below qualifies either
+            if job.preemptions >= rule.max_per_job:
+                heapq.heappop(heap)
+                continue
+            if self._progress is not None:
+                job.generated = self._progress(job)
+            if job.generated >= rule.max_fraction * job.predicted:
+                heapq.heappop(heap)  # too far along, now and for ever
+                continue
+            heapq.heappop(heap)
+            if self.policy.remaining(job) > threshold:
+                victim = job
+                break
+            kept.append(entry)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        if victim is not None:
+            victim.to(PREEMPTED)
+            victim.preemptions += 1
+            self.preemptions += 1
+            self._preempting.add(victim.id)
+            decisions.append(Stop(victim, victim.worker, True))
+
+    # ---- running jobs --------------------------------------------------------
+
+    def on_progress(self, job_id: Any, generated: int) -> None:
+        """Tokens generated so far over all runs (what the client has received)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.generated = generated
+        if job.first_token is None and generated > 0:
+            job.first_token = self.clock.now()
+
+    def on_finish(self, job_id: Any, reason: str = "stop", generated: int | None = None) -> Job:
+        """The job's last token was produced; its slot frees."""
+        job = self._jobs[job_id]
+        if generated is not None:
+            job.generated = generated
+        self._release(job)
+        if job.state is CANCELLED or job.state is FAILED:
+            del self._jobs[job_id]
+            return job
+        self._preempting.discard(job_id)
+        now = self.clock.now()
+        if job.first_token is None and job.generated > 0:
+            job.first_token = now
+        self._end(job, DONE, reason, now)
+        self.completed += 1
+        if reason in ("stop", "length"):
+            self.fallback.observe(job.length_model, job.generated)
+            if self.cache is not None and job.embedding is not None:
+                self.cache.insert(job.length_model, job.embedding, job.generated)
+        return job
+
+    def on_cancel(self, job_id: Any, reason: str = "cancelled") -> Stop | None:
+        """Cancels in any live state; returns a Stop when a worker must be told."""
+        job = self._jobs.get(job_id)
+        if job is None or job.terminal:
+            return None
+        state = job.state
+        now = self.clock.now()
+        if state is QUEUED:
+            self._awaiting_prediction -= 1
+        elif state is PREDICTED:
+            self.queue.remove(job)
+        self.cancelled += 1
+        job.to(CANCELLED)
+        job.finish = now
+        job.finish_reason = reason
+        if state is RUNNING:
+            return Stop(job, job.worker, False)  # slot held until on_stopped
+        if state is PREEMPTED:
+            return None  # its stop is already under way
+        del self._jobs[job_id]
+        return None
+
+    def on_stopped(self, job_id: Any, generated: int | None = None) -> Job | None:
+        """The worker let go of a job we stopped: requeue it (preempted) or forget it."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if generated is not None:
+            job.generated = generated
+        self._release(job)
+        if self._preempting:
+            self._preempting.discard(job_id)
+        if job.state is PREEMPTED:
+            self._requeue(job, self.clock.now())
+        elif job.terminal:
+            del self._jobs[job_id]
+        return job
+
+    def on_run_failed(self, job_id: Any, generated: int | None = None) -> Job | None:
+        """A run broke (worker gone, stream error): requeue, or fail once retries are spent."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if generated is not None:
+            job.generated = generated
+        self._release(job)
+        self._preempting.discard(job_id)
+        if job.terminal:
+            del self._jobs[job_id]
+            return job
+        job.requeues += 1
+        self.requeued += 1
+        if job.requeues > self.max_requeues:
+            self._end(job, FAILED, "error", self.clock.now())
+            return job
+        if job.state is RUNNING:
+            job.to(PREEMPTED)
+        self._requeue(job, self.clock.now())
+        return job
+
+    def expire(self) -> list[Decision]:
+        """Cancels jobs past their deadline; Stops for the ones on workers."""
+        stops: list[Decision] = []
+        heap = self._deadlines
+        now = self.clock.now()
+        while heap and heap[0][0] <= now:
+            _, _, job = heapq.heappop(heap)
+            if self._jobs.get(job.id) is not job or job.terminal:
+                continue
+            stop = self.on_cancel(job.id, "deadline")
+            if stop is not None:
+                stops.append(stop)
+        return stops
+
+    def next_timer(self) -> float | None:
+        """Earliest time the core wants ``dispatch``/``expire`` called without an event."""
+        times = []
+        if self._window_start is not None:
+            times.append(self._window_start + self.batching.wait_s)
+        while self._deadlines and self._deadlines[0][2].terminal:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        return min(times) if times else None
+
+    # ---- internals -----------------------------------------------------------
+
+    def _release(self, job: Job) -> None:
+        worker_id = job.worker
+        if worker_id is None:
+            return
+        job.worker = None
+        self._running -= 1
+        w = self._workers.get(worker_id)
+        if w is None:
+            return
+        del w.jobs[job.id]
+        if self._dynamic:
+            w.batch_left -= 1
+            if w.batch_left <= 0:
+                self._board.give_back(w, w.used)
+        else:
+            self._board.give_back(w)
+
+    def _requeue(self, job: Job, now: float) -> None:
+        job.to(PREDICTED)
+        job.ready_since = now
+        self.queue.push(job)
+
+    def _end(self, job: Job, state: JobState, reason: str, now: float) -> None:
+        if job.state is PREDICTED:
+            self.queue.remove(job)
+        job.to(state)
+        job.finish = now
+        job.finish_reason = reason
+        if state is FAILED:
+            self.failed += 1
+        self._jobs.pop(job.id, None)
+
+    # ---- introspection -------------------------------------------------------
+
+    def get(self, job_id: Any) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    def position(self, job: Job) -> int:
+        """Jobs ahead of ``job`` in the ready queue now (O(n); for the Accepted message)."""
+        entry = job.entry
+        if entry is None:
+            return len(self.queue)
+        mine = (entry[0], entry[1])
+        return sum(
+            1
+            for other in self.queue
+            if other.entry is not None and (other.entry[0], other.entry[1]) < mine
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        return self._awaiting_prediction + len(self.queue)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def free_slots(self) -> int:
+        return self._board.free
+
+    def stats(self) -> dict[str, Any]:
+        cache = self.cache
+        return {
+            "policy": self.policy.name,
+            "batching": self.batching.mode.value,
+            "queue_depth": self.queue_depth,
+            "running": self._running,
+            "submitted": self.submitted,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "failed": self.failed,
+            "preemptions": self.preemptions,
+            "requeued": self.requeued,
+            "predictor_fallbacks": self.fallback.used,
+            "cache_hits": cache.hits if cache else 0,
+            "cache_lookups": cache.lookups if cache else 0,
+            "workers": len(self._workers),
+            "free_slots": self._board.free,
+        }
