@@ -1,0 +1,57 @@
+"""Truncation keeps [CLS], the prompt's head and tail, and [SEP]; embeddings are unit 384-d."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.predictor.encoder import EMBEDDING_DIM, Encoder, truncate_head_tail
+
+CLS, SEP = 101, 102
+
+
+def test_short_prompt_is_wrapped_in_cls_and_sep() -> None:
+    assert truncate_head_tail([5, 6, 7], 10, CLS, SEP) == [CLS, 5, 6, 7, SEP]
+
+
+def test_long_prompt_keeps_cls_head_tail_and_sep() -> None:
+    ids = list(range(1000, 1100))
+    out = truncate_head_tail(ids, 12, CLS, SEP)
+    assert len(out) == 12
+    assert out[0] == CLS and out[-1] == SEP
+    assert out[1:6] == ids[:5]  # head gets the larger half of the 10-token budget
+    assert out[6:11] == ids[-5:]
+
+
+def test_odd_budget_gives_head_the_extra_token() -> None:
+    out = truncate_head_tail(list(range(50)), 7, CLS, SEP)
+    assert out == [CLS, 0, 1, 2, 48, 49, SEP]
+
+
+def test_too_small_limit_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        truncate_head_tail([1], 2, CLS, SEP)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return Encoder(max_tokens=32, threads=1)
+
+
+def test_real_tokenizer_truncation_keeps_the_question_at_the_end(encoder: Encoder) -> None:
+    text = "Summarise this. " + "filler words " * 200 + "Answer in one word."
+    ids = encoder.token_ids([text])[0]
+    assert len(ids) == 32
+    assert ids[0] == encoder.cls_id and ids[-1] == encoder.sep_id
+    decoded = encoder.tokenizer.decode(ids[1:-1])
+    assert decoded.startswith("summarise this")
+    assert decoded.endswith("answer in one word.")
+
+
+def test_embeddings_are_normalised_and_order_preserving(encoder: Encoder) -> None:
+    texts = ["Write a poem about the sea.", "What is 2+2?", "List three primes."]
+    batch = encoder.encode(texts)
+    assert batch.shape == (3, EMBEDDING_DIM)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-4)
+    single = encoder.encode([texts[1]])
+    np.testing.assert_allclose(single[0], batch[1], atol=2e-2)
