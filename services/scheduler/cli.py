@@ -1,0 +1,40 @@
+"""``shortline scheduler serve`` and ``shortline simulate``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.sim.runner import SimulateConfig
+from shortline.config import add_arguments, from_args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.scheduler.server import serve
+
+    cfg = from_args(SchedulerConfig, args, "scheduler")
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from services.scheduler.sim.runner import main
+
+    return main(from_args(SimulateConfig, args, "simulate"))
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("scheduler", help="the SSJF scheduler service")
+    sub = p.add_subparsers(dest="scheduler_command", metavar="COMMAND", required=True)
+    serve = sub.add_parser("serve", help="serve the scheduler API over gRPC")
+    add_arguments(serve, SchedulerConfig, "scheduler")
+    serve.set_defaults(func=_serve)
+
+    sim = subparsers.add_parser(
+        "simulate", help="discrete-event simulation of the scheduling policies"
+    )
+    add_arguments(sim, SimulateConfig, "simulate")
+    sim.set_defaults(func=_simulate)

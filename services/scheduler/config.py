@@ -1,0 +1,52 @@
+"""The scheduler service's configuration (flags and SHORTLINE_SCHEDULER_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    port: int = field(default=50051, metadata={"help": "gRPC listen port"})
+    host: str = field(default="0.0.0.0", metadata={"help": "listen address"})
+    predictor: str = field(
+        default="", metadata={"help": "predictor HOST:PORT (empty: fallback predictions only)"}
+    )
+    predictor_timeout_ms: float = field(
+        default=200.0, metadata={"help": "deadline of a Predict call before falling back"}
+    )
+    policy: str = field(
+        default="ssjf-aging",
+        metadata={
+            "help": "fcfs, ssjf, ssjf-aging (add +preempt to preempt); sjf-oracle in benchmark mode"
+        },
+    )
+    aging_rate: float = field(default=5.0, metadata={"help": "aging: tokens per second waited"})
+    max_wait_s: float = field(default=60.0, metadata={"help": "aging: hard bound W on waiting"})
+    preempt_factor: float = field(default=4.0, metadata={"help": "preemption key factor"})
+    preempt_max_fraction: float = field(
+        default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}
+    )
+    preempt_max_per_job: int = field(default=1, metadata={"help": "preemptions per job"})
+    batching: str = field(default="continuous", metadata={"help": "none, dynamic, continuous"})
+    slots: int = field(default=8, metadata={"help": "cap on slots used per worker (B, K)"})
+    batch_wait_ms: float = field(default=50.0, metadata={"help": "dynamic batching wait T"})
+    queue_limit: int = field(default=1000, metadata={"help": "waiting requests before refusal"})
+    outcome_log: str = field(
+        default="", metadata={"help": "SQLite outcome log path (default .run/outcomes.sqlite)"}
+    )
+    benchmark_mode: bool = field(
+        default=False, metadata={"help": "allow sjf-oracle (max_tokens taken as the true length)"}
+    )
+    default_length_model: str = field(
+        default="Meta-Llama-3-8B-Instruct",
+        metadata={"help": "length model when a request names none"},
+    )
+    heartbeat_interval_s: float = field(
+        default=1.0, metadata={"help": "heartbeat period asked of workers"}
+    )
+    cache_threshold: float = field(default=0.95, metadata={"help": "semantic cache cosine"})
+    cache_size: int = field(default=4096, metadata={"help": "semantic cache entries per model"})
+    fallback_tokens: float = field(
+        default=256.0, metadata={"help": "fallback prediction before any observation"}
+    )

@@ -1,0 +1,1 @@
+"""Discrete-event simulator: the same SchedulerCore under a virtual clock."""

@@ -1,0 +1,222 @@
+"""The event loop: arrivals and worker completions under a virtual clock.
+
+No per-token events: a worker's batch is a fluid of decode steps. Each worker
+keeps ``s0`` steps done at time ``t0`` and the current step length
+``d = a + b * n``; a job finishes when the worker's step count reaches the
+step it joined at plus its tokens, so the worker's next completion time is
+``t0 + (min finish step - s0) * d``, recomputed only when its batch changes.
+Prefill (and recompute on resume) stalls that worker's decoding. Stale worker
+events are skipped by version number. Arrivals are sorted already and merged
+with the event heap instead of being pushed into it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from services.scheduler.core.batching import Batching, BatchingMode
+from services.scheduler.core.clock import VirtualClock
+from services.scheduler.core.job import Job
+from services.scheduler.core.policies import Policy
+from services.scheduler.core.scheduler import Assign, SchedulerCore
+from services.scheduler.sim.service_model import ServiceModel
+from services.scheduler.sim.workload import Workload
+
+_EPS = 1e-7  # steps
+
+
+class _Worker:
+    __slots__ = ("d", "heap", "n", "occ", "s0", "t0", "version")
+
+    def __init__(self, d: float) -> None:
+        self.t0 = 0.0  # decoding continues from here (later than now while prefilling)
+        self.s0 = 0.0  # steps done at t0
+        self.d = d  # current step length
+        self.n = 0  # jobs running here
+        self.occ = 0  # batch size the step length is charged for
+        self.heap: list[tuple[float, int, int]] = []  # (finish step, job index, run token)
+        self.version = 0
+
+
+@dataclass
+class RunResult:
+    policy: str
+    batching: str
+    arrival: NDArray[np.float64]
+    first_dispatch: NDArray[np.float64]
+    first_token: NDArray[np.float64]
+    finish: NDArray[np.float64]
+    tokens: NDArray[np.int64]
+    preemptions: int
+    wall_seconds: float
+    events: int
+
+
+def simulate(
+    workload: Workload,
+    policy: Policy,
+    batching: Batching,
+    *,
+    workers: int,
+    slots: int,
+    model: ServiceModel,
+) -> RunResult:
+    """Runs every request of ``workload`` to completion; returns per-request times."""
+    started = time.perf_counter()
+    n_jobs = len(workload)
+    clock = VirtualClock()
+    a = model.step_a_s
+    b = model.step_b_s
+    pf = model.prefill_per_token_s
+    dynamic = batching.mode is BatchingMode.DYNAMIC
+    ws = [_Worker(a) for _ in range(workers)]
+    s_join = [0.0] * n_jobs
+    token_of = [-1] * n_jobs  # run token of the live run, -1 when not running
+
+    def progress(job: Job) -> int:
+        w = ws[job.worker]
+        now = clock.t
+        s = w.s0 + (now - w.t0) / w.d if now > w.t0 else w.s0
+        return job.run_start_generated + max(0, int(s - s_join[job.id] + _EPS))
+
+    core = SchedulerCore(policy, batching, clock, queue_limit=n_jobs + 1, progress=progress)
+    for wid in range(workers):
+        core.add_worker(wid, slots)
+
+    arrivals = workload.arrivals.tolist()
+    ptoks = workload.prompt_tokens.tolist()
+    ttoks = workload.true_tokens.tolist()
+    preds = workload.predicted.tolist()
+    source = workload.prediction_source
+    first_token = [np.nan] * n_jobs
+    finish = [np.nan] * n_jobs
+    first_dispatch = [np.nan] * n_jobs
+
+    events: list[tuple[float, int, int, int]] = []  # (time, tiebreak, worker or -1, version)
+    push = heapq.heappush
+    pop = heapq.heappop
+    submit = core.submit
+    on_prediction = core.on_prediction
+    dispatch = core.dispatch
+    on_finish = core.on_finish
+    on_stopped = core.on_stopped
+    tiebreak = 0
+    timer_at = -1.0
+    n_events = 0
+    touched: dict[int, _Worker] = {}
+    new_runs: list[tuple[int, int]] = []
+
+    i = 0
+    while True:
+        if i < n_jobs and (not events or arrivals[i] <= events[0][0]):
+            now = arrivals[i]
+            clock.t = now
+            submit(
+                Job(
+                    i,
+                    arrival=now,
+                    prompt_tokens=ptoks[i],
+                    true_tokens=ttoks[i],
+                )
+            )
+            on_prediction(i, preds[i], source)
+            i += 1
+        elif events:
+            now, _, wid, version = pop(events)
+            n_events += 1
+            clock.t = now
+            if wid >= 0:
+                w = ws[wid]
+                if version != w.version:
+                    continue
+                # Advance to now and retire every job whose last step is done.
+                if now > w.t0:
+                    w.s0 += (now - w.t0) / w.d
+                    w.t0 = now
+                heap = w.heap
+                limit = w.s0 + _EPS
+                while heap and heap[0][0] <= limit:
+                    _, idx, tok = pop(heap)
+                    if token_of[idx] != tok:
+                        continue
+                    token_of[idx] = -1
+                    finish[idx] = now
+                    on_finish(idx, "stop", ttoks[idx])
+                    w.n -= 1
+                touched[wid] = w
+            else:
+                timer_at = -1.0
+        else:
+            break
+
+        decisions = dispatch()
+        while decisions:
+            stopped = False
+            for dec in decisions:
+                job = dec.job
+                idx = job.id
+                wid = dec.worker_id
+                w = ws[wid]
+                now = clock.t
+                if now > w.t0:
+                    w.s0 += (now - w.t0) / w.d
+                    w.t0 = now
+                if type(dec) is Assign:
+                    if first_dispatch[idx] != first_dispatch[idx]:  # NaN: the first run
+                        first_dispatch[idx] = now
+                        new_runs.append((idx, wid))
+                    # Prefill of the prompt, plus what a resumed job recomputes.
+                    w.t0 = (w.t0 if w.t0 > now else now) + pf * (job.prompt_tokens + job.generated)
+                    w.n += 1
+                    s_join[idx] = w.s0
+                    token_of[idx] = job.run_token
+                    push(w.heap, (w.s0 + (ttoks[idx] - job.generated), idx, job.run_token))
+                else:  # a Stop: in the simulator always a preemption
+                    done = job.run_start_generated + max(0, int(w.s0 - s_join[idx] + _EPS))
+                    token_of[idx] = -1
+                    w.n -= 1
+                    on_stopped(idx, min(done, ttoks[idx] - 1))
+                    stopped = True
+                touched[wid] = w
+            # A preemption freed a slot: the next dispatch fills it at once.
+            decisions = dispatch() if stopped else []
+        for wid, w in touched.items():
+            w.occ = w.n if not dynamic or w.n == 0 or w.n > w.occ else w.occ
+            w.d = a + b * w.occ if w.occ else a + b
+            w.version += 1
+            heap = w.heap
+            while heap and token_of[heap[0][1]] != heap[0][2]:
+                pop(heap)
+            if heap:
+                tiebreak += 1
+                push(events, (w.t0 + (heap[0][0] - w.s0) * w.d, tiebreak, wid, w.version))
+        touched.clear()
+        for idx, wid in new_runs:
+            # Known once the batch's step length and prefill stalls are settled.
+            w = ws[wid]
+            first_token[idx] = w.t0 + (s_join[idx] + 1.0 - w.s0) * w.d
+        new_runs.clear()
+        if dynamic:
+            t = core.next_timer()
+            if t is not None and t > clock.t and t != timer_at:
+                timer_at = t
+                tiebreak += 1
+                push(events, (t, tiebreak, -1, 0))
+
+    return RunResult(
+        policy=policy.name,
+        batching=batching.mode.value,
+        arrival=workload.arrivals,
+        first_dispatch=np.asarray(first_dispatch),
+        first_token=np.asarray(first_token),
+        finish=np.asarray(finish),
+        tokens=workload.true_tokens,
+        preemptions=core.preemptions,
+        wall_seconds=time.perf_counter() - started,
+        events=n_events + n_jobs,
+    )

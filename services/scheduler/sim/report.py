@@ -1,0 +1,65 @@
+"""Summaries of simulation runs: the numbers and the table a person pastes into a note."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from services.scheduler.sim.engine import RunResult
+
+
+def summarize(r: RunResult) -> dict[str, Any]:
+    done = ~np.isnan(r.finish)
+    jct = (r.finish - r.arrival)[done]
+    wait = (r.first_dispatch - r.arrival)[done]
+    ttft = (r.first_token - r.arrival)[done]
+    span = float(np.nanmax(r.finish) - r.arrival[0]) if done.any() else float("nan")
+    tokens = int(r.tokens[done].sum())
+    return {
+        "policy": r.policy,
+        "batching": r.batching,
+        "requests": int(done.sum()),
+        "lost": int((~done).sum()),
+        "mean_jct_s": float(jct.mean()),
+        "p50_jct_s": float(np.percentile(jct, 50)),
+        "p99_jct_s": float(np.percentile(jct, 99)),
+        "mean_wait_s": float(wait.mean()),
+        "p99_wait_s": float(np.percentile(wait, 99)),
+        "mean_ttft_s": float(ttft.mean()),
+        "p99_ttft_s": float(np.percentile(ttft, 99)),
+        "throughput_rps": int(done.sum()) / span,
+        "throughput_tps": tokens / span,
+        "preemptions": r.preemptions,
+        "sim_wall_s": r.wall_seconds,
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's mean and p99 JCT as a ratio to fcfs in the same batching mode."""
+    base = {row["batching"]: row for row in rows if row["policy"] == "fcfs"}
+    for row in rows:
+        ref = base.get(row["batching"])
+        if ref is None:
+            continue
+        row["mean_jct_vs_fcfs"] = row["mean_jct_s"] / ref["mean_jct_s"]
+        row["p99_jct_vs_fcfs"] = row["p99_jct_s"] / ref["p99_jct_s"]
+        row["tps_vs_fcfs"] = row["throughput_tps"] / ref["throughput_tps"]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| batching | policy | mean JCT s | p50 JCT s | p99 JCT s | mean wait s | p99 wait s "
+        "| mean TTFT s | req/s | tok/s | mean/fcfs | p99/fcfs | preempt | sim s |"
+    )
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        lines.append(
+            f"| {r['batching']} | {r['policy']} | {r['mean_jct_s']:.3f} | {r['p50_jct_s']:.3f} "
+            f"| {r['p99_jct_s']:.3f} | {r['mean_wait_s']:.3f} | {r['p99_wait_s']:.3f} "
+            f"| {r['mean_ttft_s']:.3f} | {r['throughput_rps']:.2f} | {r['throughput_tps']:.0f} "
+            f"| {r.get('mean_jct_vs_fcfs', float('nan')):.3f} "
+            f"| {r.get('p99_jct_vs_fcfs', float('nan')):.3f} | {r['preemptions']} "
+            f"| {r['sim_wall_s']:.1f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The request sequence a simulation replays: arrivals, lengths, predictions.
+
+Every policy and batching mode of one ``shortline simulate`` run sees the
+same sequence. Arrivals come from the Azure 2023 production traces (their
+inter-arrival gaps, tiled when more requests are asked for, rescaled to the
+target rate) or a Poisson process. Lengths come from alpaca_eval responses
+of a target model (prompt and true output tokens per instruction) or from the
+trace's own GeneratedTokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from shortline import paths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Workload:
+    arrivals: NDArray[np.float64]  # seconds, non-decreasing
+    prompt_tokens: NDArray[np.int64]
+    true_tokens: NDArray[np.int64]
+    predicted: NDArray[np.float64]
+    prediction_source: str  # oracle, noisy, predictor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.arrivals.shape[0])
+
+
+def load_trace(kind: str) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+    """(seconds since the first request, context tokens, generated tokens) of an Azure trace."""
+    path = paths.azure_trace(kind)
+    if not path.is_file():
+        raise FileNotFoundError(f"Azure trace {kind!r} not found at {path}")
+    times: list[float] = []
+    ctx: list[int] = []
+    gen: list[int] = []
+    with path.open() as f:
+        next(f)
+        for line in f:
+            ts, c, g = line.rstrip("\n").split(",")
+            # Seven fractional digits: more than fromisoformat takes; microseconds suffice.
+            times.append(dt.datetime.fromisoformat(ts[:26]).timestamp())
+            ctx.append(int(c))
+            gen.append(int(g))
+    t = np.asarray(times)
+    order = np.argsort(t, kind="stable")
+    t = t[order] - t[order][0]
+    return t, np.asarray(ctx)[order], np.asarray(gen)[order]
+
+
+def arrival_times(
+    source: str, n: int, rate: float, rng: np.random.Generator
+) -> NDArray[np.float64]:
+    """``n`` arrival times with mean rate ``rate``: ``poisson`` or an Azure trace's gaps."""
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be > 0, got {rate}")
+    if source == "poisson":
+        gaps = rng.exponential(1.0 / rate, size=n)
+    else:
+        t, _, _ = load_trace(source)
+        base = np.diff(t)
+        base = base[base >= 0]
+        reps = -(-n // base.shape[0])
+        gaps = np.tile(base, reps)[:n]
+        gaps = gaps * (1.0 / rate) / float(base.mean())
+    arrivals = np.cumsum(gaps)
+    return arrivals - arrivals[0]
+
+
+@dataclass(frozen=True)
+class LengthSet:
+    """Unique requests the sequence samples from."""
+
+    prompts: list[str]  # empty for the trace (it has no text)
+    prompt_tokens: NDArray[np.int64]
+    true_tokens: NDArray[np.int64]
+    name: str
+
+
+def alpaca_lengths(target_model: str, split: str = "test") -> LengthSet:
+    from services.predictor.dataset import load_examples, prompt_token_counts, split_of
+
+    examples = load_examples(target_model)
+    counts = prompt_token_counts(target_model)
+    if split != "all":
+        examples = [e for e in examples if split_of(e.instruction) == split]
+    if not examples:
+        raise ValueError(f"no alpaca_eval examples for {target_model!r} in split {split!r}")
+    return LengthSet(
+        prompts=[e.instruction for e in examples],
+        prompt_tokens=np.asarray([counts[e.instruction] for e in examples], dtype=np.int64),
+        true_tokens=np.asarray([max(1, e.output_tokens) for e in examples], dtype=np.int64),
+        name=f"alpaca_eval/{target_model}/{split}",
+    )
+
+
+def trace_lengths(kind: str) -> LengthSet:
+    _, ctx, gen = load_trace(kind)
+    return LengthSet(
+        prompts=[],
+        prompt_tokens=ctx.astype(np.int64),
+        true_tokens=np.maximum(gen, 1).astype(np.int64),
+        name=f"azure2023/{kind}",
+    )
+
+
+def _real_predictions(target_model: str, prompts: list[str], head: str | None) -> np.ndarray:
+    """The shipped head's predictions for these prompts, computed once and cached on disk."""
+    digest = hashlib.sha256(
+        json.dumps([target_model, head, prompts], ensure_ascii=False).encode()
+    ).hexdigest()[:16]
+    cache_dir = paths.run_dir() / "sim" / "predictions"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{target_model}-{head or 'default'}-{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    from services.predictor.offline import predict_tokens
+
+    log.info("predicting %d prompts for %s (cached at %s)", len(prompts), target_model, path)
+    pred = np.asarray(predict_tokens(target_model, prompts, head=head), dtype=np.float64)
+    np.save(path, pred)
+    return pred
+
+
+def predictions_for(
+    spec: str, lengths: LengthSet, target_model: str, rng: np.random.Generator
+) -> tuple[NDArray[np.float64], str]:
+    """Per unique request: ``oracle``, ``noisy:SIGMA`` (true * lognormal) or ``real[:head]``."""
+    true = lengths.true_tokens.astype(np.float64)
+    if spec == "oracle":
+        return true.copy(), "oracle"
+    if spec.startswith("noisy:"):
+        sigma = float(spec.split(":", 1)[1])
+        return true * np.exp(sigma * rng.standard_normal(true.shape[0])), "noisy"
+    if spec == "real" or spec.startswith("real:"):
+        if not lengths.prompts:
+            raise ValueError(
+                "--predictor real needs prompt text; the Azure trace has none (use noisy:SIGMA)"
+            )
+        head = spec.split(":", 1)[1] if ":" in spec else None
+        return _real_predictions(target_model, lengths.prompts, head), "predictor"
+    raise ValueError(f"unknown predictor {spec!r}; use oracle, noisy:SIGMA or real[:HEAD]")
+
+
+def build(
+    *,
+    n: int,
+    rate: float,
+    arrivals: str,
+    lengths: LengthSet,
+    predicted_unique: NDArray[np.float64],
+    prediction_source: str,
+    seed: int,
+) -> Workload:
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, lengths.true_tokens.shape[0], size=n)
+    return Workload(
+        arrivals=arrival_times(arrivals, n, rate, rng),
+        prompt_tokens=lengths.prompt_tokens[pick],
+        true_tokens=lengths.true_tokens[pick],
+        predicted=predicted_unique[pick],
+        prediction_source=prediction_source,
+        info={"lengths": lengths.name, "arrivals": arrivals, "rate_rps": rate, "seed": seed},
+    )
