@@ -36,7 +36,11 @@ def _take(entry: list[Any]) -> Job:
 
 
 class FifoQueue:
-    """Arrival order (``job.seq``). A requeued job older than the head goes to the front."""
+    """Arrival order (``job.seq``), whatever order predictions and requeues come in.
+
+    Pushes are almost always the newest job (O(1) append); an older one (a late
+    prediction, a requeued job) is inserted at its place, walking from the end.
+    """
 
     def __init__(self) -> None:
         self._dq: deque[list[Any]] = deque()
@@ -45,13 +49,19 @@ class FifoQueue:
     def push(self, job: Job) -> None:
         entry = [0.0, job.seq, job]
         job.entry = entry
+        self._n += 1
         dq = self._dq
         self._clean()
-        if dq and job.seq < dq[0][1]:
-            dq.appendleft(entry)
-        else:
+        if not dq or dq[-1][1] < job.seq:
             dq.append(entry)
-        self._n += 1
+            return
+        if job.seq < dq[0][1]:
+            dq.appendleft(entry)
+            return
+        pos = len(dq)
+        while pos > 0 and dq[pos - 1][1] > job.seq:
+            pos -= 1
+        dq.insert(pos, entry)
 
     def _clean(self) -> None:
         dq = self._dq
