@@ -99,6 +99,17 @@ class Encoder:
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
         self.precision = precision
+        # Names the weights in cache keys: "base", or the fine-tuned layers' hash.
+        self.tag = "base"
+
+    def load_tuned_layers(self, path: Path) -> None:
+        """Replaces the top layers by a fine-tuned run's (``encoder_top_layers.pt``)."""
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state, strict=False)
+        self.model.eval()
+        self.tag = "tuned-" + hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         enc = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)
@@ -107,10 +118,9 @@ class Encoder:
             for ids in enc["input_ids"]
         ]
 
-    def _batch(self, texts: Sequence[str]) -> tuple[Any, Any]:
+    def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[Any, Any]:
         import torch
 
-        rows = self.token_ids(texts)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -131,9 +141,12 @@ class Encoder:
 
     def forward(self, texts: Sequence[str]) -> Any:
         """Embeddings as a float32 torch tensor (grad flows if the model is trainable)."""
+        return self.forward_ids(self.token_ids(texts))
+
+    def forward_ids(self, rows: Sequence[Sequence[int]]) -> Any:
         import torch
 
-        ids, mask = self._batch(texts)
+        ids, mask = self._batch(rows)
         with self._autocast():
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         hidden = hidden.float()
@@ -147,25 +160,36 @@ class Encoder:
 
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        out: list[np.ndarray] = []
+        rows = self.token_ids(texts)
+        # Chunks of similar length waste less compute on padding.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        result = np.empty((len(rows), EMBEDDING_DIM), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                chunk = texts[start : start + batch_size]
-                out.append(self.forward(chunk).numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                result[chunk] = self.forward_ids([rows[i] for i in chunk]).numpy()
+        return result
 
 
 def cached_embeddings(encoder: Encoder, texts: Sequence[str]) -> np.ndarray:
-    """Embeddings of ``texts`` from a disk cache under run_dir, computed once.
+    """Embeddings of ``texts`` (rows in input order) from a disk cache under run_dir.
 
-    Keyed by the texts, the truncation length and the precision, so training
-    several heads (or re-running eval) costs no encoder time.
+    The distinct texts are sorted before keying, so every alpaca_eval target
+    (same 805 instructions, different row order) shares one cache file, and
+    training several heads or re-running eval costs no encoder time.
     """
+    unique = sorted(set(texts))
+    table = _cached_unique(encoder, unique)
+    where = {t: i for i, t in enumerate(unique)}
+    return table[[where[t] for t in texts]]
+
+
+def _cached_unique(encoder: Encoder, texts: Sequence[str]) -> np.ndarray:
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8"))
         h.update(b"\0")
-    key = f"{h.hexdigest()[:16]}-{encoder.max_tokens}-{encoder.precision}"
+    key = f"{h.hexdigest()[:16]}-{encoder.max_tokens}-{encoder.precision}-{encoder.tag}"
     folder = paths.run_dir() / "predictor" / "embeddings"
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{key}.npy"

@@ -1,0 +1,164 @@
+"""``shortline predictor {train,eval,serve}``: the predictor's commands.
+
+Heavy imports (torch, transformers, grpc) happen inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from shortline import config as shortline_config
+
+HEAD_CHOICES = ("reg", "cls", "rank", "all")
+
+
+def register(subparsers: Any) -> None:
+    from services.predictor.config import PredictorConfig
+    from services.predictor.heads import REPO_HEADS_DIR
+
+    parser = subparsers.add_parser(
+        "predictor", help="length predictor: train heads, evaluate them, serve them over gRPC"
+    )
+    sub = parser.add_subparsers(dest="predictor_command", metavar="SUBCOMMAND", required=True)
+
+    train = sub.add_parser("train", help="train heads for one target model")
+    train.add_argument("--target-model", required=True, help="e.g. Meta-Llama-3-8B-Instruct")
+    train.add_argument("--head", choices=HEAD_CHOICES, default="all", help="head kind (all)")
+    train.add_argument(
+        "--from-log",
+        type=Path,
+        default=None,
+        help="train from the scheduler's SQLite outcome log instead of alpaca_eval",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {REPO_HEADS_DIR}/<target> for alpaca_eval, "
+        ".run/predictor/heads/<target> for --from-log)",
+    )
+    train.add_argument(
+        "--finetune-top-layers",
+        type=int,
+        default=0,
+        help="also train the top N encoder layers (slow; one head kind per run)",
+    )
+    train.add_argument("--hidden", type=int, default=64, help="MLP hidden width (64)")
+    train.add_argument("--seed", type=int, default=20261125, help="random seed")
+    train.add_argument("--max-epochs", type=int, default=200, help="epoch cap (200)")
+    train.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="held-out metrics of a target's heads against baselines")
+    ev.add_argument("--target-model", required=True)
+    ev.add_argument("--heads-dir", type=Path, default=REPO_HEADS_DIR)
+    ev.add_argument("--split", choices=("test", "val"), default="test")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    ev.set_defaults(func=_eval)
+
+    serve = sub.add_parser("serve", help="serve PredictorService over gRPC")
+    shortline_config.add_arguments(serve, PredictorConfig, "predictor")
+    serve.set_defaults(func=_serve)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.predictor import sources
+    from services.predictor.artifacts import train_target
+    from services.predictor.heads import HEAD_KINDS, REPO_HEADS_DIR, HeadKindName
+    from services.predictor.training import TrainOptions
+    from shortline import paths
+
+    target = args.target_model
+    kinds: tuple[HeadKindName, ...] = HEAD_KINDS if args.head == "all" else (args.head,)
+    if args.finetune_top_layers > 0 and len(kinds) > 1:
+        print(
+            "--finetune-top-layers trains one head kind per run: pass --head reg|cls|rank",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.from_log is not None:
+            data = sources.from_outcome_log(args.from_log, target)
+            out = args.out or paths.run_dir() / "predictor" / "heads" / target
+        else:
+            data = sources.from_alpaca(target)
+            out = args.out or REPO_HEADS_DIR / target
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = TrainOptions(hidden=args.hidden, seed=args.seed, max_epochs=args.max_epochs)
+    command = "shortline " + shlex.join(sys.argv[1:])
+    card = train_target(
+        data,
+        kinds,
+        Path(out),
+        options=options,
+        finetune_top_layers=args.finetune_top_layers,
+        threads=args.threads,
+        progress=not args.no_progress,
+        command=command,
+    )
+    keep = {h["file"] for h in card["heads"].values()}
+    for stale in Path(out).glob("*.npz"):
+        if stale.name not in keep:
+            stale.unlink()
+    summary = {
+        k: {"version": h["version"], "val": h["val_metrics"], "test": h["test_metrics"]}
+        for k, h in card["heads"].items()
+    }
+    print(json.dumps({"out": str(out), "default_head": card["default_head"], "heads": summary}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from services.predictor import sources
+    from services.predictor.encoder import Encoder, cached_embeddings
+    from services.predictor.evaluation import evaluate_split, format_table
+    from services.predictor.heads import load_target
+
+    folder = args.heads_dir / args.target_model
+    if not (folder / "card.json").is_file():
+        known = sorted(p.name for p in args.heads_dir.glob("*/card.json"))
+        print(
+            f"error: no heads for {args.target_model!r} in {args.heads_dir}; known: "
+            + ", ".join(Path(k).parent.name for k in known),
+            file=sys.stderr,
+        )
+        return 2
+    target = load_target(folder)
+    try:
+        data = sources.from_alpaca(args.target_model)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    encoder = Encoder(max_tokens=int(target.card["encoder"]["max_tokens"]), threads=args.threads)
+    layers_file = target.card["encoder"].get("layers_file")
+    if layers_file:
+        encoder.load_tuned_layers(folder / layers_file)
+    embeddings = cached_embeddings(encoder, data.instructions)
+    result = evaluate_split(data, embeddings, target.heads, target.boundaries, args.split)
+    result["default_head"] = target.default_head
+    result["head_versions"] = {k: h.version for k, h in target.heads.items()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.predictor.config import PredictorConfig
+    from services.predictor.service import serve_forever
+
+    cfg = shortline_config.from_args(PredictorConfig, args, "predictor")
+    asyncio.run(serve_forever(cfg))
+    return 0

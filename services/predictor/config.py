@@ -1,0 +1,35 @@
+"""Configuration of the predictor service (flags and SHORTLINE_PREDICTOR_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.predictor.heads import REPO_HEADS_DIR
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50061, metadata={"help": "gRPC port"})
+    heads_dir: str = field(
+        default=str(REPO_HEADS_DIR),
+        metadata={"help": "folder with one sub-folder (card.json + *.npz) per target model"},
+    )
+    batch_window_ms: float = field(
+        default=3.0,
+        metadata={"help": "requests arriving within this window share one encoder pass"},
+    )
+    max_batch_prompts: int = field(
+        default=256, metadata={"help": "prompts per encoder pass (a batch closes when full)"}
+    )
+    threads: int = field(
+        default=2, metadata={"help": "torch intra-op threads for the encoder (0 = torch default)"}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "encoder precision: auto (bf16 if the CPU has it), bf16 or fp32"},
+    )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

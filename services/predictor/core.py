@@ -1,0 +1,155 @@
+"""The predictor itself, with no gRPC in it: encoder + heads -> predicted tokens.
+
+The gRPC service and the in-process ``offline`` API both call
+:meth:`PredictorCore.predict_batch`, so a prediction is computed one way only.
+Everything is loaded at construction, so the first request pays nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.predictor.encoder import ENCODER_NAME, Encoder
+from services.predictor.heads import REPO_HEADS_DIR, TargetHeads, load_all
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPTS = 256
+
+
+class UnknownTargetError(LookupError):
+    """No head for this target model; the message lists the known ones."""
+
+
+class UnknownHeadError(LookupError):
+    """The target has no head of this kind; the message lists its heads."""
+
+
+class BadPromptsError(ValueError):
+    """The prompt list is empty, too long, or holds an empty prompt."""
+
+
+@dataclass(frozen=True)
+class Query:
+    target_model: str
+    prompts: Sequence[str]
+    head: str | None = None
+
+
+@dataclass
+class Result:
+    target_model: str
+    head: str
+    head_version: str
+    bucket_boundaries: list[float]
+    tokens: np.ndarray
+    score: np.ndarray
+    bucket: np.ndarray
+    probs: np.ndarray
+    embeddings: np.ndarray
+
+
+class PredictorCore:
+    def __init__(
+        self,
+        heads_dir: Path = REPO_HEADS_DIR,
+        *,
+        precision: str = "auto",
+        threads: int | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.targets: dict[str, TargetHeads] = load_all(heads_dir)
+        if not self.targets:
+            raise FileNotFoundError(f"no head artifacts (card.json) under {heads_dir}")
+        lengths = {int(t.card["encoder"]["max_tokens"]) for t in self.targets.values()}
+        self.encoder = Encoder(
+            max_tokens=max_tokens or max(lengths), precision=precision, threads=threads
+        )
+        self.encoder_name = ENCODER_NAME
+        # Targets whose card carries fine-tuned encoder layers get their own copy.
+        self._encoders: dict[str, Encoder] = {}
+        for name, target in self.targets.items():
+            layers_file = target.card["encoder"].get("layers_file")
+            if layers_file:
+                self._encoders[name] = self._tuned_encoder(heads_dir / name / layers_file)
+
+    def _tuned_encoder(self, path: Path) -> Encoder:
+        tuned = copy.copy(self.encoder)
+        tuned.model = copy.deepcopy(self.encoder.model)
+        tuned._lock = threading.Lock()
+        tuned.load_tuned_layers(path)
+        return tuned
+
+    def known_targets(self) -> list[str]:
+        return sorted(self.targets)
+
+    def validate(self, query: Query) -> tuple[TargetHeads, str]:
+        """Checks a query before any work; raises one of the errors above."""
+        target = self.targets.get(query.target_model)
+        if target is None:
+            raise UnknownTargetError(
+                f"target_model {query.target_model!r} has no trained head; "
+                f"known: {', '.join(self.known_targets())}"
+            )
+        head = query.head or target.default_head
+        if head not in target.heads:
+            raise UnknownHeadError(
+                f"head {head!r} is not trained for {query.target_model}; "
+                f"available: {', '.join(sorted(target.heads))}"
+            )
+        n = len(query.prompts)
+        if n == 0:
+            raise BadPromptsError("prompts must hold 1..256 prompts, got none")
+        if n > MAX_PROMPTS:
+            raise BadPromptsError(f"prompts must hold at most {MAX_PROMPTS} prompts, got {n}")
+        for i, p in enumerate(query.prompts):
+            if not p or not p.strip():
+                raise BadPromptsError(f"prompts[{i}] is empty")
+        return target, head
+
+    def predict_batch(self, queries: Sequence[Query]) -> list[Result]:
+        """One encoder forward pass for all prompts of all queries (per encoder)."""
+        checked = [self.validate(q) for q in queries]
+        groups: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            key = q.target_model if q.target_model in self._encoders else ""
+            groups.setdefault(key, []).append(i)
+        embeddings: list[Any] = [None] * len(queries)
+        for key, members in groups.items():
+            encoder = self._encoders.get(key, self.encoder) if key else self.encoder
+            texts = [p for i in members for p in queries[i].prompts]
+            vectors = encoder.encode(texts, batch_size=MAX_PROMPTS)
+            offset = 0
+            for i in members:
+                n = len(queries[i].prompts)
+                embeddings[i] = vectors[offset : offset + n]
+                offset += n
+        results = []
+        for q, (target, head_name), emb in zip(queries, checked, embeddings, strict=True):
+            head = target.heads[head_name]
+            out = head.predict(emb)
+            results.append(
+                Result(
+                    target_model=q.target_model,
+                    head=head_name,
+                    head_version=head.version,
+                    bucket_boundaries=target.boundaries,
+                    tokens=out["tokens"],
+                    score=out["score"],
+                    bucket=out["bucket"],
+                    probs=out["probs"],
+                    embeddings=emb,
+                )
+            )
+        return results
+
+    def predict(self, query: Query) -> Result:
+        return self.predict_batch([query])[0]

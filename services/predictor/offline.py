@@ -1,0 +1,63 @@
+"""In-process predictions for simulators and benchmarks (no gRPC).
+
+Uses the same :class:`PredictorCore` as the service, loaded once per process
+from the shipped heads (``services/predictor/heads``, or
+``SHORTLINE_PREDICTOR_HEADS_DIR``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from services.predictor.core import MAX_PROMPTS, PredictorCore, Query
+from services.predictor.heads import REPO_HEADS_DIR
+
+_lock = threading.Lock()
+
+
+def _heads_dir() -> Path:
+    return Path(os.environ.get("SHORTLINE_PREDICTOR_HEADS_DIR", str(REPO_HEADS_DIR)))
+
+
+@functools.cache
+def _core(heads_dir: Path) -> PredictorCore:
+    return PredictorCore(heads_dir)
+
+
+def core() -> PredictorCore:
+    """The process-wide predictor (loaded on first use)."""
+    with _lock:
+        return _core(_heads_dir())
+
+
+def available_targets() -> list[str]:
+    """Target models with shipped heads (read from the cards, no encoder loaded)."""
+    heads_dir = _heads_dir()
+    if not heads_dir.is_dir():
+        return []
+    return sorted(p.parent.name for p in heads_dir.glob("*/card.json"))
+
+
+def predict_tokens(
+    target_model: str, prompts: Sequence[str], head: str | None = None
+) -> np.ndarray:
+    """Predicted output tokens (float) per prompt; ``head`` is reg, cls, rank or the default.
+
+    Any number of prompts: they are predicted in chunks of the service's batch limit.
+    Raises ``UnknownTargetError``/``UnknownHeadError`` (LookupError) or
+    ``BadPromptsError`` (ValueError) for bad input, like the service's status codes.
+    """
+    if not prompts:
+        return np.zeros(0, dtype=np.float64)
+    predictor = core()
+    chunks = [
+        predictor.predict(Query(target_model, list(prompts[i : i + MAX_PROMPTS]), head)).tokens
+        for i in range(0, len(prompts), MAX_PROMPTS)
+    ]
+    return np.concatenate(chunks).astype(np.float64)
