@@ -1,0 +1,71 @@
+"""Configuration of the worker and of the embedded Triton server (flags and env)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SMOLLM2 = "smollm2-135m-instruct"
+REPLAY = "replay"
+
+
+@dataclass(frozen=True)
+class TritonServeConfig:
+    """The embedded Triton server (``shortline triton serve``, ``worker serve --embedded``)."""
+
+    grpc_port: int = field(default=0, metadata={"help": "gRPC port (0 picks a free one)"})
+    http_port: int = field(default=0, metadata={"help": "HTTP port (0 picks a free one)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address Triton listens on"})
+    models: str = field(
+        default=f"{SMOLLM2},{REPLAY}", metadata={"help": "comma-separated models to load"}
+    )
+    replay_step_a_ms: float = field(
+        default=20.0, metadata={"help": "replay: fixed part of a decoding step (ms)"}
+    )
+    replay_step_b_ms: float = field(
+        default=2.0, metadata={"help": "replay: per-sequence part of a decoding step (ms)"}
+    )
+    smollm2_max_batch: int = field(
+        default=16, metadata={"help": "smollm2: sequences decoded together at most"}
+    )
+    smollm2_precision: str = field(
+        default="int8", metadata={"help": "smollm2 linear layers: int8 (dynamic), bf16 or fp32"}
+    )
+    smollm2_threads: int = field(
+        default=0, metadata={"help": "smollm2: torch threads (0: torch's default)"}
+    )
+    startup_timeout_s: float = field(
+        default=180.0, metadata={"help": "seconds to wait for Triton and its models"}
+    )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker: a Triton endpoint, K slots, optionally a scheduler to join."""
+
+    triton: str = field(default="", metadata={"help": "Triton gRPC address HOST:PORT"})
+    embedded: bool = field(
+        default=False, metadata={"help": "start an embedded Triton (ignores --triton)"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address the worker listens on"})
+    port: int = field(default=0, metadata={"help": "worker gRPC port (0 picks a free one)"})
+    advertise: str = field(
+        default="", metadata={"help": "HOST:PORT the scheduler should call (default host:port)"}
+    )
+    slots: int = field(default=8, metadata={"help": "concurrent sequences (K)"})
+    worker_id: str = field(
+        default="", metadata={"help": "worker id (default worker-<host>-<port>)"}
+    )
+    scheduler: str = field(default="", metadata={"help": "scheduler HOST:PORT to register with"})
+    models: str = field(
+        default=f"{SMOLLM2}=chatml:4096,{REPLAY}=raw:65536",
+        metadata={
+            "help": "served models as NAME=PROMPT_FORMAT:MAX_TOKENS, comma-separated; "
+            "formats: chatml, smollm2-chatml, llama3, raw"
+        },
+    )
+    health_poll_s: float = field(
+        default=1.0, metadata={"help": "seconds between Triton readiness checks"}
+    )
+    triton_timeout_s: float = field(
+        default=600.0, metadata={"help": "longest a single Triton stream may run (s)"}
+    )
