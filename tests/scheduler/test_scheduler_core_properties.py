@@ -57,7 +57,14 @@ class Driver:
         core = self.core
         self.clock.advance_to(self.clock.now() + (r % 7) * 0.5)
         if op == "arrive":
-            job = Job(self.next_id, arrival=self.clock.now(), model="m", true_tokens=1 + r % 300)
+            deadline = self.clock.now() + r % 11 if r % 3 == 0 else None
+            job = Job(
+                self.next_id,
+                arrival=self.clock.now(),
+                model="m",
+                true_tokens=1 + r % 300,
+                deadline=deadline,
+            )
             self.next_id += 1
             core.submit(job)
             self.submitted[job.id] = job
@@ -129,7 +136,7 @@ class Driver:
                 break
 
 
-def make_core(policy: str, mode: BatchingMode, deadlines: bool) -> tuple[SchedulerCore, Any]:
+def make_core(policy: str, mode: BatchingMode) -> tuple[SchedulerCore, Any]:
     clock = VirtualClock()
     core = SchedulerCore(
         make_policy(
@@ -156,7 +163,7 @@ def make_core(policy: str, mode: BatchingMode, deadlines: bool) -> tuple[Schedul
 def test_no_job_is_lost_or_finished_twice(
     ops: list[tuple[str, int]], policy: str, mode: Any
 ) -> None:
-    core, clock = make_core(policy, mode, deadlines=False)
+    core, clock = make_core(policy, mode)
     driver = Driver(core, clock)
     for op, r in ops:
         driver.step(op, r)

@@ -3,12 +3,14 @@
 Removal is lazy everywhere: a removed job's entry is marked dead (its job slot
 set to ``None``) and skipped when it surfaces, so cancel and pop both stay
 O(log n) (vLLM rebuilds its heap on removal, O(n)). An entry is a list
-``[key, seq, job]``; ``job.entry`` points at it while the job is queued.
+``[key, seq, tick, job]`` (``tick`` is unique per push, so a requeued job's new
+entry never ties with its dead one); ``job.entry`` points at it while queued.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -17,6 +19,8 @@ from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job
 
 KeyFn = Callable[[Job], float]
+
+_ticks = itertools.count()
 
 
 class ReadyQueue(Protocol):
@@ -29,8 +33,8 @@ class ReadyQueue(Protocol):
 
 
 def _take(entry: list[Any]) -> Job:
-    job: Job = entry[2]
-    entry[2] = None
+    job: Job = entry[3]
+    entry[3] = None
     job.entry = None
     return job
 
@@ -47,7 +51,7 @@ class FifoQueue:
         self._n = 0
 
     def push(self, job: Job) -> None:
-        entry = [0.0, job.seq, job]
+        entry = [0.0, job.seq, next(_ticks), job]
         job.entry = entry
         self._n += 1
         dq = self._dq
@@ -65,7 +69,7 @@ class FifoQueue:
 
     def _clean(self) -> None:
         dq = self._dq
-        while dq and dq[0][2] is None:
+        while dq and dq[0][3] is None:
             dq.popleft()
 
     def pop(self) -> Job | None:
@@ -77,11 +81,11 @@ class FifoQueue:
 
     def peek(self) -> Job | None:
         self._clean()
-        return self._dq[0][2] if self._dq else None
+        return self._dq[0][3] if self._dq else None
 
     def remove(self, job: Job) -> bool:
         entry = job.entry
-        if entry is None or entry[2] is not job:
+        if entry is None or entry[3] is not job:
             return False
         _take(entry)
         self._n -= 1
@@ -91,7 +95,7 @@ class FifoQueue:
         return self._n
 
     def __iter__(self) -> Iterator[Job]:
-        return (e[2] for e in self._dq if e[2] is not None)
+        return (e[3] for e in self._dq if e[3] is not None)
 
 
 class HeapQueue:
@@ -103,14 +107,14 @@ class HeapQueue:
         self._n = 0
 
     def push(self, job: Job) -> None:
-        entry = [self._key(job), job.seq, job]
+        entry = [self._key(job), job.seq, next(_ticks), job]
         job.entry = entry
         heapq.heappush(self._heap, entry)
         self._n += 1
 
     def _clean(self) -> None:
         heap = self._heap
-        while heap and heap[0][2] is None:
+        while heap and heap[0][3] is None:
             heapq.heappop(heap)
 
     def pop(self) -> Job | None:
@@ -122,11 +126,11 @@ class HeapQueue:
 
     def peek(self) -> Job | None:
         self._clean()
-        return self._heap[0][2] if self._heap else None
+        return self._heap[0][3] if self._heap else None
 
     def remove(self, job: Job) -> bool:
         entry = job.entry
-        if entry is None or entry[2] is not job:
+        if entry is None or entry[3] is not job:
             return False
         _take(entry)
         self._n -= 1
@@ -138,7 +142,7 @@ class HeapQueue:
         return self._n
 
     def __iter__(self) -> Iterator[Job]:
-        return (e[2] for e in self._heap if e[2] is not None)
+        return (e[3] for e in self._heap if e[3] is not None)
 
 
 class BoundedWaitQueue:
@@ -159,7 +163,7 @@ class BoundedWaitQueue:
         self._n = 0
 
     def push(self, job: Job) -> None:
-        entry = [self._key(job), job.seq, job]
+        entry = [self._key(job), job.seq, next(_ticks), job]
         job.entry = entry
         heapq.heappush(self._heap, entry)
         self._dq.append(entry)
@@ -167,12 +171,12 @@ class BoundedWaitQueue:
 
     def _head(self) -> list[Any] | None:
         dq = self._dq
-        while dq and dq[0][2] is None:
+        while dq and dq[0][3] is None:
             dq.popleft()
-        if dq and self._clock.now() - dq[0][2].ready_since > self._bound:
+        if dq and self._clock.now() - dq[0][3].ready_since > self._bound:
             return dq[0]
         heap = self._heap
-        while heap and heap[0][2] is None:
+        while heap and heap[0][3] is None:
             heapq.heappop(heap)
         return heap[0] if heap else None
 
@@ -185,11 +189,11 @@ class BoundedWaitQueue:
 
     def peek(self) -> Job | None:
         entry = self._head()
-        return None if entry is None else entry[2]
+        return None if entry is None else entry[3]
 
     def remove(self, job: Job) -> bool:
         entry = job.entry
-        if entry is None or entry[2] is not job:
+        if entry is None or entry[3] is not job:
             return False
         _take(entry)
         self._n -= 1
@@ -202,4 +206,4 @@ class BoundedWaitQueue:
         return self._n
 
     def __iter__(self) -> Iterator[Job]:
-        return (e[2] for e in self._heap if e[2] is not None)
+        return (e[3] for e in self._heap if e[3] is not None)
