@@ -1,0 +1,1 @@
+"""Cost of one scheduling decision with a deep queue."""

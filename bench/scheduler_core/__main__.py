@@ -1,0 +1,155 @@
+"""One scheduling decision at 100k queued jobs, per policy (target <= 50 us).
+
+A decision is the steady-state cycle through SchedulerCore with the queue held
+at N jobs: a new job is submitted and predicted (push), the running job
+finishes, and ``dispatch`` picks the next (pop, placement). Also timed: a
+cancel of a queued job (lazy deletion) and the bare queue push+pop.
+
+    .venv/bin/python -m bench.scheduler_core [--queued 100000] [--iterations 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.scheduler.core.batching import Batching, BatchingMode
+from services.scheduler.core.clock import VirtualClock
+from services.scheduler.core.job import Job
+from services.scheduler.core.policies import make_policy
+from services.scheduler.core.scheduler import SchedulerCore
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+POLICIES = ("fcfs", "ssjf", "ssjf-aging", "sjf-oracle", "ssjf+preempt")
+
+
+def _stats(ns: list[int]) -> dict[str, float]:
+    a = np.asarray(ns, dtype=np.float64) / 1e3
+    return {
+        "mean_us": float(a.mean()),
+        "p50_us": float(np.median(a)),
+        "p99_us": float(np.percentile(a, 99)),
+    }
+
+
+def bench_policy(policy_name: str, queued: int, iterations: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    clock = VirtualClock()
+    core = SchedulerCore(
+        make_policy(policy_name, allow_oracle=True, max_wait_s=1e9, aging_rate=1.0),
+        Batching(BatchingMode.NONE),
+        clock,
+        queue_limit=queued * 4,
+    )
+    core.add_worker("w", 1)
+    next_id = 0
+
+    def new_job() -> int:
+        nonlocal next_id
+        t = rng.lognormvariate(5.5, 0.7)
+        job = Job(next_id, arrival=clock.now(), true_tokens=int(t) + 1)
+        core.submit(job)
+        core.on_prediction(next_id, t * rng.lognormvariate(0, 0.5))
+        next_id += 1
+        return next_id - 1
+
+    for _ in range(queued + 1):
+        new_job()
+    (first,) = core.dispatch()
+    running = first.job.id
+    decision_ns: list[int] = []
+    perf = time.perf_counter_ns
+    for _ in range(iterations):
+        clock.t += 0.001
+        t0 = perf()
+        new_job()
+        core.on_finish(running, "stop")
+        (d,) = core.dispatch()
+        t1 = perf()
+        running = d.job.id
+        decision_ns.append(t1 - t0)
+    cancel_ns: list[int] = []
+    live = [j.id for j in core.queue]
+    rng.shuffle(live)
+    for job_id in live[: min(iterations, len(live))]:
+        t0 = perf()
+        core.on_cancel(job_id)
+        cancel_ns.append(perf() - t0)
+    return {
+        "policy": policy_name,
+        "queued": queued,
+        "decision": _stats(decision_ns),
+        "cancel_queued": _stats(cancel_ns),
+    }
+
+
+def bench_queue(policy_name: str, queued: int, iterations: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    clock = VirtualClock()
+    q = make_policy(policy_name, allow_oracle=True, max_wait_s=1e9).make_queue(clock)
+    jobs = []
+    for i in range(queued + iterations):
+        j = Job(i, arrival=0.0, true_tokens=rng.randint(1, 2000))
+        j.seq = i
+        j.predicted = float(rng.randint(1, 2000))
+        jobs.append(j)
+    for j in jobs[:queued]:
+        q.push(j)
+    perf = time.perf_counter_ns
+    t0 = perf()
+    for j in jobs[queued:]:
+        q.push(j)
+        q.pop()
+    return {"push_pop_mean_us": (perf() - t0) / iterations / 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--iterations", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-us", type=float, default=50.0)
+    args = parser.parse_args()
+    rows = []
+    for name in POLICIES:
+        row = bench_policy(name, args.queued, args.iterations, args.seed)
+        row["queue_only"] = bench_queue(name, args.queued, args.iterations, args.seed)
+        rows.append(row)
+    print(f"one decision with {args.queued:,} jobs queued (target <= {args.target_us:.0f} us)\n")
+    print("| policy | decision mean us | p50 us | p99 us | cancel queued us | queue push+pop us |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        d = r["decision"]
+        print(
+            f"| {r['policy']} | {d['mean_us']:.1f} | {d['p50_us']:.1f} | {d['p99_us']:.1f} "
+            f"| {r['cancel_queued']['mean_us']:.1f} | {r['queue_only']['push_pop_mean_us']:.1f} |"
+        )
+    worst = max(r["decision"]["mean_us"] for r in rows)
+    verdict = "meets" if worst <= args.target_us else "MISSES"
+    print(f"\nworst mean decision {worst:.1f} us: {verdict} the {args.target_us:.0f} us target")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "scheduler_core.json"
+    out.write_text(
+        json.dumps(
+            {
+                "queued": args.queued,
+                "iterations": args.iterations,
+                "machine": {"python": platform.python_version(), "cpu": platform.processor()},
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+    return 0 if worst <= args.target_us else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
