@@ -57,11 +57,11 @@ class SimulateConfig:
     )
     aging_rate: float = field(
         default=math.nan,
-        metadata={"help": "ssjf-aging tokens per second waited (default 50 per mean service)"},
+        metadata={"help": "ssjf-aging tokens per second waited (default 20 per job time)"},
     )
     max_wait_s: float = field(
         default=math.nan,
-        metadata={"help": "ssjf-aging bound W in seconds (default 30 mean service times)"},
+        metadata={"help": "ssjf-aging bound W, seconds (default 30 job times at capacity)"},
     )
     preempt_factor: float = field(default=4.0, metadata={"help": "preemption key factor"})
     preempt_max_fraction: float = field(
@@ -100,16 +100,16 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
             prediction_source=source,
             seed=cfg.seed,
         )
-        k = batching.usable_slots(cfg.slots)
-        mean_service = float(np.mean(lengths.true_tokens)) * model.step(k)
-        aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else 50.0 / mean_service
-        max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else 30.0 * mean_service
+        # Aging defaults scale with the time a worker spends per job at capacity.
+        per_job = cfg.workers / cap
+        aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else 20.0 / per_job
+        max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else 30.0 * per_job
         cells.append(
             {
                 "batching": mode,
                 "capacity_rps": cap,
                 "rate_rps": rate,
-                "mean_service_s": mean_service,
+                "worker_seconds_per_job": per_job,
                 "aging_rate": aging_rate,
                 "max_wait_s": max_wait,
             }
