@@ -57,10 +57,10 @@ class WorkerConfig:
     )
     scheduler: str = field(default="", metadata={"help": "scheduler HOST:PORT to register with"})
     models: str = field(
-        default=f"{SMOLLM2}=chatml:4096,{REPLAY}=raw:65536",
+        default=f"{SMOLLM2}=smollm2:4096,{REPLAY}=raw:65536",
         metadata={
             "help": "served models as NAME=PROMPT_FORMAT:MAX_TOKENS, comma-separated; "
-            "formats: chatml, smollm2-chatml, llama3, raw"
+            "formats: smollm2, chatml, llama3, raw"
         },
     )
     health_poll_s: float = field(

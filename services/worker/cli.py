@@ -1,0 +1,87 @@
+"""``shortline worker serve`` and ``shortline triton serve``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+
+from services.worker.config import TritonServeConfig, WorkerConfig
+from shortline.config import add_arguments, from_args
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = subparsers.add_parser("worker", help="the worker service (slots in front of Triton)")
+    wsub = worker.add_subparsers(dest="worker_command", metavar="COMMAND", required=True)
+    serve = wsub.add_parser("serve", help="serve WorkerService over gRPC")
+    add_arguments(serve, WorkerConfig, "worker")
+    serve.set_defaults(func=serve_worker)
+
+    triton = subparsers.add_parser("triton", help="the embedded Triton server (CPU models)")
+    tsub = triton.add_subparsers(dest="triton_command", metavar="COMMAND", required=True)
+    tserve = tsub.add_parser(
+        "serve", help="run Triton with smollm2-135m-instruct and replay until SIGTERM/SIGINT"
+    )
+    add_arguments(tserve, TritonServeConfig, "triton")
+    tserve.set_defaults(func=serve_triton)
+
+
+def serve_triton(args: argparse.Namespace) -> int:
+    from services.worker.triton_embedded import EmbeddedTriton
+
+    config = from_args(TritonServeConfig, args, "triton")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    triton = EmbeddedTriton(config)
+    try:
+        triton.start()
+        print(f"triton ready grpc={triton.grpc_url} http={triton.http_url}", flush=True)
+        while not stop.wait(1.0):
+            if not triton.is_running():
+                log.error("tritonserver exited unexpectedly:\n%s", triton.log_tail())
+                return 1
+        log.info("stopping Triton")
+        return 0
+    finally:
+        triton.stop()
+
+
+def serve_worker(args: argparse.Namespace) -> int:
+    config = from_args(WorkerConfig, args, "worker")
+    if not config.embedded and not config.triton:
+        raise SystemExit("give --triton HOST:PORT or --embedded")
+    return asyncio.run(_serve_worker(config))
+
+
+async def _serve_worker(config: WorkerConfig) -> int:
+    from services.worker.prompts import parse_models
+    from services.worker.server import WorkerServer
+    from services.worker.triton_embedded import EmbeddedTriton
+    from shortline import grpc_server
+    from shortline.telemetry import setup_tracing
+
+    setup_tracing("worker")
+    embedded: EmbeddedTriton | None = None
+    triton_url = config.triton
+    if config.embedded:
+        base = from_args(TritonServeConfig, None, "triton")
+        models = ",".join(parse_models(config.models))
+        from dataclasses import replace
+
+        embedded = EmbeddedTriton(replace(base, models=models))
+        await asyncio.to_thread(embedded.start)
+        triton_url = embedded.grpc_url
+    try:
+        server = WorkerServer(config, triton_url)
+        await server.start()
+        print(f"worker {server.worker_id} listening on {server.address}", flush=True)
+        await grpc_server.run_until_signal(server.server, on_stop=server.stop)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    return 0

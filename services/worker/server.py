@@ -1,0 +1,315 @@
+"""The WorkerService: K slots in front of one Triton endpoint.
+
+``Execute`` streams a job's text as Triton produces it. ``Cancel`` and
+``Preempt`` cancel the job's Triton stream (the model drops the sequence
+before its next decoding step) and return exactly the text the Execute
+stream has handed to gRPC: the Execute loop appends a delta to the job and
+yields it without an ``await`` in between, and it checks the job's stop flag
+before taking the next delta, so the two can never disagree. Every exit
+path of Execute (end, cancel, preempt, client gone, deadline, error)
+releases the slot in one ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services.worker import triton_client
+from services.worker.config import WorkerConfig
+from services.worker.models import sampling as sampling_mod
+from services.worker.prompts import ModelSpec, format_prompt, parse_models
+from services.worker.slots import DuplicateJob, Job, Slots, SlotsFull
+from services.worker.triton_client import ModelNotFound, TritonClient, TritonUnavailable
+from shortline import grpc_server
+from shortline.common.v1 import common_pb2
+from shortline.telemetry import tracer
+from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+MAX_JOB_ID = 128
+
+_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def sampling_dict(request: worker_pb2.ExecuteRequest, max_tokens_limit: int) -> dict[str, Any]:
+    """vLLM ``sampling_parameters`` for the request; raises ValueError naming the field."""
+    s = request.sampling
+    params = sampling_mod.SamplingParams(
+        max_tokens=request.max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else -1,
+        ignore_eos=s.ignore_eos,
+        stop=tuple(s.stop),
+        seed=s.seed if s.HasField("seed") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+    )
+    sampling_mod.validate(params, max_tokens_limit)
+    out: dict[str, Any] = {"max_tokens": request.max_tokens, "ignore_eos": s.ignore_eos}
+    for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty"):
+        if s.HasField(name):
+            out[name] = getattr(s, name)
+    if s.stop:
+        out["stop"] = list(s.stop)
+    return out
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, config: WorkerConfig, triton: TritonClient, worker_id: str) -> None:
+        self.config = config
+        self.triton = triton
+        self.worker_id = worker_id
+        self.models: dict[str, ModelSpec] = parse_models(config.models)
+        self.slots = Slots(config.slots)
+        self.serving = False
+        self._tracer = tracer("shortline.worker")
+
+    def _validate(self, request: worker_pb2.ExecuteRequest) -> tuple[ModelSpec, dict[str, Any]]:
+        if not 1 <= len(request.job_id) <= MAX_JOB_ID:
+            raise ValueError(
+                f"job_id must be 1..{MAX_JOB_ID} characters, got {len(request.job_id)}"
+            )
+        spec = self.models.get(request.model)
+        if spec is None:
+            raise KeyError(request.model)
+        return spec, sampling_dict(request, spec.max_tokens)
+
+    async def Execute(
+        self, request: worker_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.ExecuteResponse]:
+        started = time.perf_counter()
+        try:
+            spec, params = self._validate(request)
+        except KeyError:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {request.model!r} is not served by this worker "
+                f"(models: {', '.join(sorted(self.models))})",
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self.serving:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"Triton at {self.triton.url} is unreachable"
+            )
+        try:
+            job = self.slots.acquire(request.job_id, request.model)
+        except SlotsFull:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {self.slots.total} slots of worker {self.worker_id} are busy",
+            )
+        except DuplicateJob:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"job {request.job_id!r} is already running here"
+            )
+        with self._tracer.start_as_current_span("worker.execute") as span:
+            span.set_attribute("shortline.job_id", request.job_id)
+            span.set_attribute("shortline.model", request.model)
+            span.set_attribute("shortline.resume_tokens", request.resume_tokens)
+            try:
+                async for response in self._run(job, spec, params, request, context, started):
+                    yield response
+                span.set_attribute("shortline.actual_tokens", job.tokens)
+            finally:
+                if job.stream is not None and not job.stream.cancelled:
+                    job.stream.cancel()
+                self.slots.release(job)
+
+    async def _run(
+        self,
+        job: Job,
+        spec: ModelSpec,
+        params: dict[str, Any],
+        request: worker_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext,
+        started: float,
+    ) -> AsyncIterator[worker_pb2.ExecuteResponse]:
+        text_input = format_prompt(spec.prompt_format, request.prompt, request.resume_text)
+        remaining = context.time_remaining()
+        timeout = min(remaining, self.config.triton_timeout_s) if remaining else None
+        first_token = 0.0
+        reason = ""
+        try:
+            job.stream = await self.triton.stream(
+                request.model, text_input, params, request_id=request.job_id, timeout_s=timeout
+            )
+            async for chunk in job.stream:
+                if job.stop_reason is not None:
+                    break
+                if chunk.tokens or chunk.text:
+                    if not first_token:
+                        first_token = time.perf_counter() - started
+                    job.text += chunk.text
+                    job.tokens += chunk.tokens
+                    yield worker_pb2.ExecuteResponse(
+                        delta=worker_pb2.TextDelta(
+                            text=chunk.text,
+                            tokens=chunk.tokens,
+                            total_tokens=job.tokens,
+                            step=chunk.step,
+                            batch_size=chunk.batch_size,
+                        )
+                    )
+                if chunk.finish_reason:
+                    reason = chunk.finish_reason
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # Our own Cancel/Preempt cancelled the Triton call: finish normally. If
+            # the handler itself is being cancelled (client gone, deadline), re-raise.
+            if job.stop_reason is None or (task is not None and task.cancelling()):
+                raise
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except TritonUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except triton_client.TritonRequestError as exc:
+            code = grpc.StatusCode.INTERNAL
+            if "must be" in str(exc):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        finish: common_pb2.FinishReason.ValueType
+        if job.stop_reason is not None:
+            finish = common_pb2.FinishReason.ValueType(job.stop_reason)
+        elif reason in _REASONS:
+            finish = _REASONS[reason]
+        else:
+            length = job.tokens >= request.max_tokens
+            finish = common_pb2.FINISH_REASON_LENGTH if length else common_pb2.FINISH_REASON_STOP
+        yield worker_pb2.ExecuteResponse(
+            result=worker_pb2.ExecuteResult(
+                finish_reason=finish,
+                tokens=job.tokens,
+                first_token_seconds=first_token,
+                total_seconds=time.perf_counter() - started,
+                worker_id=self.worker_id,
+            )
+        )
+
+    async def _stop(self, job_id: str, reason: int, context: grpc.aio.ServicerContext) -> Any:
+        job = self.slots.get(job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not running here")
+        assert job is not None
+        if job.stop_reason is None:
+            job.stop_reason = reason
+            if job.stream is not None:
+                job.stream.cancel()
+        # No await since the flag was set: this is exactly what Execute streamed.
+        response = worker_pb2.StopResponse(job_id=job_id, text=job.text, tokens=job.tokens)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(job.done.wait(), 5.0)
+        return response
+
+    async def Cancel(
+        self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StopResponse:
+        result: worker_pb2.StopResponse = await self._stop(
+            request.job_id, common_pb2.FINISH_REASON_CANCELLED, context
+        )
+        return result
+
+    async def Preempt(
+        self, request: worker_pb2.PreemptRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StopResponse:
+        result: worker_pb2.StopResponse = await self._stop(
+            request.job_id, common_pb2.FINISH_REASON_PREEMPTED, context
+        )
+        return result
+
+    async def GetCapacity(
+        self, request: worker_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetCapacityResponse:
+        return worker_pb2.GetCapacityResponse(
+            worker_id=self.worker_id,
+            slots_total=self.slots.total,
+            slots_used=self.slots.used,
+            models=sorted(self.models),
+            serving=self.serving,
+            triton_url=self.triton.url,
+        )
+
+
+class WorkerServer:
+    """The gRPC server, its Triton health watch and (optionally) its scheduler membership."""
+
+    def __init__(self, config: WorkerConfig, triton_url: str) -> None:
+        from services.worker.triton_embedded import free_port
+
+        self.config = config
+        self.port = config.port or free_port(config.host)
+        self.address = f"{config.host}:{self.port}"
+        self.worker_id = config.worker_id or f"worker-{config.host}-{self.port}"
+        self.triton = TritonClient(triton_url)
+        self.servicer = WorkerServicer(config, self.triton, self.worker_id)
+        self.server, self.health = grpc_server.build_server(
+            lambda s: worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, s),
+            [SERVICE_NAME],
+            self.address,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._check_triton()
+        self._tasks.append(asyncio.create_task(self._watch_triton()))
+        if self.config.scheduler:
+            from services.worker.registration import keep_registered
+
+            advertise = self.config.advertise or self.address
+            self._tasks.append(
+                asyncio.create_task(
+                    keep_registered(self.config.scheduler, advertise, self.servicer)
+                )
+            )
+        log.info(
+            "worker %s on %s, %d slots, Triton %s (%s)",
+            self.worker_id,
+            self.address,
+            self.config.slots,
+            self.triton.url,
+            "ready" if self.servicer.serving else "not ready",
+        )
+
+    async def _check_triton(self) -> None:
+        ready = await self.triton.is_ready(timeout_s=max(0.2, self.config.health_poll_s))
+        if ready != self.servicer.serving:
+            log.log(
+                logging.INFO if ready else logging.WARNING,
+                "Triton at %s is %s",
+                self.triton.url,
+                "ready" if ready else "unreachable or not ready",
+            )
+        self.servicer.serving = ready
+        await grpc_server.set_serving(self.health, [SERVICE_NAME], ready)
+
+    async def _watch_triton(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_poll_s)
+            try:
+                await self._check_triton()
+            except Exception:
+                log.exception("health check failed")
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.server.stop(grace_s)
+        await self.triton.close()

@@ -1,0 +1,182 @@
+"""The worker's only way to Triton: ``tritonclient.grpc.aio``, one stream per request.
+
+One stream per request because cancelling a stream cancels every request on
+it. Requests use the tensor interface of Triton's vLLM backend; the optional
+inputs (``return_num_output_tokens``, ``return_finish_reason``, our
+``return_step_info``) are sent only when the model declares them, so a vLLM
+model without them still works (tokens are then counted one per response).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+OPTIONAL_FLAGS = ("return_num_output_tokens", "return_finish_reason", "return_step_info")
+
+
+class TritonUnavailable(Exception):
+    """Triton could not be reached; the message names the address."""
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+class TritonRequestError(Exception):
+    """Triton or the model rejected or failed the request."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    tokens: int
+    step: int
+    batch_size: int
+    finish_reason: str
+    final: bool
+
+
+def _bytes_input(name: str, value: bytes) -> triton.InferInput:
+    tensor = triton.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
+    return tensor
+
+
+def _bool_input(name: str, value: bool) -> triton.InferInput:
+    tensor = triton.InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=bool))
+    return tensor
+
+
+def _scalar(result: Any, name: str) -> Any:
+    try:
+        value = result.as_numpy(name)
+    except InferenceServerException:
+        return None
+    if value is None or value.size == 0:
+        return None
+    return value.reshape(-1)[0]
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status() or "")
+        return "UNAVAILABLE" in status or "failed to connect" in str(exc).lower()
+    return False
+
+
+class TritonStream:
+    """One request's stream; iterate for chunks (it ends after the final one), ``cancel()``
+    to stop it."""
+
+    def __init__(self, call: Any, url: str) -> None:
+        self._call = call
+        self._url = url
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._call.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            async for result, error in self._call:
+                if error is not None:
+                    message = str(error.message() if hasattr(error, "message") else error)
+                    if "unknown model" in message.lower() or "not found" in message.lower():
+                        raise ModelNotFound(message)
+                    raise TritonRequestError(message)
+                raw = _scalar(result, "text_output")
+                text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
+                count = _scalar(result, "num_output_tokens")
+                params = result.get_response().parameters
+                final = "triton_final_response" in params and bool(
+                    params["triton_final_response"].bool_param
+                )
+                reason = _scalar(result, "finish_reason")
+                step = _scalar(result, "step")
+                batch = _scalar(result, "batch_size")
+                yield Chunk(
+                    text=text,
+                    tokens=int(count) if count is not None else (1 if text else 0),
+                    step=int(step) if step is not None else 0,
+                    batch_size=int(batch) if batch is not None else 0,
+                    finish_reason=reason.decode() if isinstance(reason, bytes) else "",
+                    final=final,
+                )
+                if final:
+                    return
+        except (grpc.aio.AioRpcError, InferenceServerException) as exc:
+            if _is_unavailable(exc):
+                raise TritonUnavailable(f"Triton at {self._url} is unreachable: {exc}") from exc
+            raise TritonRequestError(f"Triton at {self._url}: {exc}") from exc
+
+
+class TritonClient:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = triton.InferenceServerClient(url)
+        self._inputs: dict[str, set[str]] = {}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+        except (InferenceServerException, grpc.aio.AioRpcError, OSError):
+            return False
+
+    async def model_inputs(self, model: str) -> set[str]:
+        """Input names the model declares (cached); raises ModelNotFound, TritonUnavailable."""
+        known = self._inputs.get(model)
+        if known is not None:
+            return known
+        try:
+            config = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
+        except InferenceServerException as exc:
+            if _is_unavailable(exc):
+                raise TritonUnavailable(f"Triton at {self.url} is unreachable: {exc}") from exc
+            raise ModelNotFound(f"model {model!r} is not loaded on Triton at {self.url}") from exc
+        inputs = {str(t["name"]) for t in config.get("config", config).get("input", [])}
+        self._inputs[model] = inputs
+        return inputs
+
+    async def stream(
+        self,
+        model: str,
+        text_input: str,
+        sampling: dict[str, Any],
+        *,
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> TritonStream:
+        declared = await self.model_inputs(model)
+        inputs = [
+            _bytes_input("text_input", text_input.encode("utf-8")),
+            _bool_input("stream", True),
+            _bytes_input("sampling_parameters", json.dumps(sampling).encode("utf-8")),
+        ]
+        if "exclude_input_in_output" in declared:
+            inputs.append(_bool_input("exclude_input_in_output", True))
+        inputs.extend(_bool_input(name, True) for name in OPTIONAL_FLAGS if name in declared)
+        # The aio client cannot ask for an empty final response (the parameter is
+        # reserved); Triton ends the stream after the request's final response
+        # because we half-close it after this one request.
+        request = {"model_name": model, "inputs": inputs, "request_id": request_id}
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield request
+
+        call = self._client.stream_infer(one_request(), stream_timeout=timeout_s)
+        return TritonStream(call, self.url)
