@@ -56,6 +56,26 @@ def truncate_head_tail(ids: Sequence[int], max_tokens: int, cls_id: int, sep_id:
     return [cls_id, *body, sep_id]
 
 
+def length_chunks(lengths: Sequence[int], max_rows: int, token_budget: int) -> list[list[int]]:
+    """Row indices grouped by similar length, each group padded to at most ``token_budget``.
+
+    One long prompt in a batch of short ones would pad all of them to its
+    length; sorting first and closing a group when ``rows x longest`` would pass
+    the budget keeps padding small, so a batch costs about its real tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[i] > token_budget):
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def bf16_supported() -> bool:
     """Whether this CPU has native bf16 dot products (else bf16 is emulated and slow)."""
     try:
@@ -77,6 +97,7 @@ class Encoder:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         precision: str = "auto",
         threads: int | None = None,
+        token_budget: int = 2048,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -90,6 +111,7 @@ class Encoder:
         self.model: Any = AutoModel.from_pretrained(path)
         self.model.eval()
         self.max_tokens = max_tokens
+        self.token_budget = max(token_budget, max_tokens)
         self.cls_id = int(self.tokenizer.cls_token_id)
         self.sep_id = int(self.tokenizer.sep_token_id)
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -161,12 +183,9 @@ class Encoder:
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         rows = self.token_ids(texts)
-        # Chunks of similar length waste less compute on padding.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         result = np.empty((len(rows), EMBEDDING_DIM), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            for chunk in length_chunks([len(r) for r in rows], batch_size, self.token_budget):
                 result[chunk] = self.forward_ids([rows[i] for i in chunk]).numpy()
         return result
 

@@ -55,3 +55,15 @@ def test_embeddings_are_normalised_and_order_preserving(encoder: Encoder) -> Non
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-4)
     single = encoder.encode([texts[1]])
     np.testing.assert_allclose(single[0], batch[1], atol=2e-2)
+
+
+def test_length_chunks_group_similar_lengths_within_the_budget() -> None:
+    from services.predictor.encoder import length_chunks
+
+    lengths = [5, 200, 6, 7, 190, 8]
+    chunks = length_chunks(lengths, max_rows=64, token_budget=400)
+    assert sorted(i for c in chunks for i in c) == list(range(6))
+    for chunk in chunks:
+        assert len(chunk) * max(lengths[i] for i in chunk) <= 400 or len(chunk) == 1
+    assert chunks[0] == [0, 2, 3, 5]
+    assert length_chunks(lengths, max_rows=2, token_budget=10_000)[0] == [0, 2]

@@ -1,0 +1,218 @@
+"""Predictor latency and throughput, over real gRPC against ``shortline predictor serve``.
+
+Run: ``.venv/bin/python -m bench.predictor [--clients 64 --seconds 10]``.
+Starts the service as its own process (so client and server do not share a
+GIL), then measures: one prompt at a time (p50/p99), and many concurrent
+single-prompt clients (prompts/s; micro-batching is what makes this scale).
+Finally the bare encoder in-process (one prompt, batch of 32; fp32 and bf16).
+Prints a table and writes ``bench/results/predictor.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shortline import paths
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+TARGET = "Meta-Llama-3-8B-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def prompts() -> list[str]:
+    file = paths.alpaca_eval_outputs(TARGET)
+    if file.exists():
+        return [r["instruction"] for r in json.loads(file.read_text())]
+    return [f"Question {i}: explain topic number {i} briefly." for i in range(805)]
+
+
+async def wait_serving(address: str, timeout_s: float = 180.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"predictor at {address} not SERVING after {timeout_s} s")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) * 1000.0
+
+
+async def measure(address: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    import grpc
+
+    from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+
+    out: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+
+        async def one(text: str) -> float:
+            t = time.perf_counter()
+            await stub.Predict(predictor_pb2.PredictRequest(target_model=TARGET, prompts=[text]))
+            return time.perf_counter() - t
+
+        for text in texts[:20]:
+            await one(text)
+        sequential = [await one(texts[i % len(texts)]) for i in range(300)]
+        out["one_prompt"] = {
+            "n": len(sequential),
+            "p50_ms": pct(sequential, 50),
+            "p99_ms": pct(sequential, 99),
+        }
+
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def client(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop_at:
+                latencies.append(await one(texts[i % len(texts)]))
+                i += clients
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - start
+        out["concurrent"] = {
+            "clients": clients,
+            "seconds": elapsed,
+            "requests": len(latencies),
+            "prompts_per_s": len(latencies) / elapsed,
+            "p50_ms": pct(latencies, 50),
+            "p99_ms": pct(latencies, 99),
+        }
+        out["_latencies"] = {"sequential": sequential, "concurrent": latencies}
+    return out
+
+
+def encoder_latency(texts: list[str], threads: int) -> dict[str, Any]:
+    from services.predictor.encoder import Encoder
+
+    result: dict[str, Any] = {}
+    for precision in ("fp32", "bf16"):
+        enc = Encoder(precision=precision, threads=threads)
+        enc.encode(texts[:32])
+        one = []
+        for t in texts[:100]:
+            s = time.perf_counter()
+            enc.encode([t])
+            one.append(time.perf_counter() - s)
+        batch = []
+        for i in range(8):
+            s = time.perf_counter()
+            enc.encode(texts[32 * i : 32 * i + 32])
+            batch.append(time.perf_counter() - s)
+        result[precision] = {
+            "one_p50_ms": pct(one, 50),
+            "one_p99_ms": pct(one, 99),
+            "batch32_p50_ms": pct(batch, 50),
+        }
+    return result
+
+
+def plot(latencies: dict[str, list[float]], file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in latencies.items():
+        xs = np.sort(np.asarray(values) * 1000.0)
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("Predict latency (ms)")
+    ax.set_ylabel("CDF")
+    ax.set_title("shortline predictor, one prompt per request")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.predictor", description=__doc__)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=2, help="server torch threads")
+    parser.add_argument("--batch-window-ms", type=float, default=3.0)
+    parser.add_argument("--skip-encoder", action="store_true")
+    args = parser.parse_args(argv)
+
+    texts = prompts()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "shortline.cli", "--log-level", "WARNING", "predictor", "serve",
+        "--port", str(port), "--threads", str(args.threads),
+        "--batch-window-ms", str(args.batch_window_ms),
+    ]  # fmt: skip
+    server = subprocess.Popen(cmd, env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": ""})
+    try:
+        asyncio.run(wait_serving(address))
+        result = asyncio.run(measure(address, texts, args.clients, args.seconds))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    latencies = result.pop("_latencies")
+    result["config"] = {
+        "target_model": TARGET,
+        "server_threads": args.threads,
+        "batch_window_ms": args.batch_window_ms,
+        "cpus": os.cpu_count(),
+    }
+    if not args.skip_encoder:
+        result["encoder_in_process"] = encoder_latency(texts, args.threads)
+
+    one, conc = result["one_prompt"], result["concurrent"]
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| one prompt over gRPC, p50 | {one['p50_ms']:.1f} ms |")
+    print(f"| one prompt over gRPC, p99 | {one['p99_ms']:.1f} ms |")
+    n = conc["clients"]
+    print(f"| {n} concurrent clients, throughput | {conc['prompts_per_s']:.0f} prompts/s |")
+    print(f"| {n} concurrent clients, p50 / p99 | {conc['p50_ms']:.0f} / {conc['p99_ms']:.0f} ms |")
+    for precision, enc in result.get("encoder_in_process", {}).items():
+        print(
+            f"| encoder {precision} in-process: one prompt p50 / batch 32 p50 | "
+            f"{enc['one_p50_ms']:.1f} / {enc['batch32_p50_ms']:.0f} ms |"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "predictor.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(latencies, RESULTS / "predictor.png")
+    print(f"wrote {RESULTS / 'predictor.json'} and {RESULTS / 'predictor.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
