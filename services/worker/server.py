@@ -143,6 +143,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         timeout = min(remaining, self.config.triton_timeout_s) if remaining else None
         first_token = 0.0
         reason = ""
+        # Not made current: the span outlives many yields of this generator.
+        span = self._tracer.start_span("triton.stream_infer")
+        span.set_attribute("triton.url", self.triton.url)
+        span.set_attribute("triton.model", request.model)
         try:
             job.stream = await self.triton.stream(
                 request.model, text_input, params, request_id=request.job_id, timeout_s=timeout
@@ -181,6 +185,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if "must be" in str(exc):
                 code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc))
+        finally:
+            span.set_attribute("shortline.tokens", job.tokens)
+            span.set_attribute("shortline.finish_reason", reason or str(job.stop_reason))
+            span.end()
         finish: common_pb2.FinishReason.ValueType
         if job.stop_reason is not None:
             finish = common_pb2.FinishReason.ValueType(job.stop_reason)
