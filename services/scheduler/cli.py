@@ -13,9 +13,14 @@ from shortline.config import add_arguments, from_args
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from services.scheduler.server import serve
+    from services.scheduler.core.policies import PolicyError
+    from services.scheduler.server import build_policy, serve
 
     cfg = from_args(SchedulerConfig, args, "scheduler")
+    try:
+        build_policy(cfg)
+    except PolicyError as exc:
+        raise SystemExit(f"--policy {cfg.policy}: {exc}") from exc
     asyncio.run(serve(cfg))
     return 0
 

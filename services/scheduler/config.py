@@ -47,6 +47,14 @@ class SchedulerConfig:
     )
     cache_threshold: float = field(default=0.95, metadata={"help": "semantic cache cosine"})
     cache_size: int = field(default=4096, metadata={"help": "semantic cache entries per model"})
+    disconnect_grace_s: float = field(
+        default=5.0,
+        metadata={"help": "cancel a job this long after its last client stream went away"},
+    )
+    result_ttl_s: float = field(
+        default=600.0, metadata={"help": "keep finished results this long for retried ids"}
+    )
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus port (0: off)"})
     fallback_tokens: float = field(
         default=256.0, metadata={"help": "fallback prediction before any observation"}
     )

@@ -163,10 +163,10 @@ def test_deadline_cancels_waiting_and_running_jobs() -> None:
         core.on_prediction(j.id, 5)
     core.dispatch()
     clock.advance_to(1.5)
-    assert core.expire() == []
+    assert core.expire() == [(wait, None)]
     assert wait.state is JobState.CANCELLED and wait.finish_reason == "deadline"
     clock.advance_to(2.0)
-    assert core.expire() == [Stop(run, "w0", False)]
+    assert core.expire() == [(run, Stop(run, "w0", False))]
 
 
 def test_cache_hit_overrides_prediction() -> None:

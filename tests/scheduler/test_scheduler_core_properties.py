@@ -111,7 +111,7 @@ class Driver:
         elif op == "add_worker":
             core.add_worker(f"w{self.next_worker}", 1 + r % 4)
             self.next_worker += 1
-        self.handle(core.expire())
+        self.handle([stop for _, stop in core.expire() if stop is not None])
         self.handle(core.dispatch())
 
     def drain(self) -> None:

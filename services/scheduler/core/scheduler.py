@@ -387,7 +387,9 @@ class SchedulerCore:
             del self._jobs[job_id]
         return job
 
-    def on_run_failed(self, job_id: Any, generated: int | None = None) -> Job | None:
+    def on_run_failed(
+        self, job_id: Any, generated: int | None = None, *, retry: bool = True
+    ) -> Job | None:
         """A run broke (worker gone, stream error): requeue, or fail once retries are spent."""
         job = self._jobs.get(job_id)
         if job is None:
@@ -401,7 +403,7 @@ class SchedulerCore:
             return job
         job.requeues += 1
         self.requeued += 1
-        if job.requeues > self.max_requeues:
+        if not retry or job.requeues > self.max_requeues:
             self._end(job, FAILED, "error", self.clock.now())
             return job
         if job.state is RUNNING:
@@ -409,19 +411,18 @@ class SchedulerCore:
         self._requeue(job, self.clock.now())
         return job
 
-    def expire(self) -> list[Decision]:
-        """Cancels jobs past their deadline; Stops for the ones on workers."""
-        stops: list[Decision] = []
+    def expire(self) -> list[tuple[Job, Stop | None]]:
+        """Cancels jobs past their deadline (reason "deadline"); with a Stop for the
+        ones on a worker, which the driver must stop."""
+        expired: list[tuple[Job, Stop | None]] = []
         heap = self._deadlines
         now = self.clock.now()
         while heap and heap[0][0] <= now:
             _, _, job = heapq.heappop(heap)
             if self._jobs.get(job.id) is not job or job.terminal:
                 continue
-            stop = self.on_cancel(job.id, "deadline")
-            if stop is not None:
-                stops.append(stop)
-        return stops
+            expired.append((job, self.on_cancel(job.id, "deadline")))
+        return expired
 
     def next_timer(self) -> float | None:
         """Earliest time the core wants ``dispatch``/``expire`` called without an event."""

@@ -1,0 +1,367 @@
+"""The scheduler service over real gRPC, with real workers on an embedded Triton
+(the ``replay`` model: exactly max_tokens tokens reading " replay1 replay2 ...",
+numbering continued on resume, so a gap or a repeat shows in the text)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.server import SchedulerServer
+from shortline.common.v1 import common_pb2
+from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def replay_text(first: int, last: int) -> str:
+    return "".join(f" replay{i}" for i in range(first, last + 1))
+
+
+@dataclass
+class Stack:
+    scheduler: SchedulerServer
+    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+    workers: list[Any] = field(default_factory=list)
+
+    async def generate(
+        self, request_id: str, max_tokens: int, prompt: str = "go", **kw: Any
+    ) -> tuple[list[scheduler_pb2.GenerateResponse], str]:
+        msgs = []
+        call = self.stub.Generate(
+            scheduler_pb2.GenerateRequest(
+                request_id=request_id,
+                model=kw.pop("model", "replay"),
+                prompt=prompt,
+                max_tokens=max_tokens,
+                sampling=common_pb2.SamplingParams(ignore_eos=True),
+                **kw,
+            ),
+            timeout=60,
+        )
+        async for msg in call:
+            msgs.append(msg)
+        text = "".join(m.delta.text for m in msgs if m.HasField("delta"))
+        return msgs, text
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    triton_url: str, tmp_path: Path, *, workers: int = 1, slots: int = 1, **cfg: Any
+) -> AsyncIterator[Stack]:
+    from services.worker.config import WorkerConfig
+    from services.worker.server import WorkerServer
+    from services.worker.triton_embedded import free_port
+
+    config = SchedulerConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        heartbeat_interval_s=0.2,
+        outcome_log=str(tmp_path / "outcomes.sqlite"),
+        disconnect_grace_s=0.5,
+        **cfg,
+    )
+    server = SchedulerServer(config)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    s = Stack(server, scheduler_pb2_grpc.SchedulerServiceStub(channel))
+    try:
+        for i in range(workers):
+            w = WorkerServer(
+                WorkerConfig(
+                    triton=triton_url,
+                    slots=slots,
+                    scheduler=server.address,
+                    worker_id=f"w{i}",
+                    health_poll_s=0.5,
+                ),
+                triton_url,
+            )
+            await w.start()
+            s.workers.append(w)
+        await wait_for(lambda: len(server.servicer.workers) == workers)
+        yield s
+    finally:
+        for w in s.workers:
+            with contextlib.suppress(Exception):
+                await w.stop(0.1)
+        await channel.close(None)
+        await server.stop(0.1)
+
+
+async def test_generates_exactly_max_tokens_end_to_end(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path) as s:
+        msgs, text = await s.generate("r1", 25)
+        assert msgs[0].HasField("accepted")
+        assert msgs[0].accepted.prediction_source == scheduler_pb2.PREDICTION_SOURCE_FALLBACK
+        result = msgs[-1].result
+        assert text == replay_text(1, 25)
+        assert result.actual_tokens == 25
+        assert result.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert result.worker_id == "w0"
+        assert 0 <= result.queue_wait_seconds <= result.time_to_first_token_seconds
+        assert result.time_to_first_token_seconds <= result.completion_seconds
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert stats.completed == 1 and stats.predictor_fallbacks == 1
+        assert [w.worker_id for w in stats.workers] == ["w0"]
+    # The outcome log has the row the predictor trains from.
+    rows = sqlite3.connect(tmp_path / "outcomes.sqlite").execute(
+        "SELECT request_id, model, length_model, actual_tokens, finish_reason FROM outcomes"
+    )
+    assert rows.fetchall() == [("r1", "replay", "Meta-Llama-3-8B-Instruct", 25, "length")]
+
+
+async def test_short_jobs_queued_behind_a_busy_worker_finish_first_under_oracle_sjf(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(
+        embedded_triton.grpc_url, tmp_path, policy="sjf-oracle", benchmark_mode=True
+    ) as s:
+        finished: list[str] = []
+
+        async def run(rid: str, n: int) -> None:
+            _, text = await s.generate(rid, n)
+            assert text == replay_text(1, n)
+            finished.append(rid)
+
+        busy = asyncio.create_task(run("busy", 60))
+        await wait_for(lambda: s.scheduler.servicer.core.running == 1)
+        tasks = [asyncio.create_task(run(f"len{n}", n)) for n in (40, 30, 5, 20, 10)]
+        await asyncio.gather(busy, *tasks)
+        assert finished == ["busy", "len5", "len10", "len20", "len30", "len40"]
+
+
+async def test_ssjf_orders_by_the_real_predictor(embedded_triton: Any, tmp_path: Path) -> None:
+    from services.predictor.config import PredictorConfig
+    from services.predictor.service import PredictorServer
+    from services.worker.triton_embedded import free_port
+
+    pcfg = PredictorConfig(port=free_port(), threads=1)
+    predictor = PredictorServer(pcfg)
+    await predictor.start()
+    try:
+        prompts = [
+            "Write a long, detailed essay on the causes of the First World War.",
+            "Say yes or no: is water wet?",
+            "Give me a step-by-step guide to building a web app with a database.",
+            "What is 2 + 2? Answer with a number only.",
+        ]
+        async with stack(
+            embedded_triton.grpc_url, tmp_path, policy="ssjf", predictor=pcfg.address,
+            predictor_timeout_ms=5000,
+        ) as s:  # fmt: skip
+            started: list[str] = []
+            predicted: dict[str, float] = {}
+
+            async def run(rid: str, prompt: str) -> None:
+                # Long enough not to be capped by max_tokens; cancelled once it starts,
+                # so that with one slot the order of starts is the queue's order.
+                call = s.stub.Generate(
+                    scheduler_pb2.GenerateRequest(
+                        request_id=rid, model="replay", prompt=prompt, max_tokens=8000
+                    ),
+                    timeout=60,
+                )
+                async for msg in call:
+                    if msg.HasField("accepted"):
+                        assert msg.accepted.prediction_source in (
+                            scheduler_pb2.PREDICTION_SOURCE_PREDICTOR,
+                            scheduler_pb2.PREDICTION_SOURCE_CACHE,
+                        )
+                        predicted[rid] = msg.accepted.predicted_tokens
+                    elif msg.HasField("delta") and rid not in started:
+                        started.append(rid)
+                        if rid != "busy":
+                            await s.stub.Cancel(scheduler_pb2.CancelRequest(request_id=rid))
+
+            busy = asyncio.create_task(run("busy", "Hello"))
+            await wait_for(lambda: "busy" in started)
+            tasks = [asyncio.create_task(run(f"p{i}", p)) for i, p in enumerate(prompts)]
+            await wait_for(lambda: len(s.scheduler.servicer.core.queue) == len(prompts))
+            await s.stub.Cancel(scheduler_pb2.CancelRequest(request_id="busy"))
+            await asyncio.gather(busy, *tasks)
+            order = started[1:]
+            assert sorted(order) == [f"p{i}" for i in range(len(prompts))]
+            assert len({predicted[r] for r in order}) == len(order)
+            # Queued behind the busy worker, they started by prediction, smallest first.
+            assert order == sorted(order, key=lambda r: predicted[r])
+    finally:
+        await predictor.stop(0.1)
+
+
+async def test_cancel_stops_a_running_job_and_frees_its_slot(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path) as s:
+        call = s.stub.Generate(
+            scheduler_pb2.GenerateRequest(
+                request_id="long", model="replay", prompt="go", max_tokens=2000
+            )
+        )
+        msgs = []
+        async for msg in call:
+            msgs.append(msg)
+            if msg.HasField("delta"):
+                reply = await s.stub.Cancel(scheduler_pb2.CancelRequest(request_id="long"))
+                assert reply.state == scheduler_pb2.REQUEST_STATE_CANCELLED
+                break
+        rest = [m async for m in call]
+        assert rest[-1].result.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+        assert rest[-1].result.actual_tokens < 2000
+        # The slot frees once the worker stops: the next job runs.
+        _, text = await s.generate("next", 5)
+        assert text == replay_text(1, 5)
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert stats.cancelled == 1 and stats.completed == 1 and stats.running == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.stub.Cancel(scheduler_pb2.CancelRequest(request_id="never-seen"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_full_queue_gives_resource_exhausted(embedded_triton: Any, tmp_path: Path) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path, queue_limit=1) as s:
+        running = asyncio.create_task(s.generate("a", 100))
+        await wait_for(lambda: s.scheduler.servicer.core.running == 1)
+        waiting = asyncio.create_task(s.generate("b", 5))
+        await wait_for(lambda: s.scheduler.servicer.core.queue_depth == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.generate("c", 5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit 1" in (err.value.details() or "")
+        (_, a), (_, b) = await asyncio.gather(running, waiting)
+        assert a == replay_text(1, 100) and b == replay_text(1, 5)
+
+
+@pytest.mark.parametrize(
+    ("change", "field_name"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 9000}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"model": ""}, "model"),
+        ({"request_id": ""}, "request_id"),
+        ({"request_id": "x" * 129}, "request_id"),
+    ],
+)
+async def test_invalid_input_names_the_field(
+    embedded_triton: Any, tmp_path: Path, change: dict[str, Any], field_name: str
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path) as s:
+        request = scheduler_pb2.GenerateRequest(
+            request_id="r", model="replay", prompt="go", max_tokens=5
+        )
+        for k, v in change.items():
+            setattr(request, k, v)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in s.stub.Generate(request):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_name in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.generate("m", 5, model="no-such-model")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_dead_workers_job_resumes_elsewhere_in_one_seamless_stream(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path, workers=2) as s:
+        call = s.stub.Generate(
+            scheduler_pb2.GenerateRequest(
+                request_id="survivor",
+                model="replay",
+                prompt="go",
+                max_tokens=200,
+                sampling=common_pb2.SamplingParams(ignore_eos=True),
+            ),
+            timeout=60,
+        )
+        msgs = []
+        killed = ""
+        async for msg in call:
+            msgs.append(msg)
+            tokens = sum(m.delta.tokens for m in msgs if m.HasField("delta"))
+            if not killed and tokens >= 30:
+                job = s.scheduler.servicer.core.get("survivor")
+                assert job is not None
+                killed = job.worker
+                victim = next(w for w in s.workers if w.worker_id == killed)
+                await victim.stop(0)
+        text = "".join(m.delta.text for m in msgs if m.HasField("delta"))
+        result = msgs[-1].result
+        assert text == replay_text(1, 200)  # no gap, no repeat
+        assert result.actual_tokens == 200
+        assert result.worker_id not in ("", killed)
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert [w.worker_id for w in stats.workers] != [] and killed not in [
+            w.worker_id for w in stats.workers
+        ]
+
+
+async def test_preempted_job_resumes_with_exactly_the_rest_of_its_text(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(
+        embedded_triton.grpc_url,
+        tmp_path,
+        policy="sjf-oracle+preempt",
+        benchmark_mode=True,
+        preempt_factor=4.0,
+        preempt_max_fraction=0.5,
+    ) as s:
+        long = asyncio.create_task(s.generate("long", 300))
+        await wait_for(
+            lambda: (
+                (s.scheduler.servicer.requests.get("long") is not None)
+                and s.scheduler.servicer.requests["long"].tokens >= 10
+            )
+        )
+        _, short_text = await s.generate("short", 5)
+        long_msgs, long_text = await long
+        assert short_text == replay_text(1, 5)
+        assert long_text == replay_text(1, 300)
+        assert long_msgs[-1].result.preemptions == 1
+        assert long_msgs[-1].result.actual_tokens == 300
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert stats.preemptions == 1
+
+
+async def test_a_retried_request_id_attaches_and_never_runs_twice(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path) as s:
+        first = asyncio.create_task(s.generate("same", 50))
+        await wait_for(
+            lambda: (
+                (s.scheduler.servicer.requests.get("same") is not None)
+                and s.scheduler.servicer.requests["same"].tokens >= 5
+            )
+        )
+        second_msgs, second_text = await s.generate("same", 50)
+        first_msgs, first_text = await first
+        assert first_text == second_text == replay_text(1, 50)
+        assert first_msgs[-1].result == second_msgs[-1].result
+        # After it finished, a retry replays the result.
+        third_msgs, third_text = await s.generate("same", 50)
+        assert third_text == first_text and third_msgs[-1].result == first_msgs[-1].result
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert stats.completed == 1
