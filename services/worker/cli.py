@@ -77,7 +77,10 @@ async def _serve_worker(config: WorkerConfig) -> int:
         await asyncio.to_thread(embedded.start)
         triton_url = embedded.grpc_url
     try:
+        from shortline.metrics import start_metrics_server
+
         server = WorkerServer(config, triton_url)
+        start_metrics_server(config.metrics_port, config.host)
         await server.start()
         print(f"worker {server.worker_id} listening on {server.address}", flush=True)
         await grpc_server.run_until_signal(server.server, on_stop=server.stop)

@@ -33,6 +33,9 @@ class TritonServeConfig:
     smollm2_threads: int = field(
         default=0, metadata={"help": "smollm2: torch threads (0: torch's default)"}
     )
+    metrics_port: int = field(
+        default=0, metadata={"help": "Triton's Prometheus metrics port (0: metrics off)"}
+    )
     startup_timeout_s: float = field(
         default=180.0, metadata={"help": "seconds to wait for Triton and its models"}
     )
@@ -48,7 +51,7 @@ class WorkerConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address the worker listens on"})
     port: int = field(default=0, metadata={"help": "worker gRPC port (0 picks a free one)"})
-    advertise: str = field(
+    advertise_address: str = field(
         default="", metadata={"help": "HOST:PORT the scheduler should call (default host:port)"}
     )
     slots: int = field(default=8, metadata={"help": "concurrent sequences (K)"})
@@ -63,6 +66,7 @@ class WorkerConfig:
             "formats: smollm2, chatml, llama3, raw"
         },
     )
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus port (0: off)"})
     health_poll_s: float = field(
         default=1.0, metadata={"help": "seconds between Triton readiness checks"}
     )

@@ -27,7 +27,7 @@ from services.worker.models import sampling as sampling_mod
 from services.worker.prompts import ModelSpec, format_prompt, parse_models
 from services.worker.slots import DuplicateJob, Job, Slots, SlotsFull
 from services.worker.triton_client import ModelNotFound, TritonClient, TritonUnavailable
-from shortline import grpc_server
+from shortline import grpc_server, metrics
 from shortline.common.v1 import common_pb2
 from shortline.telemetry import tracer
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -74,6 +74,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.worker_id = worker_id
         self.models: dict[str, ModelSpec] = parse_models(config.models)
         self.slots = Slots(config.slots)
+        metrics.SLOTS_TOTAL.labels(worker_id).set(config.slots)
+        self._slots_used = metrics.SLOTS_USED.labels(worker_id)
+        self._tokens = metrics.WORKER_TOKENS
         self.serving = False
         self._tracer = tracer("shortline.worker")
 
@@ -116,6 +119,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"job {request.job_id!r} is already running here"
             )
+        self._slots_used.set(self.slots.used)
+        outcome = "error"
         with self._tracer.start_as_current_span("worker.execute") as span:
             span.set_attribute("shortline.job_id", request.job_id)
             span.set_attribute("shortline.model", request.model)
@@ -124,10 +129,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 async for response in self._run(job, spec, params, request, context, started):
                     yield response
                 span.set_attribute("shortline.actual_tokens", job.tokens)
+                outcome = "finished"
+            except asyncio.CancelledError:
+                outcome = "client_gone"  # disconnect or deadline
+                raise
             finally:
                 if job.stream is not None and not job.stream.cancelled:
                     job.stream.cancel()
                 self.slots.release(job)
+                self._slots_used.set(self.slots.used)
+                self._tokens.labels(self.worker_id, request.model).inc(job.tokens)
+                if job.stop_reason == common_pb2.FINISH_REASON_CANCELLED:
+                    outcome = "cancelled"
+                elif job.stop_reason == common_pb2.FINISH_REASON_PREEMPTED:
+                    outcome = "preempted"
+                if outcome != "finished":
+                    metrics.WORKER_STOPS.labels(self.worker_id, outcome).inc()
 
     async def _run(
         self,
@@ -180,6 +197,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except TritonUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except triton_client.TritonDeadline as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except triton_client.TritonRequestError as exc:
             code = grpc.StatusCode.INTERNAL
             if "must be" in str(exc):
@@ -277,7 +296,7 @@ class WorkerServer:
         if self.config.scheduler:
             from services.worker.registration import keep_registered
 
-            advertise = self.config.advertise or self.address
+            advertise = self.config.advertise_address or self.address
             self._tasks.append(
                 asyncio.create_task(
                     keep_registered(self.config.scheduler, advertise, self.servicer)

@@ -30,6 +30,10 @@ class ModelNotFound(Exception):
     pass
 
 
+class TritonDeadline(Exception):
+    """The stream ran past its timeout (the caller's deadline)."""
+
+
 class TritonRequestError(Exception):
     """Triton or the model rejected or failed the request."""
 
@@ -68,7 +72,7 @@ def _scalar(result: Any, name: str) -> Any:
 
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return exc.code() == grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, InferenceServerException):
         status = str(exc.status() or "")
         return "UNAVAILABLE" in status or "failed to connect" in str(exc).lower()
@@ -117,6 +121,12 @@ class TritonStream:
                 if final:
                     return
         except (grpc.aio.AioRpcError, InferenceServerException) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and (
+                exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            ):
+                raise TritonDeadline(
+                    f"deadline exceeded waiting for Triton at {self._url}"
+                ) from exc
             if _is_unavailable(exc):
                 raise TritonUnavailable(f"Triton at {self._url} is unreachable: {exc}") from exc
             raise TritonRequestError(f"Triton at {self._url}: {exc}") from exc
@@ -145,9 +155,14 @@ class TritonClient:
         try:
             config = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
         except InferenceServerException as exc:
-            if _is_unavailable(exc):
+            status = str(exc.status() or "")
+            if _is_unavailable(exc) or "DEADLINE" in status:
                 raise TritonUnavailable(f"Triton at {self.url} is unreachable: {exc}") from exc
-            raise ModelNotFound(f"model {model!r} is not loaded on Triton at {self.url}") from exc
+            if "NOT_FOUND" in status or "unknown model" in str(exc).lower():
+                raise ModelNotFound(
+                    f"model {model!r} is not loaded on Triton at {self.url}"
+                ) from exc
+            raise TritonRequestError(f"Triton at {self.url}: {exc}") from exc
         inputs = {str(t["name"]) for t in config.get("config", config).get("input", [])}
         self._inputs[model] = inputs
         return inputs

@@ -150,12 +150,16 @@ class EmbeddedTriton:
         self._shm_prefix = f"shortline{os.getpid()}x{secrets.token_hex(4)}"
 
     @property
+    def _local_host(self) -> str:
+        return "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+
+    @property
     def grpc_url(self) -> str:
-        return f"{self.config.host}:{self.grpc_port}"
+        return f"{self._local_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"{self.config.host}:{self.http_port}"
+        return f"{self._local_host}:{self.http_port}"
 
     @property
     def pid(self) -> int | None:
@@ -192,13 +196,22 @@ class EmbeddedTriton:
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.config.host}",
             f"--http-port={self.http_port}",
-            "--allow-metrics=false",
-            "--allow-gpu-metrics=false",
+            *self._metrics_args(),
             "--exit-timeout-secs=5",
             "--log-verbose=0",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             "--backend-config=python,shm-default-byte-size=4194304",
             "--backend-config=python,shm-growth-byte-size=1048576",
+        ]
+
+    def _metrics_args(self) -> list[str]:
+        if not self.config.metrics_port:
+            return ["--allow-metrics=false"]
+        return [
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            f"--metrics-address={self.config.host}",
+            f"--metrics-port={self.config.metrics_port}",
         ]
 
     def _env(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.worker.config import WorkerConfig
 from services.worker.server import WorkerServer
@@ -84,8 +85,15 @@ async def test_smollm2_streams_a_real_answer(stub: Any) -> None:
     assert 0 < result.first_token_seconds <= result.total_seconds
 
 
+def _tokens_metric() -> float:
+    labels = {"worker": "w-test", "model": "replay"}
+    return REGISTRY.get_sample_value("shortline_worker_tokens_total", labels) or 0.0
+
+
 async def test_replay_streams_exactly_n_tokens(stub: Any) -> None:
+    before = _tokens_metric()
     deltas, result = await _collect(stub.Execute(_req("r1", max_tokens=37)))
+    assert _tokens_metric() - before == 37
     assert result.tokens == 37 == sum(d.tokens for d in deltas)
     assert "".join(d.text for d in deltas) == "".join(f" replay{i}" for i in range(1, 38))
     assert result.finish_reason == common_pb2.FINISH_REASON_LENGTH
@@ -232,3 +240,53 @@ async def test_healthy_worker_reports_serving(worker: WorkerServer) -> None:
             health_pb2.HealthCheckRequest(service="shortline.worker.v1.WorkerService")
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_model_configured_here_but_missing_on_triton_is_not_found(
+    embedded_triton: Any,
+) -> None:
+    config = WorkerConfig(slots=1, models="ghost=raw:10")
+    server = WorkerServer(config, embedded_triton.grpc_url)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _collect(stub.Execute(_req("g1", model="ghost")))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "ghost" in (err.value.details() or "")
+            assert await _slots_used(stub) == 0
+    finally:
+        await server.stop(0.2)
+
+
+async def test_triton_dying_mid_stream_gives_unavailable_and_not_serving() -> None:
+    from services.worker.config import TritonServeConfig
+    from services.worker.triton_embedded import EmbeddedTriton
+
+    triton = EmbeddedTriton(TritonServeConfig(models="replay"))
+    await asyncio.to_thread(triton.start)
+    server = WorkerServer(WorkerConfig(slots=2, health_poll_s=0.2), triton.grpc_url)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            call = stub.Execute(_req("k1", max_tokens=5000))
+            await call.read()
+            await asyncio.to_thread(triton.stop, 0.0)  # SIGINT then SIGKILL of its group
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while True:
+                    await call.read()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert triton.grpc_url in (err.value.details() or "")
+            assert await _slots_used(stub) == 0
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(50):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop(0.2)
+        triton.stop()
