@@ -365,3 +365,108 @@ async def test_a_retried_request_id_attaches_and_never_runs_twice(
         assert third_text == first_text and third_msgs[-1].result == first_msgs[-1].result
         stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
         assert stats.completed == 1
+
+
+async def test_a_worker_that_misses_three_heartbeats_is_dead_and_its_job_moves(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    from services.worker.config import WorkerConfig
+    from services.worker.server import WorkerServer
+
+    url = embedded_triton.grpc_url
+    async with stack(url, tmp_path, workers=0) as s:
+        # Registered by hand and never heartbeating: alive for 3 x 0.2 s only.
+        silent = WorkerServer(WorkerConfig(triton=url, slots=1, worker_id="silent"), url)
+        await silent.start()
+        try:
+            await s.stub.RegisterWorker(
+                scheduler_pb2.RegisterWorkerRequest(
+                    worker_id="silent", address=silent.address, slots=1, models=["replay"]
+                )
+            )
+            call = s.stub.Generate(
+                scheduler_pb2.GenerateRequest(
+                    request_id="mover", model="replay", prompt="go", max_tokens=300
+                ),
+                timeout=60,
+            )
+            joined: list[WorkerServer] = []
+
+            async def replace_when_dead() -> None:
+                # Declared dead mid-job: a healthy worker joins and takes the job over.
+                await wait_for(lambda: "silent" not in s.scheduler.servicer.workers)
+                healthy = WorkerServer(
+                    WorkerConfig(
+                        triton=url, slots=1, scheduler=s.scheduler.address, worker_id="ok"
+                    ),
+                    url,
+                )
+                await healthy.start()
+                s.workers.append(healthy)
+                joined.append(healthy)
+
+            replacer = asyncio.create_task(replace_when_dead())
+            msgs = [msg async for msg in call]
+            await replacer
+            healthy = joined[0] if joined else None
+            text = "".join(m.delta.text for m in msgs if m.HasField("delta"))
+            assert healthy is not None
+            assert text == replay_text(1, 300)
+            assert msgs[-1].result.worker_id == "ok"
+            # The dead worker's run was abandoned: its slot is free again.
+            await wait_for(lambda: silent.servicer.slots.used == 0)
+        finally:
+            await silent.stop(0.1)
+
+
+async def test_a_client_that_goes_away_gets_its_job_cancelled(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path) as s:
+        call = s.stub.Generate(
+            scheduler_pb2.GenerateRequest(
+                request_id="gone", model="replay", prompt="go", max_tokens=3000
+            )
+        )
+        async for msg in call:
+            if msg.HasField("delta"):
+                call.cancel()
+                break
+        core = s.scheduler.servicer.core
+        await wait_for(lambda: core.cancelled == 1 and core.running == 0, timeout=10)
+        _, text = await s.generate("after", 3)
+        assert text == replay_text(1, 3)
+
+
+async def test_a_deadline_cancels_the_job_with_deadline_exceeded(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(embedded_triton.grpc_url, tmp_path) as s:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in s.stub.Generate(
+                scheduler_pb2.GenerateRequest(
+                    request_id="late", model="replay", prompt="go", max_tokens=3000
+                ),
+                timeout=0.5,
+            ):
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        core = s.scheduler.servicer.core
+        await wait_for(lambda: core.cancelled == 1 and core.running == 0, timeout=10)
+        assert s.scheduler.servicer.requests["late"].job.finish_reason == "deadline"
+
+
+async def test_an_unreachable_predictor_falls_back_and_is_counted(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    from services.worker.triton_embedded import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    async with stack(
+        embedded_triton.grpc_url, tmp_path, predictor=dead, predictor_timeout_ms=300
+    ) as s:
+        msgs, text = await s.generate("fb", 4)
+        assert text == replay_text(1, 4)
+        assert msgs[0].accepted.prediction_source == scheduler_pb2.PREDICTION_SOURCE_FALLBACK
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert stats.predictor_fallbacks == 1
