@@ -132,7 +132,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 outcome = "finished"
             except asyncio.CancelledError:
                 outcome = "client_gone"  # disconnect or deadline
-                raise
+                if not context.cancelled():
+                    raise
+                # The RPC is over; returning spares grpc an "unhandled" error log.
             finally:
                 if job.stream is not None and not job.stream.cancelled:
                     job.stream.cancel()

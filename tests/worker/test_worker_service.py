@@ -290,3 +290,47 @@ async def test_triton_dying_mid_stream_gives_unavailable_and_not_serving() -> No
     finally:
         await server.stop(0.2)
         triton.stop()
+
+
+async def test_smollm2_batch_survives_joins_leaves_and_a_cancel(stub: Any) -> None:
+    """Sequences of different lengths join and leave the shared KV cache mid-flight."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True)
+
+    def req(job_id: str, prompt: str, n: int) -> Any:
+        return worker_pb2.ExecuteRequest(
+            job_id=job_id,
+            model="smollm2-135m-instruct",
+            prompt=prompt,
+            max_tokens=n,
+            sampling=sampling,
+        )
+
+    async def late(job_id: str, prompt: str, n: int, delay: float) -> tuple[list[Any], Any]:
+        await asyncio.sleep(delay)
+        return await _collect(stub.Execute(req(job_id, prompt, n)))
+
+    async def cancelled() -> int:
+        call = stub.Execute(req("m-x", "Tell me a very long story about dragons.", 500))
+        got = 0
+        async for msg in call:
+            if msg.HasField("delta"):
+                got += 1
+                if got == 4:
+                    await stub.Cancel(worker_pb2.CancelRequest(job_id="m-x"))
+        return got
+
+    async def a_then_c() -> list[tuple[list[Any], Any]]:
+        first = await late("m-a", "Name a color.", 6, 0.0)
+        return [first, await late("m-c", "Hi", 9, 0.0)]  # joins after m-a left
+
+    (a, c), b, x = await asyncio.gather(
+        a_then_c(),
+        late("m-b", "Write two sentences about the moon and the stars at night.", 14, 0.1),
+        cancelled(),
+    )
+    for (deltas, result), n in ((a, 6), (b, 14), (c, 9)):
+        assert result.tokens == n == sum(d.tokens for d in deltas)
+        assert result.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert x >= 4
+    assert max(d.batch_size for deltas, _ in (a, b, c) for d in deltas) >= 2
+    assert await _slots_used(stub) == 0
