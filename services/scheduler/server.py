@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.batching import Batching
@@ -97,6 +100,7 @@ class Request:
     finished_at: float | None = None
     worker_id: str = ""
     disconnect_timer: asyncio.TimerHandle | None = None
+    trace_context: contextvars.Context | None = None
 
     def broadcast(self, item: Any) -> None:
         for q in self.subscribers:
@@ -176,8 +180,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if self.outcome_log is not None:
             await asyncio.to_thread(self.outcome_log.flush)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Any, req: Request | None = None) -> asyncio.Task[Any]:
+        ctx = req.trace_context.copy() if req is not None and req.trace_context else None
+        task = asyncio.create_task(coro, context=ctx)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -225,23 +230,30 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         problem = validate(request)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        req = self.requests.get(request.request_id)
-        if req is None:
-            if self.workers and not any(request.model in w.models for w in self.workers.values()):
-                served = sorted({m for w in self.workers.values() for m in w.models})
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"model {request.model!r} is not served by any worker "
-                    f"(served: {', '.join(served)})",
-                )
-            admitted = self._admit(request, context.time_remaining())
-            if isinstance(admitted, QueueFullError):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(admitted))
-            assert isinstance(admitted, Request)
-            req = admitted
-            self._spawn(self._predict(req))
         with self._tracer.start_as_current_span("scheduler.generate") as span:
-            span.set_attribute("shortline.request_id", req.id)
+            span.set_attribute("shortline.request_id", request.request_id)
+            req = self.requests.get(request.request_id)
+            if req is None:
+                if self.workers and not any(
+                    request.model in w.models for w in self.workers.values()
+                ):
+                    served = sorted({m for w in self.workers.values() for m in w.models})
+                    await context.abort(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"model {request.model!r} is not served by any worker "
+                        f"(served: {', '.join(served)})",
+                    )
+                admitted = self._admit(request, context.time_remaining())
+                if isinstance(admitted, QueueFullError):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(admitted))
+                assert isinstance(admitted, Request)
+                req = admitted
+                # Work done for this request later (prediction, runs on workers) joins
+                # this trace, whichever event happens to trigger it.
+                req.trace_context = contextvars.copy_context()
+                self._spawn(self._predict(req), req)
+            else:
+                span.set_attribute("shortline.attached", True)
             async for item in self._follow(req):
                 if isinstance(item, tuple):
                     code, message = item
@@ -395,7 +407,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 self._finalize(req)
                 return
             key = f"{job.id}.{job.run_token}"
-            worker.runs[job.id] = self._spawn(self._run(req, worker, job.run_token, key))
+            worker.runs[job.id] = self._spawn(self._run(req, worker, job.run_token, key), req)
         else:
             if decision.preempt:
                 metrics.PREEMPTIONS.inc()
@@ -406,7 +418,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if worker is None:
             return
         key = f"{stop.job.id}.{stop.job.run_token}"
-        self._spawn(self._send_stop(worker, key, stop.preempt))
+        self._spawn(self._send_stop(worker, key, stop.preempt), self.requests.get(stop.job.id))
 
     async def _send_stop(self, worker: WorkerHandle, key: str, preempt: bool) -> None:
         try:
@@ -426,6 +438,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         def current() -> bool:
             return job.run_token == token and job.worker == worker.id
 
+        span = self._tracer.start_span("scheduler.run")
+        span.set_attribute("shortline.worker_id", worker.id)
+        span.set_attribute("shortline.resume_tokens", req.tokens)
+        span.set_attribute("shortline.predicted_tokens", job.predicted)
+        token_ctx = otel_context.attach(trace.set_span_in_context(span))
         try:
             call = worker.stub.Execute(
                 worker_pb2.ExecuteRequest(
@@ -481,6 +498,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         finally:
             if worker.runs.get(job.id) is asyncio.current_task():
                 del worker.runs[job.id]
+            span.set_attribute("shortline.tokens", req.tokens)
+            span.end()
+            otel_context.detach(token_ctx)
         if current():
             self._run_ended(req, reason)
         self._pump()
