@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from services.predictor import dataset
-from services.predictor.encoder import ENCODER_NAME, Encoder, cached_embeddings
+from services.predictor.encoder import ENCODER_NAME, Encoder, cached_features
 from services.predictor.evaluation import evaluate_split
 from services.predictor.heads import (
     BUCKET_PERCENTILES,
@@ -30,6 +30,7 @@ from services.predictor.heads import (
     HeadKindName,
     bucket_boundaries,
     bucket_medians,
+    fold_standardization,
 )
 from services.predictor.metrics import evaluate
 from services.predictor.sources import TrainingData
@@ -78,9 +79,15 @@ def train_target(
     medians = bucket_medians(data.tokens[train_idx], boundaries)
     encoder = Encoder(threads=threads)
     start = time.perf_counter()
-    embeddings = cached_embeddings(encoder, data.instructions)
+    _, features_np = cached_features(encoder, data.instructions)
     embed_seconds = time.perf_counter() - start
-    emb_tensor = torch.tensor(embeddings)
+    # Inputs are standardised with train statistics while training; the map is
+    # folded into each head's first layer when it is saved.
+    feat_mean = features_np[train_idx].mean(axis=0)
+    feat_std = features_np[train_idx].std(axis=0) + 1e-6
+    mean_t = torch.tensor(feat_mean)
+    std_t = torch.tensor(feat_std)
+    standardized = (torch.tensor(features_np) - mean_t) / std_t
 
     extra_params: list[Any] = []
     if finetune_top_layers > 0:
@@ -97,12 +104,12 @@ def train_target(
             texts = [data.instructions[i] for i in idx]
             encoder.model.train(training)
             with torch.set_grad_enabled(training):
-                return encoder.forward(texts)
+                return (encoder.forward(texts)[1] - mean_t) / std_t
 
     else:
 
         def features(idx: np.ndarray, training: bool) -> Any:
-            return emb_tensor[idx]
+            return standardized[idx]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     heads: dict[str, Head] = {}
@@ -124,7 +131,7 @@ def train_target(
         head, info, _ = fit_head(
             kind,
             features,
-            embeddings.shape[1],
+            features_np.shape[1],
             train_idx,
             data.tokens[train_idx],
             val_idx,
@@ -137,20 +144,22 @@ def train_target(
         )
         bar.update(options.max_epochs - info["epochs_run"])
         if finetune_top_layers > 0:
-            # Heads of a fine-tuned run see the tuned encoder's embeddings.
-            embeddings = encoder.encode(data.instructions)
+            # Heads of a fine-tuned run see the tuned encoder's features.
+            encoder.model.eval()
+            features_np = encoder.encode_features(data.instructions)[1]
+        fold_standardization(head, feat_mean, feat_std)
         head.version = head_version(kind, head)
         heads[kind] = head
         file = f"{kind}.npz"
         np.savez_compressed(out_dir / file, **head.arrays())
-        val_pred = head.predict(embeddings[val_idx])
+        val_pred = head.predict(features_np[val_idx])
         head_cards[kind] = {
             "kind": HEAD_KIND_LONG[kind],
             "version": head.version,
             "file": file,
             "architecture": (
-                f"MLP 384 -> {options.hidden} (ReLU, dropout {options.dropout}) -> "
-                f"{head.layers[-1][0].shape[1]}"
+                f"MLP {features_np.shape[1]} -> {options.hidden} "
+                f"(ReLU, dropout {options.dropout}) -> {head.layers[-1][0].shape[1]}"
             ),
             "best_epoch": info["best_epoch"],
             "epochs_run": info["epochs_run"],
@@ -181,7 +190,7 @@ def train_target(
             out_dir / ENCODER_LAYERS_FILE,
         )
 
-    test = evaluate_split(data, embeddings, heads, boundaries, "test") if len(test_idx) else None
+    test = evaluate_split(data, features_np, heads, boundaries, "test") if len(test_idx) else None
     for name in heads:
         head_cards[name]["test_metrics"] = _round(test["heads"][name]) if test else {}
     default = max(heads, key=lambda k: head_cards[k]["val_metrics"]["kendall_tau"])
@@ -197,7 +206,12 @@ def train_target(
         "default_head_rule": "best Kendall's tau on the val split",
         "encoder": {
             "name": ENCODER_NAME,
-            "pooling": "mean over tokens, L2-normalised",
+            "pooling": "mean over tokens, L2-normalised (the 384-d embedding in responses)",
+            "feature_layers": list(encoder.feature_layers),
+            "head_input": (
+                "concatenated mean-pooled hidden states of feature_layers "
+                f"({features_np.shape[1]}-d; standardisation folded into the first layer)"
+            ),
             "max_tokens": encoder.max_tokens,
             "truncation": "[CLS] + head and tail of the prompt + [SEP]",
             "finetuned_top_layers": finetune_top_layers,

@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
         default=0,
         help="also train the top N encoder layers (slow; one head kind per run)",
     )
-    train.add_argument("--hidden", type=int, default=64, help="MLP hidden width (64)")
+    train.add_argument("--hidden", type=int, default=32, help="MLP hidden width (32)")
     train.add_argument("--seed", type=int, default=20261125, help="random seed")
     train.add_argument("--max-epochs", type=int, default=200, help="epoch cap (200)")
     train.add_argument("--threads", type=int, default=2, help="torch threads (2)")
@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from services.predictor import sources
-    from services.predictor.encoder import Encoder, cached_embeddings
+    from services.predictor.encoder import Encoder, cached_features
     from services.predictor.evaluation import evaluate_split, format_table
     from services.predictor.heads import load_target
 
@@ -138,12 +138,16 @@ def _eval(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    encoder = Encoder(max_tokens=int(target.card["encoder"]["max_tokens"]), threads=args.threads)
+    encoder = Encoder(
+        max_tokens=int(target.card["encoder"]["max_tokens"]),
+        threads=args.threads,
+        feature_layers=target.card["encoder"]["feature_layers"],
+    )
     layers_file = target.card["encoder"].get("layers_file")
     if layers_file:
         encoder.load_tuned_layers(folder / layers_file)
-    embeddings = cached_embeddings(encoder, data.instructions)
-    result = evaluate_split(data, embeddings, target.heads, target.boundaries, args.split)
+    _, features = cached_features(encoder, data.instructions)
+    result = evaluate_split(data, features, target.heads, target.boundaries, args.split)
     result["default_head"] = target.default_head
     result["head_versions"] = {k: h.version for k, h in target.heads.items()}
     if args.json:

@@ -70,8 +70,17 @@ class PredictorCore:
         if not self.targets:
             raise FileNotFoundError(f"no head artifacts (card.json) under {heads_dir}")
         lengths = {int(t.card["encoder"]["max_tokens"]) for t in self.targets.values()}
+        layer_sets = {tuple(t.card["encoder"]["feature_layers"]) for t in self.targets.values()}
+        if len(layer_sets) != 1:
+            raise ValueError(
+                f"heads under {heads_dir} disagree on encoder feature_layers: "
+                f"{sorted(layer_sets)}; retrain them with one setting"
+            )
         self.encoder = Encoder(
-            max_tokens=max_tokens or max(lengths), precision=precision, threads=threads
+            max_tokens=max_tokens or max(lengths),
+            precision=precision,
+            threads=threads,
+            feature_layers=layer_sets.pop(),
         )
         self.encoder_name = ENCODER_NAME
         # Targets whose card carries fine-tuned encoder layers get their own copy.
@@ -123,19 +132,23 @@ class PredictorCore:
             key = q.target_model if q.target_model in self._encoders else ""
             groups.setdefault(key, []).append(i)
         embeddings: list[Any] = [None] * len(queries)
+        features: list[Any] = [None] * len(queries)
         for key, members in groups.items():
             encoder = self._encoders.get(key, self.encoder) if key else self.encoder
             texts = [p for i in members for p in queries[i].prompts]
-            vectors = encoder.encode(texts, batch_size=MAX_PROMPTS)
+            vectors, feats = encoder.encode_features(texts, batch_size=MAX_PROMPTS)
             offset = 0
             for i in members:
                 n = len(queries[i].prompts)
                 embeddings[i] = vectors[offset : offset + n]
+                features[i] = feats[offset : offset + n]
                 offset += n
         results = []
-        for q, (target, head_name), emb in zip(queries, checked, embeddings, strict=True):
+        for q, (target, head_name), emb, feat in zip(
+            queries, checked, embeddings, features, strict=True
+        ):
             head = target.heads[head_name]
-            out = head.predict(emb)
+            out = head.predict(feat)
             results.append(
                 Result(
                     target_model=q.target_model,

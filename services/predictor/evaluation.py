@@ -36,12 +36,12 @@ def baseline_predictions(data: TrainingData, split: str) -> dict[str, np.ndarray
 
 def evaluate_split(
     data: TrainingData,
-    embeddings: np.ndarray,
+    features: np.ndarray,
     heads: Mapping[str, Head],
     boundaries: list[float],
     split: str = "test",
 ) -> dict[str, Any]:
-    """Metrics of every head and baseline on ``split`` (embeddings: one row per data row)."""
+    """Metrics of every head and baseline on ``split`` (features: one row per data row)."""
     rows = data.indices(split)
     actual = data.tokens[rows]
     out: dict[str, Any] = {
@@ -52,7 +52,7 @@ def evaluate_split(
         "baselines": {},
     }
     for name, head in heads.items():
-        pred = head.predict(embeddings[rows])
+        pred = head.predict(features[rows])
         buckets = pred["bucket"] if head.kind == "cls" else None
         out["heads"][name] = evaluate(pred["tokens"], actual, boundaries, buckets)
     for name, values in baseline_predictions(data, split).items():

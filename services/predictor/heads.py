@@ -1,6 +1,7 @@
 """Trained heads as small versioned artifacts, and their inference in numpy.
 
-A head is an MLP on the 384-d sentence embedding. Its weights live in one
+A head is an MLP on the encoder's multi-layer features (mean-pooled hidden
+states of MiniLM layers 3-6, 1536-d; see ``encoder.py``). Its weights live in one
 ``.npz`` per head and its description in the target's ``card.json``
 (the Triton habit: models are declared by files the server reads at start).
 Inference is a few matrix products in numpy, so the service needs torch only
@@ -116,6 +117,20 @@ class Head:
             arrays["score_quantiles"] = self.score_quantiles.astype(np.float64)
             arrays["length_quantiles"] = self.length_quantiles.astype(np.float64)
         return arrays
+
+
+def fold_standardization(head: Head, mean: np.ndarray, std: np.ndarray) -> None:
+    """Makes a head trained on ``(x - mean) / std`` take raw ``x`` (exactly, in place).
+
+    ``((x - m) / s) @ W + b == x @ (W / s) + (b - (m / s) @ W)``, so the shipped
+    weights need no separate normalisation arrays.
+    """
+    w, b = head.layers[0]
+    w64, s64, m64 = w.astype(np.float64), std.astype(np.float64), mean.astype(np.float64)
+    head.layers[0] = (
+        (w64 / s64[:, None]).astype(np.float32),
+        (b.astype(np.float64) - (m64 / s64) @ w64).astype(np.float32),
+    )
 
 
 @dataclass

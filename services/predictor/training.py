@@ -26,10 +26,10 @@ N_QUANTILES = 101
 
 @dataclass(frozen=True)
 class TrainOptions:
-    hidden: int = 128
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    hidden: int = 32
+    dropout: float = 0.2
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
     batch_size: int = 64
     max_epochs: int = 200
     patience: int = 30

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.predictor import offline, sources
-from services.predictor.encoder import Encoder, cached_embeddings
+from services.predictor.encoder import Encoder, cached_features
 from services.predictor.evaluation import evaluate_split
 from services.predictor.heads import REPO_HEADS_DIR, load_target
 from shortline import paths
@@ -55,8 +55,8 @@ def test_heads_beat_the_mean_baseline_on_the_test_split(target: str, encoder: En
         pytest.skip(f"shared data absent: no {paths.alpaca_eval_outputs(target)}")
     loaded = load_target(REPO_HEADS_DIR / target)
     data = sources.from_alpaca(target)
-    embeddings = cached_embeddings(encoder, data.instructions)
-    result = evaluate_split(data, embeddings, loaded.heads, loaded.boundaries, "test")
+    _, features = cached_features(encoder, data.instructions)
+    result = evaluate_split(data, features, loaded.heads, loaded.boundaries, "test")
     mean_tau = result["baselines"]["mean_length"]["kendall_tau"]
     for name, metrics in result["heads"].items():
         assert metrics["kendall_tau"] > mean_tau + 0.2, name
