@@ -271,6 +271,33 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = results["smollm2"]
+    left.bar([str(r["concurrent"]) for r in rows], [r["tokens_per_s"] for r in rows])
+    left.axhline(120, color="red", linestyle="--", label="target at 8")
+    left.set_xlabel("concurrent requests")
+    left.set_ylabel("aggregate tokens/s")
+    left.set_title("smollm2-135m-instruct via worker")
+    left.legend()
+    rows = results["replay"]
+    xs = [r["concurrent"] for r in rows]
+    right.plot(xs, [r["configured_step_ms"] for r in rows], "o--", label="configured a + b*n")
+    right.plot(xs, [r["achieved_step_ms_median"] for r in rows], "s-", label="achieved (median)")
+    right.set_xlabel("concurrent requests")
+    right.set_ylabel("step time (ms)")
+    right.set_title("replay step time via worker")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     parser.add_argument("--smollm2-tokens", type=int, default=64)
@@ -285,6 +312,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "worker.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "worker.md").write_text(table + "\n")
+    plot(results, RESULTS / "worker.png")
     print(f"\nwrote {RESULTS / 'worker.json'}")
 
 
