@@ -470,3 +470,37 @@ async def test_an_unreachable_predictor_falls_back_and_is_counted(
         assert msgs[0].accepted.prediction_source == scheduler_pb2.PREDICTION_SOURCE_FALLBACK
         stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
         assert stats.predictor_fallbacks == 1
+
+
+async def test_dynamic_batching_waits_for_a_batch_and_frees_its_slots_together(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    async with stack(
+        embedded_triton.grpc_url, tmp_path, slots=4, batching="dynamic", batch_wait_ms=300.0
+    ) as s:
+        loop = asyncio.get_running_loop()
+        first: dict[str, float] = {}
+        end: dict[str, float] = {}
+
+        async def run(rid: str, n: int) -> None:
+            call = s.stub.Generate(
+                scheduler_pb2.GenerateRequest(
+                    request_id=rid, model="replay", prompt="go", max_tokens=n
+                ),
+                timeout=60,
+            )
+            async for msg in call:
+                if msg.HasField("delta") and rid not in first:
+                    first[rid] = loop.time()
+            end[rid] = loop.time()
+
+        t0 = loop.time()
+        batch = [asyncio.create_task(run("short", 10)), asyncio.create_task(run("long", 60))]
+        await wait_for(lambda: "short" in end)
+        late = asyncio.create_task(run("late", 5))
+        await asyncio.gather(*batch, late)
+        # Fewer than B=4 jobs: the batch left after the 300 ms wait, both together.
+        assert first["short"] - t0 >= 0.3 and first["long"] - t0 >= 0.3
+        assert abs(first["short"] - first["long"]) < 0.2
+        # The late job waited for the whole batch (the long job) to end.
+        assert first["late"] >= end["long"] - 0.05
