@@ -55,36 +55,33 @@ def serve_worker(args: argparse.Namespace) -> int:
     config = from_args(WorkerConfig, args, "worker")
     if not config.embedded and not config.triton:
         raise SystemExit("give --triton HOST:PORT or --embedded")
-    return asyncio.run(_serve_worker(config))
+    if not config.embedded:
+        return asyncio.run(_serve_worker(config, config.triton))
+    from dataclasses import replace
 
-
-async def _serve_worker(config: WorkerConfig) -> int:
     from services.worker.prompts import parse_models
-    from services.worker.server import WorkerServer
     from services.worker.triton_embedded import EmbeddedTriton
+
+    # Started from the main thread: the server gets SIGTERM when this thread dies.
+    base = from_args(TritonServeConfig, None, "triton")
+    embedded = EmbeddedTriton(replace(base, models=",".join(parse_models(config.models))))
+    try:
+        embedded.start()
+        return asyncio.run(_serve_worker(config, embedded.grpc_url))
+    finally:
+        embedded.stop()
+
+
+async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
+    from services.worker.server import WorkerServer
     from shortline import grpc_server
+    from shortline.metrics import start_metrics_server
     from shortline.telemetry import setup_tracing
 
     setup_tracing("worker")
-    embedded: EmbeddedTriton | None = None
-    triton_url = config.triton
-    if config.embedded:
-        base = from_args(TritonServeConfig, None, "triton")
-        models = ",".join(parse_models(config.models))
-        from dataclasses import replace
-
-        embedded = EmbeddedTriton(replace(base, models=models))
-        await asyncio.to_thread(embedded.start)
-        triton_url = embedded.grpc_url
-    try:
-        from shortline.metrics import start_metrics_server
-
-        server = WorkerServer(config, triton_url)
-        start_metrics_server(config.metrics_port, config.host)
-        await server.start()
-        print(f"worker {server.worker_id} listening on {server.address}", flush=True)
-        await grpc_server.run_until_signal(server.server, on_stop=server.stop)
-    finally:
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+    server = WorkerServer(config, triton_url)
+    start_metrics_server(config.metrics_port, config.host)
+    await server.start()
+    print(f"worker {server.worker_id} listening on {server.address}", flush=True)
+    await grpc_server.run_until_signal(server.server, on_stop=server.stop)
     return 0
