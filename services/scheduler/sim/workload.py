@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,11 +117,24 @@ def trace_lengths(kind: str) -> LengthSet:
     )
 
 
+def _heads_dir(target_model: str) -> Path:
+    import os
+
+    from services.predictor.heads import REPO_HEADS_DIR
+
+    root = Path(os.environ.get("SHORTLINE_PREDICTOR_HEADS_DIR", str(REPO_HEADS_DIR)))
+    return root / target_model
+
+
 def _real_predictions(target_model: str, prompts: list[str], head: str | None) -> np.ndarray:
     """The shipped head's predictions for these prompts, computed once and cached on disk."""
-    digest = hashlib.sha256(
-        json.dumps([target_model, head, prompts], ensure_ascii=False).encode()
-    ).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([target_model, head, prompts], ensure_ascii=False).encode())
+    # Retrained heads invalidate the cache: their files are part of the key.
+    for f in sorted(_heads_dir(target_model).glob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    digest = h.hexdigest()[:16]
     cache_dir = paths.run_dir() / "sim" / "predictions"
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{target_model}-{head or 'default'}-{digest}.npy"
