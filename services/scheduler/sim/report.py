@@ -31,6 +31,7 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "throughput_rps": int(done.sum()) / span,
         "throughput_tps": tokens / span,
         "preemptions": r.preemptions,
+        "cache_hit_rate": r.cache_hits / r.cache_lookups if r.cache_lookups else 0.0,
         "sim_wall_s": r.wall_seconds,
     }
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from services.scheduler.core.batching import Batching
+from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.policies import PreemptionRule, make_policy
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
@@ -68,6 +69,13 @@ class SimulateConfig:
         default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}
     )
     preempt_max_per_job: int = field(default=1, metadata={"help": "preemptions per job"})
+    repeat_share: float = field(
+        default=0.0, metadata={"help": "share of requests repeating an earlier prompt"}
+    )
+    cache: bool = field(
+        default=False, metadata={"help": "semantic cache of observed lengths (finds repeats)"}
+    )
+    cache_size: int = field(default=4096, metadata={"help": "semantic cache entries"})
     seed: int = field(default=1, metadata={"help": "random seed"})
     out: str = field(default="", metadata={"help": "JSON path (default .run/sim/...)"})
 
@@ -99,6 +107,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
             predicted_unique=predicted,
             prediction_source=source,
             seed=cfg.seed,
+            repeat_share=cfg.repeat_share,
         )
         # Aging defaults scale with the time a worker spends per job at capacity.
         per_job = cfg.workers / cap
@@ -123,7 +132,13 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
                 allow_oracle=True,
             )
             result = simulate(
-                work, policy, batching, workers=cfg.workers, slots=cfg.slots, model=model
+                work,
+                policy,
+                batching,
+                workers=cfg.workers,
+                slots=cfg.slots,
+                model=model,
+                cache=SemanticCache(0.95, cfg.cache_size) if cfg.cache else None,
             )
             row = summarize(result)
             rows.append(row)

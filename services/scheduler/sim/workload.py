@@ -34,6 +34,9 @@ class Workload:
     predicted: NDArray[np.float64]
     prediction_source: str  # oracle, noisy, predictor
     info: dict[str, Any] = field(default_factory=dict)
+    # Semantic identity per request (equal ids = the same prompt again), for the
+    # semantic cache; None when the workload has no repeats to find.
+    prompt_ids: NDArray[np.int64] | None = None
 
     def __len__(self) -> int:
         return int(self.arrivals.shape[0])
@@ -177,14 +180,39 @@ def build(
     predicted_unique: NDArray[np.float64],
     prediction_source: str,
     seed: int,
+    repeat_share: float = 0.0,
 ) -> Workload:
+    """``repeat_share`` of the requests repeat an earlier request of the sequence
+    (same prompt, same true length, same prediction; drawn uniformly among the
+    earlier ones); the others count as new prompts for the semantic cache."""
+    if not 0.0 <= repeat_share < 1.0:
+        raise ValueError(f"repeat share must be in [0, 1), got {repeat_share}")
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, lengths.true_tokens.shape[0], size=n)
+    arrival = arrival_times(arrivals, n, rate, rng)
+    prompt_ids = None
+    if repeat_share > 0:
+        rep = np.random.default_rng(seed + 1)
+        repeats = rep.random(n) < repeat_share
+        earlier = (rep.random(n) * np.arange(n)).astype(np.int64)
+        ids = np.arange(n, dtype=np.int64)
+        for i in np.flatnonzero(repeats[1:]) + 1:
+            j = earlier[i]
+            pick[i] = pick[j]
+            ids[i] = ids[j]
+        prompt_ids = ids
     return Workload(
-        arrivals=arrival_times(arrivals, n, rate, rng),
+        arrivals=arrival,
         prompt_tokens=lengths.prompt_tokens[pick],
         true_tokens=lengths.true_tokens[pick],
         predicted=predicted_unique[pick],
         prediction_source=prediction_source,
-        info={"lengths": lengths.name, "arrivals": arrivals, "rate_rps": rate, "seed": seed},
+        info={
+            "lengths": lengths.name,
+            "arrivals": arrivals,
+            "rate_rps": rate,
+            "seed": seed,
+            "repeat_share": repeat_share,
+        },
+        prompt_ids=prompt_ids,
     )
