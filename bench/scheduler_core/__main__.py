@@ -147,8 +147,31 @@ def main() -> int:
             indent=2,
         )
     )
-    print(f"wrote {out}")
+    png = RESULTS / "scheduler_core.png"
+    _plot(rows, args.queued, args.target_us, png)
+    print(f"wrote {out} and {png}")
     return 0 if worst <= args.target_us else 1
+
+
+def _plot(rows: list[dict[str, Any]], queued: int, target_us: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["policy"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(x - 0.2, [r["decision"]["mean_us"] for r in rows], 0.4, label="mean")
+    ax.bar(x + 0.2, [r["decision"]["p99_us"] for r in rows], 0.4, label="p99")
+    ax.axhline(target_us, color="red", linestyle="--", label=f"target {target_us:.0f} us")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("microseconds per decision")
+    ax.set_title(f"One scheduling decision with {queued:,} jobs queued")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -155,8 +155,32 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "simulate.json"
     path.write_text(json.dumps(out, indent=2, default=float))
-    print(f"\nwrote {path}")
+    png = RESULTS / "simulate.png"
+    _plot(report["rows"], png)
+    print(f"\nwrote {path} and {png}")
     return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["batching"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        cell = [r for r in rows if r["batching"] == mode]
+        x = np.arange(len(cell))
+        ax.bar(x - 0.2, [r["mean_jct_vs_fcfs"] for r in cell], 0.4, label="mean JCT")
+        ax.bar(x + 0.2, [r["p99_jct_vs_fcfs"] for r in cell], 0.4, label="p99 JCT")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [r["policy"] for r in cell], rotation=20)
+        ax.set_title(f"{mode}: ratio to fcfs at rho 0.9")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
