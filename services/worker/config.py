@@ -67,6 +67,9 @@ class WorkerConfig:
         },
     )
     metrics_port: int = field(default=0, metadata={"help": "Prometheus port (0: off)"})
+    max_prompt_chars: int = field(
+        default=65536, metadata={"help": "longest prompt plus resume text accepted (characters)"}
+    )
     health_poll_s: float = field(
         default=1.0, metadata={"help": "seconds between Triton readiness checks"}
     )

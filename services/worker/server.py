@@ -88,6 +88,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         spec = self.models.get(request.model)
         if spec is None:
             raise KeyError(request.model)
+        chars = len(request.prompt) + len(request.resume_text)
+        if chars > self.config.max_prompt_chars:
+            raise ValueError(
+                f"prompt plus resume_text must be at most {self.config.max_prompt_chars} "
+                f"characters, got {chars}"
+            )
         return spec, sampling_dict(request, spec.max_tokens)
 
     async def Execute(

@@ -38,10 +38,11 @@ async def stub(worker: WorkerServer) -> AsyncIterator[worker_pb2_grpc.WorkerServ
         yield worker_pb2_grpc.WorkerServiceStub(channel)
 
 
-def _req(job_id: str, model: str = "replay", max_tokens: int = 5, **kw: Any) -> Any:
+def _req(job: str, model: str = "replay", max_tokens: int = 5, **kw: Any) -> Any:
     sampling = kw.pop("sampling", common_pb2.SamplingParams(ignore_eos=True))
+    kw.setdefault("job_id", job)
     return worker_pb2.ExecuteRequest(
-        job_id=job_id, model=model, prompt="hi", max_tokens=max_tokens, sampling=sampling, **kw
+        model=model, prompt="hi", max_tokens=max_tokens, sampling=sampling, **kw
     )
 
 
@@ -129,6 +130,9 @@ async def test_cancel_mid_stream_returns_streamed_text_and_frees_the_slot(stub: 
     assert result is not None and result.finish_reason == common_pb2.FINISH_REASON_CANCELLED
     assert result.tokens == stop.tokens
     assert await _slots_used(stub) == 0
+    # The model dropped the sequence: a new job decodes alone.
+    after, _ = await _collect(stub.Execute(_req("x2", max_tokens=3)))
+    assert after[1].batch_size == 1
 
 
 async def test_preempt_returns_exact_prefix_and_resume_completes_it(stub: Any) -> None:
@@ -197,6 +201,8 @@ async def test_deadline_frees_the_slot(stub: Any) -> None:
             "top_p",
         ),
         ({"model": "gpt-17"}, grpc.StatusCode.NOT_FOUND, "gpt-17"),
+        ({"resume_text": "x" * 70000}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"job_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
     ],
 )
 async def test_bad_requests_get_the_right_status(
