@@ -278,6 +278,7 @@ class EmbeddedTriton:
     def stop(self, grace_s: float = 15.0) -> None:
         """Stops the server and its stubs, waits for them, removes shared memory and workspace."""
         proc = self._proc
+        clean = True
         if proc is not None:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -286,6 +287,7 @@ class EmbeddedTriton:
                     proc.wait(grace_s)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0f s; killing it", grace_s)
+            clean = proc.returncode == 0
             # The stubs share the server's process group; nothing of it may survive.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -296,8 +298,12 @@ class EmbeddedTriton:
             with contextlib.suppress(OSError):
                 leftover.unlink()
         if self.workspace is not None and self.workspace.exists():
-            shutil.rmtree(self.workspace / "backends", ignore_errors=True)
-            shutil.rmtree(self.workspace / "models", ignore_errors=True)
+            if clean:
+                shutil.rmtree(self.workspace, ignore_errors=True)
+            else:  # keep the server log for a post-mortem
+                shutil.rmtree(self.workspace / "backends", ignore_errors=True)
+                shutil.rmtree(self.workspace / "models", ignore_errors=True)
+                log.warning("Triton did not exit cleanly; its log: %s", self.log_path)
 
     def __enter__(self) -> EmbeddedTriton:
         return self.start()
