@@ -2,7 +2,9 @@
 
 Requests that arrive within ``batch_window_ms`` of the first waiting one (or
 until ``max_batch_prompts`` prompts are waiting) are encoded in one forward
-pass. The forward runs in a one-thread executor, so the event loop keeps
+pass. The window opens only under concurrency (requests already queued, or
+the previous pass served several), so a lone request is not delayed by it.
+The forward runs in a one-thread executor, so the event loop keeps
 accepting (and validating) requests while the encoder works; those requests
 form the next batch. Bad requests are rejected before they join a batch, so
 one caller's mistake never fails another caller's prediction.
@@ -68,6 +70,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.last_batch_sizes: list[int] = []
+        self._last_queries = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
@@ -88,7 +91,10 @@ class MicroBatcher:
         first = await self._queue.get()
         batch = [first]
         total = first.n
-        deadline = time.monotonic() + self.window_s
+        # A lone caller should not pay the window: wait only when requests are
+        # arriving together (others already queued, or the last pass served several).
+        busy = not self._queue.empty() or self._last_queries > 1
+        deadline = time.monotonic() + (self.window_s if busy else 0.0)
         while total < self.max_prompts:
             remaining = deadline - time.monotonic()
             try:
@@ -116,6 +122,7 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.last_batch_sizes = [p.n for p in live]
+            self._last_queries = len(live)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self.core.predict_batch, [p.query for p in live]
@@ -161,7 +168,11 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
         with tracer.start_as_current_span("predictor.predict") as span:
             span.set_attribute("shortline.target_model", request.target_model)
             span.set_attribute("shortline.prompts", len(query.prompts))
-            result = await self.batcher.submit(query)
+            try:
+                result = await self.batcher.submit(query)
+            except Exception as exc:
+                log.exception("prediction failed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc}")
             span.set_attribute("shortline.head_version", result.head_version)
         response = predictor_pb2.PredictResponse(
             target_model=result.target_model,

@@ -67,3 +67,18 @@ def test_length_chunks_group_similar_lengths_within_the_budget() -> None:
         assert len(chunk) * max(lengths[i] for i in chunk) <= 400 or len(chunk) == 1
     assert chunks[0] == [0, 2, 3, 5]
     assert length_chunks(lengths, max_rows=2, token_budget=10_000)[0] == [0, 2]
+
+
+def test_traced_forward_equals_eager_on_a_padded_batch(encoder: Encoder) -> None:
+    import torch
+
+    texts = ["Hi.", "Write a long story about a lighthouse keeper and a storm at sea."]
+    rows = encoder.token_ids(texts)
+    assert len(rows[0]) < len(rows[1])  # the short row is padded
+    assert encoder._traced is not None
+    with torch.inference_mode():
+        traced_emb, traced_feat = encoder.forward_ids(rows)
+    with torch.no_grad(), torch.enable_grad():
+        eager_emb, eager_feat = encoder.forward_ids(rows)
+    np.testing.assert_allclose(traced_emb.numpy(), eager_emb.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(traced_feat.numpy(), eager_feat.detach().numpy(), atol=1e-4)
