@@ -176,6 +176,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             job.stream = await self.triton.stream(
                 request.model, text_input, params, request_id=request.job_id, timeout_s=timeout
             )
+            if job.stop_reason is not None:  # stopped while the stream was being opened
+                job.stream.cancel()
             async for chunk in job.stream:
                 if job.stop_reason is not None:
                     break

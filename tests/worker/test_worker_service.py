@@ -340,3 +340,17 @@ async def test_smollm2_batch_survives_joins_leaves_and_a_cancel(stub: Any) -> No
     assert x >= 4
     assert max(d.batch_size for deltas, _ in (a, b, c) for d in deltas) >= 2
     assert await _slots_used(stub) == 0
+
+
+async def test_cancel_right_after_start_is_consistent(stub: Any) -> None:
+    call = stub.Execute(_req("early", max_tokens=5000))
+    for _ in range(200):
+        if (await stub.GetCapacity(worker_pb2.GetCapacityRequest())).slots_used:
+            break
+        await asyncio.sleep(0.005)
+    stop = await stub.Cancel(worker_pb2.CancelRequest(job_id="early"))
+    deltas, result = await _collect(call)
+    assert stop.text == "".join(d.text for d in deltas)
+    assert stop.tokens == result.tokens == len(deltas) <= 3
+    assert result.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+    assert await _slots_used(stub) == 0
