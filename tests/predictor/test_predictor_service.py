@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -39,7 +40,16 @@ def free_port() -> int:
 async def address() -> AsyncIterator[str]:
     cfg = PredictorConfig(port=free_port(), batch_window_ms=5.0, threads=2)
     server = PredictorServer(cfg)
-    await server.start()
+    # The service runs on the shipped artifacts alone: hide the shared data while it loads.
+    saved = os.environ.get("SHORTLINE_DATA")
+    os.environ["SHORTLINE_DATA"] = "/nonexistent/shortline-data"
+    try:
+        await server.start()
+    finally:
+        if saved is None:
+            os.environ.pop("SHORTLINE_DATA")
+        else:
+            os.environ["SHORTLINE_DATA"] = saved
     try:
         yield cfg.address
     finally:
