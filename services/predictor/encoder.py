@@ -164,10 +164,19 @@ class Encoder:
             [[self.cls_id, 2023, 2003, self.sep_id], [self.cls_id, self.sep_id]]
         )
         module = _Hidden(self.model).eval()
-        with warnings.catch_warnings(), torch.inference_mode(), self._autocast():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(module, (ids, mask), check_trace=False)
-            self._traced = torch.jit.freeze(traced)
+        from transformers.utils import logging as hf_logging
+
+        # Tracing touches every attribute of the model; transformers then warns
+        # about an unset loss type that inference never uses.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(), self._autocast():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(module, (ids, mask), check_trace=False)
+                self._traced = torch.jit.freeze(traced)
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     def load_tuned_layers(self, path: Path) -> None:
         """Replaces the top layers by a fine-tuned run's (``encoder_top_layers.pt``)."""
