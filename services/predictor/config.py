@@ -25,6 +25,7 @@ class PredictorConfig:
     threads: int = field(
         default=2, metadata={"help": "torch intra-op threads for the encoder (0 = torch default)"}
     )
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus port (0: off)"})
     precision: str = field(
         default="auto",
         metadata={"help": "encoder precision: auto (bf16 if the CPU has it), bf16 or fp32"},

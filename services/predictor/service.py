@@ -32,7 +32,7 @@ from services.predictor.core import (
     UnknownHeadError,
     UnknownTargetError,
 )
-from shortline import grpc_server
+from shortline import grpc_server, metrics
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.last_batch_sizes = [p.n for p in live]
+            metrics.PREDICT_BATCH.observe(sum(self.last_batch_sizes))
             self._last_queries = len(live)
             try:
                 results = await loop.run_in_executor(
@@ -165,6 +166,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except BadPromptsError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        started = time.perf_counter()
         with tracer.start_as_current_span("predictor.predict") as span:
             span.set_attribute("shortline.target_model", request.target_model)
             span.set_attribute("shortline.prompts", len(query.prompts))
@@ -174,6 +176,8 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                 log.exception("prediction failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc}")
             span.set_attribute("shortline.head_version", result.head_version)
+        metrics.PREDICT_SECONDS.observe(time.perf_counter() - started)
+        metrics.PREDICTED_PROMPTS.labels(request.target_model).inc(len(query.prompts))
         response = predictor_pb2.PredictResponse(
             target_model=result.target_model,
             head=KIND_TO_ENUM[result.head],
@@ -271,6 +275,7 @@ async def serve_forever(cfg: PredictorConfig) -> None:
     from shortline.telemetry import setup_tracing
 
     setup_tracing("predictor")
+    metrics.start_metrics_server(cfg.metrics_port, cfg.host)
     service = PredictorServer(cfg)
     await service.start()
     assert service.server is not None
