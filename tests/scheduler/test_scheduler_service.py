@@ -504,3 +504,50 @@ async def test_dynamic_batching_waits_for_a_batch_and_frees_its_slots_together(
         assert abs(first["short"] - first["long"]) < 0.2
         # The late job waited for the whole batch (the long job) to end.
         assert first["late"] >= end["long"] - 0.05
+
+
+async def test_the_simulator_predicts_the_live_stacks_mean_jct_within_10_percent(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    """Same request sequence, live (replay worker, 4 slots) and simulated with the
+    replay model's step times, read from the running Triton's configuration."""
+    import time
+
+    import numpy as np
+
+    from services.scheduler.core.batching import Batching, BatchingMode
+    from services.scheduler.core.policies import make_policy
+    from services.scheduler.sim.engine import simulate
+    from services.scheduler.sim.report import summarize
+    from services.scheduler.sim.service_model import ServiceModel, capacity
+    from services.scheduler.sim.workload import Workload, arrival_times
+
+    n, slots = 120, 4
+    rng = np.random.default_rng(7)
+    true = np.maximum(1, rng.lognormal(3.6, 0.6, size=n).astype(np.int64))
+    cfg = embedded_triton.config
+    model = ServiceModel(cfg.replay_step_a_ms / 1e3, cfg.replay_step_b_ms / 1e3)
+    batching = Batching(BatchingMode.CONTINUOUS, max_batch=slots)
+    zeros = np.zeros(n, dtype=np.int64)
+    arrivals = arrival_times(
+        "poisson", n, 0.7 * capacity(model, batching, 1, slots, true, zeros), rng
+    )
+    work = Workload(arrivals, zeros, true, true.astype(np.float64), "oracle")
+    sim = summarize(
+        simulate(work, make_policy("fcfs"), batching, workers=1, slots=slots, model=model)
+    )
+    async with stack(
+        embedded_triton.grpc_url, tmp_path, slots=slots, policy="fcfs", queue_limit=10_000
+    ) as s:
+        t0 = time.monotonic() + 0.2
+        jct = np.zeros(n)
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, t0 + arrivals[i] - time.monotonic()))
+            start = time.monotonic()
+            _, text = await s.generate(f"r{i}", int(true[i]))
+            jct[i] = time.monotonic() - start
+            assert text == replay_text(1, int(true[i]))
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    assert float(jct.mean()) == pytest.approx(sim["mean_jct_s"], rel=0.10)
