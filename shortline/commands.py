@@ -46,6 +46,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     health.add_argument("--timeout", type=float, default=2.0)
     health.set_defaults(func=_health)
 
+    from shortline.benchmark.config import BenchConfig
+
+    bench = sub.add_parser(
+        "bench",
+        help="FCFS vs SSJF vs oracle on the live stack and in the simulator (issue 7)",
+        description="Replays alpaca_eval prompts with their true lengths (replay model) at Azure "
+        "trace arrivals rescaled to each load, for every policy and batching mode, against one "
+        "live stack; then the simulator at the same settings and at scale, and sensitivity.",
+    )
+    add_arguments(bench, BenchConfig, "bench")
+    bench.set_defaults(func=_bench)
+
 
 def _up(args: argparse.Namespace) -> int:
     from shortline.stack import Stack, StackConfig, StackError
@@ -152,6 +164,13 @@ def _stats(args: argparse.Namespace) -> int:
             f"{'yes' if w.alive else 'no':>6} {w.seconds_since_heartbeat:>9.1f}s"
         )
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from shortline.benchmark.config import BenchConfig
+    from shortline.benchmark.runner import main
+
+    return main(from_args(BenchConfig, args, "bench"))
 
 
 def _health(args: argparse.Namespace) -> int:

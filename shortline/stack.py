@@ -74,6 +74,9 @@ class StackConfig:
     extra_scheduler_args: str = dataclasses.field(
         default="", metadata={"help": "extra flags passed to `shortline scheduler serve`"}
     )
+    triton_models: str = dataclasses.field(
+        default="", metadata={"help": "models Triton loads, comma-separated (default: all)"}
+    )
 
 
 @dataclasses.dataclass
@@ -145,6 +148,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                 str(cfg.replay_step_a_ms),
                 "--replay-step-b-ms",
                 str(cfg.replay_step_b_ms),
+                *(["--models", cfg.triton_models] if cfg.triton_models else []),
             ],
             None,
         ),
@@ -317,6 +321,44 @@ class Stack:
                 proc.wait(timeout=10)
             # The child's own helpers (Triton's stubs) share its process group.
             _signal_group(proc, signal.SIGKILL)
+
+    def restart_scheduler(
+        self, policy: str, batching: str, extra_scheduler_args: str | None = None
+    ) -> None:
+        """Restarts only the scheduler with another policy or batching mode.
+
+        Benchmarks compare policies on the same Triton and workers: restarting
+        Triton takes far longer, and the workers re-register by themselves once
+        a heartbeat finds the new scheduler does not know them.
+        """
+        extra = (
+            self.cfg.extra_scheduler_args if extra_scheduler_args is None else extra_scheduler_args
+        )
+        self.cfg = dataclasses.replace(
+            self.cfg, policy=policy, batching=batching, extra_scheduler_args=extra
+        )
+        fresh = {c.name: c for c in plan(self.cfg)}["scheduler"]
+        child = next(c for c in self.children if c.name == "scheduler")
+        proc = child.process
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+        child.argv = fresh.argv
+        assert child.log_path is not None
+        with child.log_path.open("ab") as log:
+            child.process = subprocess.Popen(
+                child.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        self._wait_for([child])
 
     def alive(self) -> list[str]:
         return [c.name for c in self.children if c.process and c.process.poll() is None]

@@ -1,0 +1,1 @@
+"""``shortline bench``: policies against the live stack and the simulator, same requests."""

@@ -1,0 +1,378 @@
+"""``shortline bench``: live cells against one stack, the simulator beside them, the report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.scheduler.core.batching import Batching
+from services.scheduler.sim.service_model import ServiceModel, capacity
+from shortline import paths
+from shortline.benchmark import live, report
+from shortline.benchmark import workload as bw
+from shortline.benchmark.config import BenchConfig
+from shortline.benchmark.metrics import add_ratios, summarize
+from shortline.benchmark.simulated import (
+    PolicyParams,
+    at_scale,
+    cache_sensitivity,
+    noise_sensitivity,
+    sim_cell,
+)
+
+log = logging.getLogger(__name__)
+
+SIGMAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+REPEAT_SHARES = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]
+# The live scheduler's semantic cache holds one prompt: repeats of the test prompts would
+# otherwise return observed (scaled) lengths beside unscaled head predictions.
+LIVE_CACHE_SIZE = 1
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_1m_at_start": load,
+    }
+
+
+@contextlib.contextmanager
+def _stack(cfg: BenchConfig, out: Path) -> Iterator[Any]:
+    from shortline.stack import Stack, StackConfig, port_is_free
+
+    p = _free_ports(6)
+    rng = np.random.default_rng()
+    while True:  # blocks for base + i ports, clear of the single picks above
+        base = int(rng.integers(20_000, 30_000))
+        block = range(base, base + 2 * cfg.workers + 4)
+        if all(port_is_free("127.0.0.1", q) and q not in p for q in block):
+            break
+    scfg = StackConfig(
+        scheduler_port=p[0],
+        predictor_port=p[1],
+        worker_base_port=base + 2 + cfg.workers,
+        triton_grpc_port=p[2],
+        triton_http_port=p[3],
+        triton_metrics_port=p[4],
+        metrics_base_port=base,
+        workers=cfg.workers,
+        slots=cfg.slots,
+        policy="fcfs",
+        batching="continuous",
+        replay_step_a_ms=cfg.step_a_ms,
+        replay_step_b_ms=cfg.step_b_ms,
+        triton_models="replay",
+        log_dir=str(out / "logs"),
+    )
+    stack = Stack(scfg)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _scheduler_args(cfg: BenchConfig, params: PolicyParams, out: Path) -> str:
+    return " ".join(
+        [
+            "--benchmark-mode",
+            "--queue-limit",
+            "1000000",
+            "--predictor-timeout-ms",
+            "5000",
+            "--slots",
+            str(cfg.slots),
+            "--batch-wait-ms",
+            f"{cfg.batch_wait_ms:g}",
+            "--cache-size",
+            str(LIVE_CACHE_SIZE),
+            "--outcome-log",
+            str(out / "outcomes.sqlite"),
+            *params.scheduler_flags(),
+        ]
+    )
+
+
+def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
+    cfg = cfg.effective()
+    out = Path(cfg.out) if cfg.out else paths.run_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "machine": machine(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    }
+    pool = bw.length_pool(cfg.target_model, cfg.length_scale)
+    result["lengths"] = {
+        "set": pool.lengths.name,
+        "unique_prompts": len(pool.lengths.prompts),
+        "true_mean_tokens": float(pool.lengths.true_tokens.mean()),
+        "live_mean_tokens": float(pool.scaled.mean()),
+        "live_cv": float(pool.scaled.std() / pool.scaled.mean()),
+        "length_scale": cfg.length_scale,
+    }
+    # Configured step until a live measurement replaces it.
+    model = ServiceModel(cfg.step_a_ms / 1e3, cfg.step_b_ms / 1e3)
+    live_rows: list[dict[str, Any]] = []
+    sim_rows: list[dict[str, Any]] = []
+    cdfs: dict[str, dict[str, list[float]]] = {}
+    if cfg.live:
+        with contextlib.ExitStack() as es:
+            stack = None
+            address = cfg.address
+            if not address:
+                print(f"starting the stack (logs in {out / 'logs'})", flush=True)
+                stack = es.enter_context(_stack(cfg, out))
+                address = stack.scheduler_address
+            asyncio.run(live.wait_for_workers(address, cfg.workers))
+            steps = asyncio.run(
+                live.measure_step_times(address, length_model=cfg.target_model, batch=cfg.slots)
+            )
+            model = ServiceModel(steps.a_s, steps.b_s)
+            result["calibration"] = dataclasses.asdict(steps)
+            print(
+                f"measured replay step: a = {steps.a_s * 1e3:.2f} ms, b = {steps.b_s * 1e3:.3f} ms "
+                f"(configured {cfg.step_a_ms:g} + {cfg.step_b_ms:g} * batch)",
+                flush=True,
+            )
+            live_rows, sim_rows, cdfs, caps = _live_cells(
+                cfg, pool, model, stack, address, out, progress
+            )
+            result["capacity"] = caps
+    result["step_model"] = {"a_s": model.step_a_s, "b_s": model.step_b_s}
+    result["live"] = live_rows
+    result["sim_same_settings"] = sim_rows
+    result["live_vs_sim"] = _live_vs_sim(live_rows, sim_rows)
+    # What two cores cannot run live: production lengths, big clusters, many requests.
+    common: dict[str, Any] = {
+        "requests": cfg.sim_requests,
+        "trace": cfg.trace,
+        "target_model": cfg.target_model,
+        "slots": cfg.slots,
+        "model": model,
+        "batch_wait_ms": cfg.batch_wait_ms,
+        "seed": cfg.seed,
+    }
+    at_scale_rows: list[dict[str, Any]] = []
+    sizes = [int(w) for w in cfg.sim_workers.split(",") if w.strip()]
+    for w in sizes:
+        print(f"simulating {w} workers, {cfg.sim_requests} requests per cell", flush=True)
+        at_scale_rows += at_scale(
+            workers=w,
+            rho=0.9,
+            batching=cfg.batching,
+            policies=cfg.policies,
+            **common,
+        )
+    load_rows: list[dict[str, Any]] = []
+    if sizes:
+        for rho in sorted({0.5, 0.7, 0.9, 1.1, *cfg.rhos()}):
+            load_rows += at_scale(
+                workers=sizes[0], rho=rho, batching=cfg.batching, policies=cfg.policies, **common
+            )
+    # The issue-7 reference setting (one worker, Poisson arrivals), where a queue forms.
+    print("simulating the issue-7 reference: 1 worker, Poisson, rho 0.9", flush=True)
+    ref_rows = at_scale(
+        workers=1,
+        rho=0.9,
+        batching=cfg.batching,
+        policies=cfg.policies,
+        **{**common, "trace": "poisson", "requests": cfg.sensitivity_requests},
+    )
+    result["sim_reference"] = ref_rows
+    result["sim_at_scale"] = at_scale_rows
+    result["sim_load"] = load_rows
+    # Where the issue-7 limits were measured (one worker, Poisson, rho 0.9): a queue forms
+    # there; at 64 workers and rho 0.9 the pooled slots rarely leave a job waiting.
+    sens_common = {
+        **common,
+        "requests": cfg.sensitivity_requests,
+        "workers": 1,
+        "rho": 0.9,
+        "trace": "poisson",
+    }
+    print("sensitivity: predictor noise and cache hit rate", flush=True)
+    modes = ",".join(m for m in cfg.modes() if m != "dynamic") or "continuous"
+    result["sensitivity_noise"] = noise_sensitivity(SIGMAS, modes=modes, common=sens_common)
+    result["sensitivity_cache"] = cache_sensitivity(REPEAT_SHARES, modes=modes, common=sens_common)
+    result["wall_s"] = time.time() - started
+    result["targets"] = report.targets(live_rows, ref_rows + at_scale_rows)
+    report.write(result, cdfs, out)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and PNGs", flush=True)
+    return result
+
+
+def _live_cells(
+    cfg: BenchConfig,
+    pool: bw.LengthPool,
+    model: ServiceModel,
+    stack: Any,
+    address: str,
+    out: Path,
+    progress: bool,
+) -> tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    dict[str, dict[str, list[float]]],
+    list[dict[str, Any]],
+]:
+    live_rows: list[dict[str, Any]] = []
+    sim_rows: list[dict[str, Any]] = []
+    cdfs: dict[str, dict[str, list[float]]] = {}
+    caps: list[dict[str, Any]] = []
+    key_per_token = float(pool.predicted.mean() / pool.scaled.mean())
+    for mode in cfg.modes():
+        batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
+        cap = capacity(
+            model, batching, cfg.workers, cfg.slots, pool.scaled, pool.lengths.prompt_tokens
+        )
+        per_job = cfg.workers / cap
+        params = PolicyParams.scaled(per_job, key_per_token)
+        caps.append(
+            {
+                "batching": mode,
+                "capacity_rps": cap,
+                "capacity_tps": cap * float(pool.scaled.mean()),
+                "aging_rate": params.aging_rate,
+                "max_wait_s": params.max_wait_s,
+            }
+        )
+        print(
+            f"{mode}: capacity {cap:.2f} req/s = {cap * pool.scaled.mean():.0f} tokens/s",
+            flush=True,
+        )
+        for rho in cfg.rhos():
+            work = bw.build(pool, n=cfg.requests, rate=rho * cap, trace=cfg.trace, seed=cfg.seed)
+            for policy in cfg.policy_list():
+                cell = f"{mode}-{rho:g}-{policy}"
+                if stack is not None:
+                    stack.restart_scheduler(policy, mode, _scheduler_args(cfg, params, out))
+                    asyncio.run(live.wait_for_workers(address, cfg.workers))
+                got = asyncio.run(
+                    live.run_cell(
+                        address,
+                        work,
+                        length_model=cfg.target_model,
+                        cell_id=f"{cell}-{int(time.time())}",
+                        progress_desc=cell if progress else None,
+                    )
+                )
+                row = summarize(got.times, step_one_s=model.step(1), slo_factor=cfg.slo_factor)
+                exact = int(
+                    np.count_nonzero(
+                        (got.tokens_seen == work.true_tokens)
+                        & (got.actual_tokens == work.true_tokens)
+                    )
+                )
+                sources: dict[str, int] = {}
+                for s in got.sources:
+                    sources[s] = sources.get(s, 0) + 1
+                row.update(
+                    source="live",
+                    batching=mode,
+                    rho=rho,
+                    policy=policy,
+                    exact_length=exact,
+                    errors=len(got.errors),
+                    error_examples=got.errors[:3],
+                    prediction_sources=sources,
+                    max_send_lag_s=float(got.send_lag_s.max()),
+                    wall_s=got.wall_s,
+                )
+                live_rows.append(row)
+                cdfs[cell] = {"jct": sorted((got.times.finish - got.times.arrival).tolist())}
+                sim_times, preempts = sim_cell(
+                    work,
+                    policy,
+                    batching,
+                    workers=cfg.workers,
+                    slots=cfg.slots,
+                    model=model,
+                    params=params,
+                    cache_size=LIVE_CACHE_SIZE,
+                )
+                srow = summarize(sim_times, step_one_s=model.step(1), slo_factor=cfg.slo_factor)
+                srow.update(
+                    source="sim", batching=mode, rho=rho, policy=policy, preemptions=preempts
+                )
+                sim_rows.append(srow)
+                print(
+                    f"{cell}: live mean JCT {row['mean_jct_s']:.2f} s, "
+                    f"sim {srow['mean_jct_s']:.2f} s, "
+                    f"exact lengths {exact}/{len(work)}, errors {len(got.errors)}",
+                    flush=True,
+                )
+    add_ratios(live_rows, ("batching", "rho"))
+    add_ratios(sim_rows, ("batching", "rho"))
+    return live_rows, sim_rows, cdfs, caps
+
+
+def _live_vs_sim(
+    live_rows: list[dict[str, Any]], sim_rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    sims = {(r["batching"], r["rho"], r["policy"]): r for r in sim_rows}
+    out = []
+    for r in live_rows:
+        s = sims.get((r["batching"], r["rho"], r["policy"]))
+        if s is None:
+            continue
+        out.append(
+            {
+                "batching": r["batching"],
+                "rho": r["rho"],
+                "policy": r["policy"],
+                "live_mean_jct_s": r["mean_jct_s"],
+                "sim_mean_jct_s": s["mean_jct_s"],
+                "sim_over_live": s["mean_jct_s"] / r["mean_jct_s"],
+                "live_mean_jct_vs_fcfs": r.get("mean_jct_vs_fcfs", float("nan")),
+                "sim_mean_jct_vs_fcfs": s.get("mean_jct_vs_fcfs", float("nan")),
+            }
+        )
+    return out
+
+
+def main(cfg: BenchConfig) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    result = run(cfg)
+    md = report.markdown(result)
+    print(md)
+    return 0 if all(r.get("errors", 0) == 0 for r in result["live"]) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main(BenchConfig(quick=True)))
