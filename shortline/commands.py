@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gen.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler address")
     gen.add_argument("--model", default="smollm2-135m-instruct")
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default); 1 samples"
+    )
     gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens")
     gen.add_argument("--length-model", default="", help="whose lengths the predictor predicts")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")

@@ -54,7 +54,7 @@ class StackConfig:
     workers: int = dataclasses.field(default=2, metadata={"help": "number of workers"})
     slots: int = dataclasses.field(default=8, metadata={"help": "slots (sequences) per worker"})
     policy: str = dataclasses.field(
-        default="ssjf", metadata={"help": "fcfs | ssjf | ssjf-aging | ssjf-preempt"}
+        default="ssjf", metadata={"help": "fcfs | ssjf | ssjf-aging, optionally +preempt"}
     )
     batching: str = dataclasses.field(
         default="continuous", metadata={"help": "none | dynamic | continuous"}
