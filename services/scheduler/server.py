@@ -101,6 +101,17 @@ class Request:
     worker_id: str = ""
     disconnect_timer: asyncio.TimerHandle | None = None
     trace_context: contextvars.Context | None = None
+    # Open from the moment the job is queued with its prediction until its
+    # first dispatch, so a trace shows the time spent waiting.
+    queue_span: trace.Span | None = None
+
+    def end_queue_span(self, **attributes: Any) -> None:
+        if self.queue_span is None:
+            return
+        for name, value in attributes.items():
+            self.queue_span.set_attribute(f"shortline.{name}", value)
+        self.queue_span.end()
+        self.queue_span = None
 
     def broadcast(self, item: Any) -> None:
         for q in self.subscribers:
@@ -333,6 +344,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             ),
             queue_position=self.core.position(job),
         )
+        if job.first_dispatch is None and req.final is None:
+            req.queue_span = self._tracer.start_span("scheduler.queue")
+            req.queue_span.set_attribute("shortline.request_id", req.id)
+            req.queue_span.set_attribute("shortline.queue_position", req.accepted.queue_position)
+            req.queue_span.set_attribute("shortline.predicted_tokens", job.predicted)
         req.ready.set()
         self._pump()
 
@@ -407,6 +423,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 self._finalize(req)
                 return
             key = f"{job.id}.{job.run_token}"
+            req.end_queue_span(queue_depth_at_dispatch=self.core.queue_depth, worker_id=worker.id)
             worker.runs[job.id] = self._spawn(self._run(req, worker, job.run_token, key), req)
         else:
             if decision.preempt:
@@ -439,6 +456,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             return job.run_token == token and job.worker == worker.id
 
         span = self._tracer.start_span("scheduler.run")
+        span.set_attribute("shortline.request_id", req.id)
+        span.set_attribute("shortline.model", job.model)
+        span.set_attribute("shortline.target_model", job.length_model)
+        if req.accepted is not None:
+            span.set_attribute("shortline.queue_position", req.accepted.queue_position)
+        span.set_attribute("shortline.preemptions", job.preemptions)
         span.set_attribute("shortline.worker_id", worker.id)
         span.set_attribute("shortline.resume_tokens", req.tokens)
         span.set_attribute("shortline.predicted_tokens", job.predicted)
@@ -552,6 +575,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         job = req.job
         now = self.clock.now()
         req.finished_at = now
+        req.end_queue_span(left_queue_without_running=True)
         if req.disconnect_timer is not None:
             req.disconnect_timer.cancel()
             req.disconnect_timer = None

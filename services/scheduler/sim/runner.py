@@ -58,11 +58,11 @@ class SimulateConfig:
     )
     aging_rate: float = field(
         default=math.nan,
-        metadata={"help": "ssjf-aging tokens per second waited (default 20 per job time)"},
+        metadata={"help": "ssjf-aging tokens per second waited (default 5 per job time)"},
     )
     max_wait_s: float = field(
         default=math.nan,
-        metadata={"help": "ssjf-aging bound W, seconds (default 30 job times at capacity)"},
+        metadata={"help": "ssjf-aging bound W, seconds (default 26 job times at capacity)"},
     )
     preempt_factor: float = field(default=4.0, metadata={"help": "preemption key factor"})
     preempt_max_fraction: float = field(
@@ -109,10 +109,12 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
             seed=cfg.seed,
             repeat_share=cfg.repeat_share,
         )
-        # Aging defaults scale with the time a worker spends per job at capacity.
+        # Aging defaults scale with the time a worker spends per job at capacity; the
+        # factors were tuned at rho 0.9 (alpaca Llama-3-8B, real head) to keep p99 JCT
+        # within 1.1x fcfs while keeping two thirds of ssjf's mean gain.
         per_job = cfg.workers / cap
-        aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else 20.0 / per_job
-        max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else 30.0 * per_job
+        aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else 5.0 / per_job
+        max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else 26.0 * per_job
         cells.append(
             {
                 "batching": mode,
