@@ -23,7 +23,7 @@ class SchedulerConfig:
     )
     aging_rate: float = field(default=5.0, metadata={"help": "aging: tokens per second waited"})
     max_wait_s: float = field(default=60.0, metadata={"help": "aging: hard bound W on waiting"})
-    preempt_factor: float = field(default=4.0, metadata={"help": "preemption key factor"})
+    preempt_factor: float = field(default=2.0, metadata={"help": "preemption key factor"})
     preempt_max_fraction: float = field(
         default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}
     )

@@ -50,7 +50,7 @@ class PreemptionRule:
     recompute cost; and no job is preempted more than ``max_per_job`` times.
     """
 
-    factor: float = 4.0
+    factor: float = 2.0
     max_fraction: float = 0.25
     max_per_job: int = 1
 

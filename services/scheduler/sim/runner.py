@@ -64,7 +64,7 @@ class SimulateConfig:
         default=math.nan,
         metadata={"help": "ssjf-aging bound W, seconds (default 26 job times at capacity)"},
     )
-    preempt_factor: float = field(default=4.0, metadata={"help": "preemption key factor"})
+    preempt_factor: float = field(default=2.0, metadata={"help": "preemption key factor"})
     preempt_max_fraction: float = field(
         default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}
     )
