@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import propagate, trace
 
 from services.worker import triton_client
 from services.worker.config import WorkerConfig
@@ -172,9 +173,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         span = self._tracer.start_span("triton.stream_infer")
         span.set_attribute("triton.url", self.triton.url)
         span.set_attribute("triton.model", request.model)
+        trace_headers: dict[str, str] = {}
+        propagate.inject(trace_headers, context=trace.set_span_in_context(span))
         try:
             job.stream = await self.triton.stream(
-                request.model, text_input, params, request_id=request.job_id, timeout_s=timeout
+                request.model,
+                text_input,
+                params,
+                request_id=request.job_id,
+                timeout_s=timeout,
+                headers=trace_headers,
             )
             if job.stop_reason is not None:  # stopped while the stream was being opened
                 job.stream.cancel()

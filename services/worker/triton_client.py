@@ -175,7 +175,13 @@ class TritonClient:
         *,
         request_id: str = "",
         timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> TritonStream:
+        """Opens one stream for one request.
+
+        ``headers`` become gRPC metadata: the worker puts ``traceparent`` there so
+        a Triton started with OpenTelemetry tracing joins the request's trace.
+        """
         declared = await self.model_inputs(model)
         inputs = [
             _bytes_input("text_input", text_input.encode("utf-8")),
@@ -193,5 +199,7 @@ class TritonClient:
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield request
 
-        call = self._client.stream_infer(one_request(), stream_timeout=timeout_s)
+        call = self._client.stream_infer(
+            one_request(), stream_timeout=timeout_s, headers=headers or None
+        )
         return TritonStream(call, self.url)
