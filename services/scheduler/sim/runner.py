@@ -89,6 +89,10 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown --lengths {cfg.lengths!r}; use alpaca or trace")
     predicted, source = wl.predictions_for(cfg.predictor, lengths, cfg.target_model, rng)
+    from scipy.stats import kendalltau
+
+    # Over the distinct requests the sequence samples from: the predictor's quality here.
+    tau = float(kendalltau(predicted, lengths.true_tokens).statistic)
     model = ServiceModel(cfg.step_a_ms / 1e3, cfg.step_b_ms / 1e3, cfg.prefill_us_per_token / 1e6)
     rule = PreemptionRule(cfg.preempt_factor, cfg.preempt_max_fraction, cfg.preempt_max_per_job)
     rows: list[dict[str, Any]] = []
@@ -156,6 +160,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "lengths": lengths.name,
         "prediction_source": source,
+        "predictor_kendall_tau": tau,
         "capacity_definition": "workers / E[prefill + L*(a+b*K)/K] (see sim/service_model.py)",
         "cells": cells,
         "rows": rows,
@@ -165,6 +170,10 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 def main(cfg: SimulateConfig) -> int:
     report = run(cfg)
     print(table(report["rows"]))
+    print(
+        f"lengths {report['lengths']}, predictor {cfg.predictor} "
+        f"(Kendall tau {report['predictor_kendall_tau']:.3f} on the distinct requests)"
+    )
     out = (
         Path(cfg.out) if cfg.out else paths.run_dir() / "sim" / f"simulate-{int(time.time())}.json"
     )
