@@ -53,6 +53,11 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _scratch(out: Path) -> Path:
+    """Logs and the outcome log stay under .run, out of an output folder that may be committed."""
+    return paths.run_dir() / "bench" / "scratch" / out.resolve().name
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -96,7 +101,7 @@ def _stack(cfg: BenchConfig, out: Path) -> Iterator[Any]:
         replay_step_a_ms=cfg.step_a_ms,
         replay_step_b_ms=cfg.step_b_ms,
         triton_models="replay",
-        log_dir=str(out / "logs"),
+        log_dir=str(_scratch(out) / "logs"),
     )
     stack = Stack(scfg)
     stack.start()
@@ -121,7 +126,7 @@ def _scheduler_args(cfg: BenchConfig, params: PolicyParams, out: Path) -> str:
             "--cache-size",
             str(LIVE_CACHE_SIZE),
             "--outcome-log",
-            str(out / "outcomes.sqlite"),
+            str(_scratch(out) / "outcomes.sqlite"),
             *params.scheduler_flags(),
         ]
     )
@@ -156,7 +161,7 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             stack = None
             address = cfg.address
             if not address:
-                print(f"starting the stack (logs in {out / 'logs'})", flush=True)
+                print(f"starting the stack (logs in {_scratch(out) / 'logs'})", flush=True)
                 stack = es.enter_context(_stack(cfg, out))
                 address = stack.scheduler_address
             asyncio.run(live.wait_for_workers(address, cfg.workers))
@@ -255,7 +260,9 @@ def _live_cells(
     sim_rows: list[dict[str, Any]] = []
     cdfs: dict[str, dict[str, list[float]]] = {}
     caps: list[dict[str, Any]] = []
-    key_per_token = float(pool.predicted.mean() / pool.scaled.mean())
+    # Keys are the head's predictions, in production tokens like the simulator's, so its
+    # default aging (20 key tokens per job time) applies unchanged.
+    key_per_token = 1.0
     for mode in cfg.modes():
         batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
         cap = capacity(
@@ -312,6 +319,10 @@ def _live_cells(
                     error_examples=got.errors[:3],
                     prediction_sources=sources,
                     max_send_lag_s=float(got.send_lag_s.max()),
+                    # The live predictor against the offline head the simulator uses.
+                    prediction_median_rel_diff=float(
+                        np.nanmedian(np.abs(got.predicted / work.predicted - 1.0))
+                    ),
                     wall_s=got.wall_s,
                 )
                 live_rows.append(row)

@@ -80,6 +80,12 @@ def build(pool: LengthPool, *, n: int, rate: float, trace: str, seed: int) -> Be
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, pool.scaled.shape[0], size=n).astype(np.int64)
     arrivals = wl.arrival_times(trace, n, rate, np.random.default_rng(seed + 7))
+    if n > 1 and arrivals[-1] > 0:
+        # The simulator rescales the trace's gaps by the whole hour's mean; the first few
+        # hundred gaps of a trace can be far sparser than that, so a short live cell would
+        # run well below its target load. Rescale so this sequence itself has mean rate
+        # ``rate``; the burst pattern is kept.
+        arrivals = arrivals * ((n - 1) / rate) / float(arrivals[-1])
     return BenchWorkload(
         prompts=[pool.lengths.prompts[i] for i in pick],
         arrivals=arrivals,

@@ -100,3 +100,31 @@ def test_scaled_lengths_round_and_never_reach_zero() -> None:
     assert got.tolist() == [1, 1, 1, 2, 100]
     with pytest.raises(ValueError, match="length scale"):
         scale_lengths(np.array([10]), 0.5)
+
+
+def test_a_short_trace_sequence_runs_at_its_target_rate() -> None:
+    from services.scheduler.sim.workload import LengthSet
+    from shortline.benchmark.workload import LengthPool, build
+
+    lengths = LengthSet(
+        prompts=["a", "b", "c"],
+        prompt_tokens=np.array([3, 4, 5]),
+        true_tokens=np.array([100, 200, 300]),
+        name="test",
+    )
+    pool = LengthPool(
+        lengths, scale_lengths(lengths.true_tokens, 10), np.array([90.0, 210, 330]), 10
+    )
+    work = build(pool, n=50, rate=2.0, trace="conv", seed=3)
+    assert work.arrivals[0] == 0.0
+    assert work.arrivals[-1] == pytest.approx(49 / 2.0)
+    gaps = np.diff(work.arrivals)
+    assert gaps.std() / gaps.mean() > 0.5  # the trace's burstiness survives the rescaling
+    # Each request carries its own prompt's scaled length and unscaled prediction.
+    for i in range(50):
+        j = work.unique_index[i]
+        assert work.prompts[i] == lengths.prompts[j]
+        assert work.true_tokens[i] == [10, 20, 30][j]
+        assert work.predicted[i] == [90.0, 210, 330][j]
+    sim = work.to_sim()
+    assert sim.prompt_ids is not None and int(sim.prompt_ids.max()) < 50
