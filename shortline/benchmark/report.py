@@ -159,6 +159,8 @@ def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
         "live mean JCT s",
         "sim mean JCT s",
         "sim/live",
+        "sim, step only, s",
+        "run overhead ms",
         "live mean/fcfs",
         "sim mean/fcfs",
     ]
@@ -170,6 +172,8 @@ def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
             _f(r["live_mean_jct_s"]),
             _f(r["sim_mean_jct_s"]),
             _f(r["sim_over_live"], 3),
+            _f(r.get("sim_step_only_mean_jct_s")),
+            _f(1e3 * r.get("run_overhead_s", 0.0), 1),
             _f(r["live_mean_jct_vs_fcfs"], 3),
             _f(r["sim_mean_jct_vs_fcfs"], 3),
         ]
@@ -448,42 +452,50 @@ def plot_cdf(result: dict[str, Any], cdfs: dict[str, dict[str, list[float]]], pa
 
 
 def plot_load(result: dict[str, Any], path: Path) -> bool:
+    """Top: simulated mean JCT vs load. Bottom: the same as a ratio to fcfs, with the live
+    cells (scaled lengths, so only the ratio compares) as crosses."""
     rows = result["sim_load"]
     if not rows:
         return False
     plt = _plt()
     modes = list(dict.fromkeys(r["batching"] for r in rows))
-    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=True):
+    fig, axes = plt.subplots(2, len(modes), figsize=(4 * len(modes), 5), squeeze=False)
+    w = rows[0]["workers"]
+    for col, mode in enumerate(modes):
+        top, bottom = axes[0][col], axes[1][col]
         for p in _order(r["policy"] for r in rows):
+            mine = [r for r in rows if r["batching"] == mode and r["policy"] == p]
             pts = sorted(
-                (r["rho"], r["mean_jct_s"])
-                for r in rows
+                (r["rho"], r["mean_jct_s"], r.get("mean_jct_vs_fcfs", math.nan)) for r in mine
+            )
+            if not pts:
+                continue
+            line = top.plot(
+                [x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", ms=3, label=p
+            )
+            color = line[0].get_color()
+            bottom.plot(
+                [x for x, _, _ in pts], [z for _, _, z in pts], marker="o", ms=3, color=color
+            )
+            lv = sorted(
+                (r["rho"], r.get("mean_jct_vs_fcfs", math.nan))
+                for r in result["live"]
                 if r["batching"] == mode and r["policy"] == p
             )
-            if pts:
-                line = ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=p)
-                lv = sorted(
-                    (r["rho"], r["mean_jct_s"])
-                    for r in result["live"]
-                    if r["batching"] == mode and r["policy"] == p
+            if lv:
+                bottom.plot(
+                    [x for x, _ in lv], [y for _, y in lv], ls="none", marker="x", ms=7, color=color
                 )
-                if lv:
-                    ax.plot(
-                        [x for x, _ in lv],
-                        [y for _, y in lv],
-                        ls="none",
-                        marker="x",
-                        color=line[0].get_color(),
-                    )
-        ax.set_yscale("log")
-        w = rows[0]["workers"]
-        ax.set_title(
-            f"{mode}: sim {w} workers (o)" + (", live (x)" if result["live"] else ""), fontsize=9
+        top.set_yscale("log")
+        top.set_title(f"{mode}: simulated, {w} workers", fontsize=9)
+        bottom.set_xlabel("load rho", fontsize=8)
+        bottom.set_title(
+            "ratio to fcfs; x = live (1 worker)" if result["live"] else "ratio to fcfs", fontsize=8
         )
-        ax.set_xlabel("load rho", fontsize=8)
-        ax.grid(alpha=0.3)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean JCT (s)", fontsize=8)
+    axes[1][0].set_ylabel("mean JCT / fcfs", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

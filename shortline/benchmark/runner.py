@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -22,7 +23,7 @@ from shortline import paths
 from shortline.benchmark import live, report
 from shortline.benchmark import workload as bw
 from shortline.benchmark.config import BenchConfig
-from shortline.benchmark.metrics import add_ratios, summarize
+from shortline.benchmark.metrics import RequestTimes, add_ratios, summarize
 from shortline.benchmark.simulated import (
     PolicyParams,
     at_scale,
@@ -242,6 +243,24 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     return result
 
 
+def run_overhead(times: RequestTimes, step_one_s: float) -> float:
+    """Per-run set-up time of a lone worker without batching, from a live cell.
+
+    With one slot, a job that was already queued when the previous one finished starts
+    right then, so the gap between the two finishes is its tokens times the step plus
+    whatever the dispatch and stream set-up cost; the median of that excess is the cost.
+    """
+    order = np.argsort(times.finish)
+    fin = times.finish[order]
+    arr = times.arrival[order]
+    tok = times.tokens[order].astype(np.float64)
+    ok = ~np.isnan(fin)
+    fin, arr, tok = fin[ok], arr[ok], tok[ok]
+    queued = arr[1:] < fin[:-1]
+    excess = (fin[1:] - fin[:-1] - tok[1:] * step_one_s)[queued]
+    return max(0.0, float(np.median(excess))) if excess.size >= 5 else 0.0
+
+
 def _live_cells(
     cfg: BenchConfig,
     pool: bw.LengthPool,
@@ -260,6 +279,7 @@ def _live_cells(
     sim_rows: list[dict[str, Any]] = []
     cdfs: dict[str, dict[str, list[float]]] = {}
     caps: list[dict[str, Any]] = []
+    requests_dump: dict[str, dict[str, list[float]]] = {}
     # Keys are the head's predictions, in production tokens like the simulator's, so its
     # default aging (20 key tokens per job time) applies unchanged.
     key_per_token = 1.0
@@ -270,19 +290,19 @@ def _live_cells(
         )
         per_job = cfg.workers / cap
         params = PolicyParams.scaled(per_job, key_per_token)
-        caps.append(
-            {
-                "batching": mode,
-                "capacity_rps": cap,
-                "capacity_tps": cap * float(pool.scaled.mean()),
-                "aging_rate": params.aging_rate,
-                "max_wait_s": params.max_wait_s,
-            }
-        )
+        cap_row: dict[str, Any] = {
+            "batching": mode,
+            "capacity_rps": cap,
+            "capacity_tps": cap * float(pool.scaled.mean()),
+            "aging_rate": params.aging_rate,
+            "max_wait_s": params.max_wait_s,
+        }
+        caps.append(cap_row)
         print(
             f"{mode}: capacity {cap:.2f} req/s = {cap * pool.scaled.mean():.0f} tokens/s",
             flush=True,
         )
+        done: list[tuple[float, str, bw.BenchWorkload, live.LiveCell, dict[str, Any]]] = []
         for rho in cfg.rhos():
             work = bw.build(pool, n=cfg.requests, rate=rho * cap, trace=cfg.trace, seed=cfg.seed)
             for policy in cfg.policy_list():
@@ -307,8 +327,8 @@ def _live_cells(
                     )
                 )
                 sources: dict[str, int] = {}
-                for s in got.sources:
-                    sources[s] = sources.get(s, 0) + 1
+                for src in got.sources:
+                    sources[src] = sources.get(src, 0) + 1
                 row.update(
                     source="live",
                     batching=mode,
@@ -326,30 +346,63 @@ def _live_cells(
                     wall_s=got.wall_s,
                 )
                 live_rows.append(row)
-                cdfs[cell] = {"jct": sorted((got.times.finish - got.times.arrival).tolist())}
+                jct = got.times.finish - got.times.arrival
+                cdfs[cell] = {"jct": sorted(jct.tolist())}
+                requests_dump[cell] = {
+                    "arrival": got.times.arrival.tolist(),
+                    "finish": got.times.finish.tolist(),
+                    "first_token": got.times.first_token.tolist(),
+                    "tokens": got.times.tokens.tolist(),
+                    "predicted_live": got.predicted.tolist(),
+                }
+                done.append((rho, policy, work, got, row))
+                print(
+                    f"{cell}: live mean JCT {row['mean_jct_s']:.2f} s, "
+                    f"exact lengths {exact}/{len(work)}, errors {len(got.errors)}",
+                    flush=True,
+                )
+        # Without batching a worker idles while the next run is set up; measure that on
+        # the live cells and give it to the simulator. With batching the replay engine
+        # keeps stepping the others meanwhile, so it is not a stall there.
+        overhead = 0.0
+        if mode == "none" and cfg.workers == 1:
+            costs = [run_overhead(g.times, model.step(1)) for _, _, _, g, _ in done]
+            overhead = float(np.median(costs)) if costs else 0.0
+        cap_row["run_overhead_s"] = overhead
+        sim_model = ServiceModel(model.step_a_s, model.step_b_s, run_overhead_s=overhead)
+        for rho, policy, work, _, row in done:
+            srow: dict[str, Any] = {}
+            for m, key in ((sim_model, ""), (model, "step_only_")):
                 sim_times, preempts = sim_cell(
                     work,
                     policy,
                     batching,
                     workers=cfg.workers,
                     slots=cfg.slots,
-                    model=model,
+                    model=m,
                     params=params,
                     cache_size=LIVE_CACHE_SIZE,
                 )
-                srow = summarize(sim_times, step_one_s=model.step(1), slo_factor=cfg.slo_factor)
-                srow.update(
-                    source="sim", batching=mode, rho=rho, policy=policy, preemptions=preempts
-                )
-                sim_rows.append(srow)
-                print(
-                    f"{cell}: live mean JCT {row['mean_jct_s']:.2f} s, "
-                    f"sim {srow['mean_jct_s']:.2f} s, "
-                    f"exact lengths {exact}/{len(work)}, errors {len(got.errors)}",
-                    flush=True,
-                )
+                got_row = summarize(sim_times, step_one_s=model.step(1), slo_factor=cfg.slo_factor)
+                if key:
+                    srow["step_only_mean_jct_s"] = got_row["mean_jct_s"]
+                else:
+                    srow.update(got_row)
+                    srow["preemptions"] = preempts
+            srow.update(
+                source="sim", batching=mode, rho=rho, policy=policy, run_overhead_s=overhead
+            )
+            sim_rows.append(srow)
+            print(
+                f"{mode}-{rho:g}-{policy}: live {row['mean_jct_s']:.2f} s, sim "
+                f"{srow['mean_jct_s']:.2f} s (step only {srow['step_only_mean_jct_s']:.2f} s, "
+                f"run overhead {overhead * 1e3:.1f} ms)",
+                flush=True,
+            )
     add_ratios(live_rows, ("batching", "rho"))
     add_ratios(sim_rows, ("batching", "rho"))
+    dump = _scratch(out) / "live_requests.json"
+    dump.write_text(json.dumps(requests_dump))
     return live_rows, sim_rows, cdfs, caps
 
 
@@ -370,6 +423,8 @@ def _live_vs_sim(
                 "live_mean_jct_s": r["mean_jct_s"],
                 "sim_mean_jct_s": s["mean_jct_s"],
                 "sim_over_live": s["mean_jct_s"] / r["mean_jct_s"],
+                "sim_step_only_mean_jct_s": s.get("step_only_mean_jct_s", float("nan")),
+                "run_overhead_s": s.get("run_overhead_s", 0.0),
                 "live_mean_jct_vs_fcfs": r.get("mean_jct_vs_fcfs", float("nan")),
                 "sim_mean_jct_vs_fcfs": s.get("mean_jct_vs_fcfs", float("nan")),
             }

@@ -128,3 +128,18 @@ def test_a_short_trace_sequence_runs_at_its_target_rate() -> None:
         assert work.predicted[i] == [90.0, 210, 330][j]
     sim = work.to_sim()
     assert sim.prompt_ids is not None and int(sim.prompt_ids.max()) < 50
+
+
+def test_run_overhead_is_the_gap_between_back_to_back_runs_beyond_their_tokens() -> None:
+    from shortline.benchmark.runner import run_overhead
+
+    tokens = np.array([10, 20, 30, 10, 10, 10, 40])
+    arrival = np.zeros(7)
+    arrival[6] = 5.0  # arrives to an idle worker: not a back-to-back run
+    finish = np.zeros(7)
+    t = 0.0
+    for i, n in enumerate(tokens):
+        t = max(t, arrival[i]) + 0.02 + n * 0.01
+        finish[i] = t
+    times = RequestTimes(arrival, finish - 0.01, finish, tokens, np.zeros(7))
+    assert run_overhead(times, 0.01) == pytest.approx(0.02)

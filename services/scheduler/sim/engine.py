@@ -84,6 +84,7 @@ def simulate(
     a = model.step_a_s
     b = model.step_b_s
     pf = model.prefill_per_token_s
+    ro = model.run_overhead_s
     dynamic = batching.mode is BatchingMode.DYNAMIC
     ws = [_Worker(a) for _ in range(workers)]
     s_join = [0.0] * n_jobs
@@ -193,7 +194,11 @@ def simulate(
                         first_dispatch[idx] = now
                         new_runs.append((idx, wid))
                     # Prefill of the prompt, plus what a resumed job recomputes.
-                    w.t0 = (w.t0 if w.t0 > now else now) + pf * (job.prompt_tokens + job.generated)
+                    w.t0 = (
+                        (w.t0 if w.t0 > now else now)
+                        + pf * (job.prompt_tokens + job.generated)
+                        + ro
+                    )
                     w.n += 1
                     s_join[idx] = w.s0
                     token_of[idx] = job.run_token

@@ -33,9 +33,17 @@ class ServiceModel:
     step_a_s: float = 0.020
     step_b_s: float = 0.002
     prefill_per_token_s: float = 0.0
+    # Fixed cost of starting a run on a worker (dispatch, stream set-up), stalling that
+    # worker like prefill; shortline bench measures it on the live stack (default 0).
+    run_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.step_a_s < 0 or self.step_b_s < 0 or self.prefill_per_token_s < 0:
+        if (
+            self.step_a_s < 0
+            or self.step_b_s < 0
+            or self.prefill_per_token_s < 0
+            or self.run_overhead_s < 0
+        ):
             raise ValueError("service-time parameters must be >= 0")
         if self.step_a_s + self.step_b_s <= 0:
             raise ValueError("a decode step must take some time: step_a + step_b > 0")
