@@ -710,6 +710,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"slots must be >= 1, got {request.slots}"
             )
+        pool = {w.models for wid, w in self.workers.items() if wid != request.worker_id}
+        if pool and frozenset(request.models) not in pool:
+            # Placement does not look at models: one scheduler serves one model pool.
+            served = ", ".join(sorted(next(iter(pool))))
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {request.worker_id} serves models [{', '.join(sorted(request.models))}]"
+                f" but this scheduler's pool serves [{served}]; run one scheduler per model pool",
+            )
         if request.worker_id in self.workers:
             # Registered again (restarted): whatever it ran before is gone.
             self._worker_lost(request.worker_id)

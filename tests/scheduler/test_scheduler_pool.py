@@ -1,0 +1,43 @@
+"""A scheduler serves one model pool: a worker with other models is refused."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.server import SchedulerServer
+from services.worker.triton_embedded import free_port
+from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+async def test_worker_with_other_models_is_refused_with_a_clear_status() -> None:
+    server = SchedulerServer(SchedulerConfig(host="127.0.0.1", port=free_port()))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            await stub.RegisterWorker(
+                scheduler_pb2.RegisterWorkerRequest(
+                    worker_id="a", address="127.0.0.1:1", slots=2, models=["replay", "smollm2"]
+                )
+            )
+            # Same pool, listed in another order: accepted.
+            await stub.RegisterWorker(
+                scheduler_pb2.RegisterWorkerRequest(
+                    worker_id="b", address="127.0.0.1:2", slots=2, models=["smollm2", "replay"]
+                )
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.RegisterWorker(
+                    scheduler_pb2.RegisterWorkerRequest(
+                        worker_id="c", address="127.0.0.1:3", slots=2, models=["llama"]
+                    )
+                )
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "worker c" in (info.value.details() or "")
+            assert "one scheduler per model pool" in (info.value.details() or "")
+            stats = await stub.GetStats(scheduler_pb2.GetStatsRequest())
+            assert sorted(w.worker_id for w in stats.workers) == ["a", "b"]
+    finally:
+        await server.stop(0.1)
