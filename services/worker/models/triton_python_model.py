@@ -57,7 +57,7 @@ def build_backend(params: dict[str, str]) -> Any:
         return SmolLM2Backend(
             max_batch=int(params.get("max_batch", "16")),
             threads=int(params.get("threads", "0")),
-            precision=params.get("precision", "int8"),
+            precision=params.get("precision", "fp32"),
         )
     raise ValueError(f"unknown engine {engine!r} in the model config parameters")
 
