@@ -62,11 +62,23 @@ async def wait_serving(address: str, timeout_s: float = 180.0) -> None:
     raise TimeoutError(f"predictor at {address} not SERVING after {timeout_s} s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) * 1000.0
 
 
-async def measure(address: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+async def measure(
+    address: str, texts: list[str], clients: int, seconds: float, server_pid: int
+) -> dict[str, Any]:
     import grpc
 
     from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
@@ -82,11 +94,17 @@ async def measure(address: str, texts: list[str], clients: int, seconds: float) 
 
         for text in texts[:20]:
             await one(text)
+        load = load_average()
+        server_cpu = cpu_seconds(server_pid)
         sequential = [await one(texts[i % len(texts)]) for i in range(300)]
         out["one_prompt"] = {
             "n": len(sequential),
             "p50_ms": pct(sequential, 50),
             "p99_ms": pct(sequential, 99),
+            "server_cpu_ms_per_prompt": (cpu_seconds(server_pid) - server_cpu)
+            / len(sequential)
+            * 1000.0,
+            "load_before": load,
         }
 
         latencies: list[float] = []
@@ -98,16 +116,27 @@ async def measure(address: str, texts: list[str], clients: int, seconds: float) 
                 latencies.append(await one(texts[i % len(texts)]))
                 i += clients
 
+        load = load_average()
+        server_cpu = cpu_seconds(server_pid)
+        client_cpu = time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         elapsed = time.perf_counter() - start
+        n = len(latencies)
+        server_ms = (cpu_seconds(server_pid) - server_cpu) / n * 1000.0
         out["concurrent"] = {
             "clients": clients,
             "seconds": elapsed,
-            "requests": len(latencies),
-            "prompts_per_s": len(latencies) / elapsed,
+            "requests": n,
+            "prompts_per_s": n / elapsed,
             "p50_ms": pct(latencies, 50),
             "p99_ms": pct(latencies, 99),
+            "server_cpu_ms_per_prompt": server_ms,
+            "client_cpu_ms_per_prompt": (time.process_time() - client_cpu) / n * 1000.0,
+            # Served rate if the server had both cores (no other load, client elsewhere).
+            "capacity_prompts_per_s_2_cores": 2000.0 / server_ms,
+            "load_before": load,
+            "load_after": load_average(),
         }
         out["_latencies"] = {"sequential": sequential, "concurrent": latencies}
     return out
@@ -165,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2, help="server torch threads")
     parser.add_argument("--batch-window-ms", type=float, default=3.0)
+    parser.add_argument(
+        "--backend", default="auto", help="server encoder backend: auto, torch, onnx, onnx-int8"
+    )
     parser.add_argument("--skip-encoder", action="store_true")
     args = parser.parse_args(argv)
 
@@ -174,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [
         sys.executable, "-m", "shortline.cli", "--log-level", "WARNING", "predictor", "serve",
         "--port", str(port), "--threads", str(args.threads),
-        "--batch-window-ms", str(args.batch_window_ms),
+        "--batch-window-ms", str(args.batch_window_ms), "--backend", args.backend,
     ]  # fmt: skip
     server = subprocess.Popen(cmd, env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": ""})
     try:
         asyncio.run(wait_serving(address))
-        result = asyncio.run(measure(address, texts, args.clients, args.seconds))
+        result = asyncio.run(measure(address, texts, args.clients, args.seconds, server.pid))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -201,9 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|")
     print(f"| one prompt over gRPC, p50 | {one['p50_ms']:.1f} ms |")
     print(f"| one prompt over gRPC, p99 | {one['p99_ms']:.1f} ms |")
+    print(f"| one prompt, server CPU per request | {one['server_cpu_ms_per_prompt']:.1f} ms |")
     n = conc["clients"]
     print(f"| {n} concurrent clients, throughput | {conc['prompts_per_s']:.0f} prompts/s |")
     print(f"| {n} concurrent clients, p50 / p99 | {conc['p50_ms']:.0f} / {conc['p99_ms']:.0f} ms |")
+    print(
+        f"| {n} concurrent clients, server / client CPU per prompt | "
+        f"{conc['server_cpu_ms_per_prompt']:.1f} / {conc['client_cpu_ms_per_prompt']:.1f} ms |"
+    )
+    print(
+        f"| server capacity with 2 free cores (2 s / server CPU per prompt) | "
+        f"{conc['capacity_prompts_per_s_2_cores']:.0f} prompts/s |"
+    )
+    print(
+        f"| load average (1 min) before one-prompt / concurrent / after | "
+        f"{one['load_before']:.2f} / {conc['load_before']:.2f} / {conc['load_after']:.2f} |"
+    )
     for precision, enc in result.get("encoder_in_process", {}).items():
         print(
             f"| encoder {precision} in-process: one prompt p50 / batch 32 p50 | "

@@ -61,6 +61,12 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--split", choices=("test", "val"), default="test")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    ev.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        default="auto",
+        help="encoder backend (auto: onnx if onnxruntime is installed, as the service)",
+    )
     ev.set_defaults(func=_eval)
 
     serve = sub.add_parser("serve", help="serve PredictorService over gRPC")
@@ -142,6 +148,7 @@ def _eval(args: argparse.Namespace) -> int:
         max_tokens=int(target.card["encoder"]["max_tokens"]),
         threads=args.threads,
         feature_layers=target.card["encoder"]["feature_layers"],
+        backend=args.backend,
     )
     layers_file = target.card["encoder"].get("layers_file")
     if layers_file:
@@ -150,6 +157,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_split(data, features, target.heads, target.boundaries, args.split)
     result["default_head"] = target.default_head
     result["head_versions"] = {k: h.version for k, h in target.heads.items()}
+    result["encoder_backend"] = encoder.backend
     if args.json:
         print(json.dumps(result, indent=2))
     else:

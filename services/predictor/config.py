@@ -31,6 +31,14 @@ class PredictorConfig:
         metadata={"help": "encoder precision: auto (bf16 if the CPU has it), bf16 or fp32"},
     )
 
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "encoder backend: auto (onnx if onnxruntime is installed, else torch), "
+            "torch, onnx (fp32, same features as torch), or onnx-int8 (faster, approximate)"
+        },
+    )
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"

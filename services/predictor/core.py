@@ -65,6 +65,7 @@ class PredictorCore:
         precision: str = "auto",
         threads: int | None = None,
         max_tokens: int | None = None,
+        backend: str = "auto",
     ) -> None:
         self.targets: dict[str, TargetHeads] = load_all(heads_dir)
         if not self.targets:
@@ -81,6 +82,7 @@ class PredictorCore:
             precision=precision,
             threads=threads,
             feature_layers=layer_sets.pop(),
+            backend=backend,
         )
         self.encoder_name = ENCODER_NAME
         # Targets whose card carries fine-tuned encoder layers get their own copy.

@@ -238,6 +238,7 @@ class PredictorServer:
                     Path(cfg.heads_dir),
                     precision=cfg.precision,
                     threads=cfg.threads or None,
+                    backend=cfg.backend,
                 ),
             )
         core = self.core
@@ -255,10 +256,11 @@ class PredictorServer:
         await server.start()
         await grpc_server.set_serving(health, [SERVICE_NAME], True)
         log.info(
-            "predictor serving on %s: %d targets (%s), precision %s",
+            "predictor serving on %s: %d targets (%s), backend %s, precision %s",
             self.cfg.address,
             len(core.targets),
             ", ".join(core.known_targets()),
+            core.encoder.backend,
             core.encoder.precision,
         )
 
