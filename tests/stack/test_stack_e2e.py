@@ -196,6 +196,7 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         "--workers=1",
         f"--log-dir={tmp_path / 'logs'}",
     ]
+    shm_before = set(Path("/dev/shm").iterdir())
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
@@ -219,6 +220,10 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     time.sleep(0.5)
     left = [pid for pid in children if _alive(pid)]
     assert not left, f"processes left behind: {left}"
+    # Triton's Python stubs name their regions shortline<pid>x... (see triton_embedded).
+    new = set(Path("/dev/shm").iterdir()) - shm_before
+    leaked = sorted(str(p) for p in new if p.name.startswith("shortline"))
+    assert not leaked, f"shared memory left behind: {leaked}"
     ports = [cfg.scheduler_port, cfg.predictor_port, cfg.triton_grpc_port, cfg.worker_base_port]
     assert all(port_is_free("127.0.0.1", p) for p in ports)
 
