@@ -242,6 +242,12 @@ class PredictorServer:
                 ),
             )
         core = self.core
+        # The heads' small matrix products need no BLAS threads, and an idle
+        # OpenBLAS worker spins after each one: measured 2-4 ms of a core per
+        # request, taken from the encoder.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
         # Warm-up: the first forward pays for lazy initialisation inside torch.
         core.encoder.encode(["warm up the encoder"])
         self.batcher = MicroBatcher(core, self.cfg.batch_window_ms, self.cfg.max_batch_prompts)

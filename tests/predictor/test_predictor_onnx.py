@@ -57,6 +57,21 @@ def test_parallel_chunks_keep_input_order(fast: Encoder) -> None:
     np.testing.assert_allclose(together, one_by_one, atol=1e-4 * np.abs(one_by_one).max())
 
 
+def test_hybrid_matches_torch_on_batches_and_onnx_on_one_prompt(
+    torch_fp32: Encoder, fast: Encoder
+) -> None:
+    hybrid = Encoder(max_tokens=64, threads=2, backend="hybrid")
+    texts = [f"Question {i}: " + "why " * (i * 5 % 50) + "?" for i in range(16)]
+    _, batch = hybrid.encode_features(texts, batch_size=4)  # several chunks: the torch engine
+    _, ref = torch_fp32.encode_features(texts)
+    tolerance = 2e-2 if hybrid.precision == "bf16" else 1e-4
+    assert np.abs(batch - ref).max() <= tolerance * np.abs(ref).max()
+    _, one = hybrid.encode_features(texts[:1])  # one chunk: the ONNX fp32 engine
+    _, one_ref = fast.encode_features(texts[:1])
+    np.testing.assert_allclose(one, one_ref, atol=1e-5 * np.abs(one_ref).max(), rtol=0)
+    assert hybrid.cache_tag.startswith("hybrid-")
+
+
 def test_graph_is_cached_by_weights(fast: Encoder) -> None:
     file = fast._onnx.file
     mtime = file.stat().st_mtime_ns
@@ -69,4 +84,4 @@ def test_graph_is_cached_by_weights(fast: Encoder) -> None:
 def test_unknown_backend_is_rejected() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("tensorrt")
-    assert resolve_backend("auto") == "onnx"
+    assert resolve_backend("auto") == "hybrid"
