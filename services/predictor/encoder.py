@@ -192,8 +192,9 @@ class Encoder:
 
         variant = "int8" if self.backend == "onnx-int8" else "fp32"
         # One ORT thread per run, ``threads`` runs at once: chunks of a batch go
-        # to both cores with no synchronisation inside a run (measured: intra-op
-        # threads gave nothing on one short prompt and cost CPU on batches).
+        # to both cores with no synchronisation inside a run. Intra-op threads
+        # cost CPU on batches, and on one prompt they were slower on the shared
+        # 2-core machine (p50 over gRPC 11.7-12.2 ms with 2, 9.1-9.9 ms with 1).
         self._onnx = onnx_backend.build(
             self.model, Path(model_path()), self.feature_layers, variant, threads=1
         )

@@ -27,7 +27,9 @@ def _heads_dir() -> Path:
 
 @functools.cache
 def _core(heads_dir: Path) -> PredictorCore:
-    return PredictorCore(heads_dir)
+    # The torch backend: the hybrid one sets torch to one intra-op thread for the
+    # whole process, which a simulator or benchmark that hosts us may not expect.
+    return PredictorCore(heads_dir, backend="torch")
 
 
 def core() -> PredictorCore:

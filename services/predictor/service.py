@@ -147,8 +147,8 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
     async def Predict(
         self, request: predictor_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predictor_pb2.PredictResponse:
-        known = ", ".join(self.core.known_targets())
         if not request.target_model:
+            known = ", ".join(self.core.known_targets())
             await context.abort(grpc.StatusCode.NOT_FOUND, f"target_model is empty; known: {known}")
         head: str | None = None
         if request.head != predictor_pb2.HEAD_KIND_UNSPECIFIED:
