@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -157,6 +158,7 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     live_rows: list[dict[str, Any]] = []
     sim_rows: list[dict[str, Any]] = []
     cdfs: dict[str, dict[str, list[float]]] = {}
+    cells: list[LiveDone] = []
     if cfg.live:
         with contextlib.ExitStack() as es:
             stack = None
@@ -176,10 +178,18 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 f"(configured {cfg.step_a_ms:g} + {cfg.step_b_ms:g} * batch)",
                 flush=True,
             )
-            live_rows, sim_rows, cdfs, caps = _live_cells(
+            live_rows, cells, cdfs, caps = _live_cells(
                 cfg, pool, model, stack, address, out, progress
             )
             result["capacity"] = caps
+        sim_rows, fit = simulate_live_cells(cfg, cells, model)
+        result["calibration"].update(fit)
+        for r in _live_vs_sim(live_rows, sim_rows):
+            print(
+                f"{r['batching']}-{r['rho']:g}-{r['policy']}: live {r['live_mean_jct_s']:.2f} s, "
+                f"sim {r['sim_mean_jct_s']:.2f} s ({r['sim_over_live']:.3f})",
+                flush=True,
+            )
     result["step_model"] = {"a_s": model.step_a_s, "b_s": model.step_b_s}
     result["live"] = live_rows
     result["sim_same_settings"] = sim_rows
@@ -271,12 +281,12 @@ def _live_cells(
     progress: bool,
 ) -> tuple[
     list[dict[str, Any]],
-    list[dict[str, Any]],
+    list[LiveDone],
     dict[str, dict[str, list[float]]],
     list[dict[str, Any]],
 ]:
     live_rows: list[dict[str, Any]] = []
-    sim_rows: list[dict[str, Any]] = []
+    cells: list[LiveDone] = []
     cdfs: dict[str, dict[str, list[float]]] = {}
     caps: list[dict[str, Any]] = []
     requests_dump: dict[str, dict[str, list[float]]] = {}
@@ -302,7 +312,7 @@ def _live_cells(
             f"{mode}: capacity {cap:.2f} req/s = {cap * pool.scaled.mean():.0f} tokens/s",
             flush=True,
         )
-        done: list[tuple[float, str, bw.BenchWorkload, live.LiveCell, dict[str, Any]]] = []
+        done: list[tuple[float, str, bw.BenchWorkload, RequestTimes, dict[str, Any]]] = []
         for rho in cfg.rhos():
             work = bw.build(pool, n=cfg.requests, rate=rho * cap, trace=cfg.trace, seed=cfg.seed)
             for policy in cfg.policy_list():
@@ -355,55 +365,112 @@ def _live_cells(
                     "tokens": got.times.tokens.tolist(),
                     "predicted_live": got.predicted.tolist(),
                 }
-                done.append((rho, policy, work, got, row))
+                done.append((rho, policy, work, got.times, row))
                 print(
                     f"{cell}: live mean JCT {row['mean_jct_s']:.2f} s, "
                     f"exact lengths {exact}/{len(work)}, errors {len(got.errors)}",
                     flush=True,
                 )
-        # Without batching a worker idles while the next run is set up; measure that on
-        # the live cells and give it to the simulator. With batching the replay engine
-        # keeps stepping the others meanwhile, so it is not a stall there.
-        overhead = 0.0
-        if mode == "none" and cfg.workers == 1:
-            costs = [run_overhead(g.times, model.step(1)) for _, _, _, g, _ in done]
-            overhead = float(np.median(costs)) if costs else 0.0
-        cap_row["run_overhead_s"] = overhead
-        sim_model = ServiceModel(model.step_a_s, model.step_b_s, run_overhead_s=overhead)
-        for rho, policy, work, _, row in done:
-            srow: dict[str, Any] = {}
-            for m, key in ((sim_model, ""), (model, "step_only_")):
-                sim_times, preempts = sim_cell(
-                    work,
-                    policy,
-                    batching,
-                    workers=cfg.workers,
-                    slots=cfg.slots,
-                    model=m,
-                    params=params,
-                    cache_size=LIVE_CACHE_SIZE,
-                )
-                got_row = summarize(sim_times, step_one_s=model.step(1), slo_factor=cfg.slo_factor)
-                if key:
-                    srow["step_only_mean_jct_s"] = got_row["mean_jct_s"]
-                else:
-                    srow.update(got_row)
-                    srow["preemptions"] = preempts
-            srow.update(
-                source="sim", batching=mode, rho=rho, policy=policy, run_overhead_s=overhead
-            )
-            sim_rows.append(srow)
-            print(
-                f"{mode}-{rho:g}-{policy}: live {row['mean_jct_s']:.2f} s, sim "
-                f"{srow['mean_jct_s']:.2f} s (step only {srow['step_only_mean_jct_s']:.2f} s, "
-                f"run overhead {overhead * 1e3:.1f} ms)",
-                flush=True,
-            )
+        cells += [LiveDone(mode, batching, params, r, p, w, g) for r, p, w, g, _ in done]
     add_ratios(live_rows, ("batching", "rho"))
-    add_ratios(sim_rows, ("batching", "rho"))
     dump = _scratch(out) / "live_requests.json"
     dump.write_text(json.dumps(requests_dump))
-    return live_rows, sim_rows, cdfs, caps
+    return live_rows, cells, cdfs, caps
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveDone:
+    """One finished live cell, with what the simulator needs to replay it."""
+
+    mode: str
+    batching: Batching
+    params: PolicyParams
+    rho: float
+    policy: str
+    work: bw.BenchWorkload
+    times: RequestTimes
+
+
+def fit_step(cells: list[RequestTimes]) -> tuple[float, float]:
+    """``a + b * n`` fitted to the live runs themselves.
+
+    Per request: its mean step, (finish - first token) / (tokens - 1), against the mean
+    number of requests running beside it (itself included) over that interval. This is
+    the step the stack really delivered under load, pipeline and CPU contention included,
+    which a probe on an idle stack underestimates.
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    for t in cells:
+        ok = ~np.isnan(t.finish) & ~np.isnan(t.first_token) & (t.tokens > 5)
+        s, f, k = t.first_token[ok], t.finish[ok], t.tokens[ok].astype(np.float64)
+        if s.size == 0:
+            continue
+        overlap = np.clip(
+            np.minimum(f[:, None], f[None, :]) - np.maximum(s[:, None], s[None, :]), 0, None
+        )
+        dur = f - s
+        keep = dur > 0
+        xs += (overlap.sum(axis=1)[keep] / dur[keep]).tolist()
+        ys += (dur[keep] / (k[keep] - 1)).tolist()
+    x = np.asarray(xs)
+    y = np.asarray(ys)
+    if x.size < 3 or np.ptp(x) < 0.5:
+        return math.nan, math.nan
+    b, a = np.polyfit(x, y, 1)
+    return float(a), float(b)
+
+
+def simulate_live_cells(
+    cfg: BenchConfig, cells: list[LiveDone], probe: ServiceModel
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every live cell again in the simulator, with the step fitted on the live runs.
+
+    Without batching a worker also idles while the next run is set up: measured on the
+    live cells and given to the simulator. With batching the replay engine keeps stepping
+    the others meanwhile, so no stall is modelled there.
+    """
+    a, b = fit_step([c.times for c in cells])
+    fitted = ServiceModel(a, b) if not math.isnan(a) and a > 0 and b >= 0 else probe
+    calib: dict[str, Any] = {"fit_a_s": fitted.step_a_s, "fit_b_s": fitted.step_b_s}
+    overheads: dict[str, float] = {}
+    for mode in dict.fromkeys(c.mode for c in cells):
+        costs = [run_overhead(c.times, fitted.step(1)) for c in cells if c.mode == mode]
+        overheads[mode] = (
+            float(np.median(costs)) if mode == "none" and cfg.workers == 1 and costs else 0.0
+        )
+    calib["run_overhead_s"] = overheads
+    rows: list[dict[str, Any]] = []
+    for c in cells:
+        srow: dict[str, Any] = {}
+        sim_model = dataclasses.replace(fitted, run_overhead_s=overheads[c.mode])
+        for m, key in ((sim_model, ""), (probe, "probe_")):
+            times, preempts = sim_cell(
+                c.work,
+                c.policy,
+                c.batching,
+                workers=cfg.workers,
+                slots=cfg.slots,
+                model=m,
+                params=c.params,
+                cache_size=LIVE_CACHE_SIZE,
+            )
+            got = summarize(times, step_one_s=probe.step(1), slo_factor=cfg.slo_factor)
+            if key:
+                srow["probe_mean_jct_s"] = got["mean_jct_s"]
+            else:
+                srow.update(got)
+                srow["preemptions"] = preempts
+        srow.update(
+            source="sim",
+            batching=c.mode,
+            rho=c.rho,
+            policy=c.policy,
+            run_overhead_s=overheads[c.mode],
+        )
+        rows.append(srow)
+    add_ratios(rows, ("batching", "rho"))
+    return rows, calib
 
 
 def _live_vs_sim(
@@ -423,7 +490,7 @@ def _live_vs_sim(
                 "live_mean_jct_s": r["mean_jct_s"],
                 "sim_mean_jct_s": s["mean_jct_s"],
                 "sim_over_live": s["mean_jct_s"] / r["mean_jct_s"],
-                "sim_step_only_mean_jct_s": s.get("step_only_mean_jct_s", float("nan")),
+                "sim_probe_mean_jct_s": s.get("probe_mean_jct_s", float("nan")),
                 "run_overhead_s": s.get("run_overhead_s", 0.0),
                 "live_mean_jct_vs_fcfs": r.get("mean_jct_vs_fcfs", float("nan")),
                 "sim_mean_jct_vs_fcfs": s.get("mean_jct_vs_fcfs", float("nan")),

@@ -143,3 +143,18 @@ def test_run_overhead_is_the_gap_between_back_to_back_runs_beyond_their_tokens()
         finish[i] = t
     times = RequestTimes(arrival, finish - 0.01, finish, tokens, np.zeros(7))
     assert run_overhead(times, 0.01) == pytest.approx(0.02)
+
+
+def test_fit_step_recovers_a_and_b_from_overlapping_runs() -> None:
+    from shortline.benchmark.runner import fit_step
+
+    # Two runs alone (step a + b) and three together (step a + 3b), a = 10 ms, b = 2 ms.
+    a, b = 0.010, 0.002
+    first = np.array([0.0, 10.0, 20.0, 20.0, 20.0])
+    tokens = np.array([101, 51, 201, 201, 201])
+    steps = np.array([a + b, a + b, a + 3 * b, a + 3 * b, a + 3 * b])
+    finish = first + (tokens - 1) * steps
+    t = RequestTimes(first - 0.1, first, finish, tokens, np.zeros(5))
+    got_a, got_b = fit_step([t])
+    assert got_a == pytest.approx(a, rel=1e-6)
+    assert got_b == pytest.approx(b, rel=1e-6)
