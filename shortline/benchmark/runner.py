@@ -134,6 +134,15 @@ def _scheduler_args(cfg: BenchConfig, params: PolicyParams, out: Path) -> str:
     )
 
 
+async def _running_setup(address: str) -> tuple[str, str]:
+    """(policy, batching) of the scheduler at ``address``."""
+    from shortline.client import AsyncShortlineClient, ClientOptions
+
+    async with AsyncShortlineClient(ClientOptions(target=address, timeout_seconds=5)) as client:
+        stats = await client.stats()
+    return str(stats.policy), str(stats.batching)
+
+
 def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     cfg = cfg.effective()
     out = Path(cfg.out) if cfg.out else paths.run_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
@@ -168,9 +177,19 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 stack = es.enter_context(_stack(cfg, out))
                 address = stack.scheduler_address
             asyncio.run(live.wait_for_workers(address, cfg.workers))
+            if stack is None:
+                # A running stack keeps its own policy and batching: one cell per load.
+                running = asyncio.run(_running_setup(address))
+                cfg = dataclasses.replace(cfg, policies=running[0], batching=running[1])
+                result["config"] = dataclasses.asdict(cfg)
+            probe_batch = cfg.slots if cfg.modes() == ["continuous"] or stack else 1
             steps = asyncio.run(
-                live.measure_step_times(address, length_model=cfg.target_model, batch=cfg.slots)
+                live.measure_step_times(address, length_model=cfg.target_model, batch=probe_batch)
             )
+            if probe_batch == 1:
+                # One sequence at a time cannot separate a from b: take b as configured.
+                b = cfg.step_b_ms / 1e3
+                steps = dataclasses.replace(steps, a_s=max(1e-4, steps.one_s - b), b_s=b)
             model = ServiceModel(steps.a_s, steps.b_s)
             result["calibration"] = dataclasses.asdict(steps)
             print(
