@@ -57,7 +57,9 @@ def _free_ports(n: int) -> list[int]:
 
 def _scratch(out: Path) -> Path:
     """Logs and the outcome log stay under .run, out of an output folder that may be committed."""
-    return paths.run_dir() / "bench" / "scratch" / out.resolve().name
+    path = paths.run_dir() / "bench" / "scratch" / out.resolve().name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def machine() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_summarize_over_a_hand_made_run() -> None:
 
 
 def test_add_ratios_compares_within_each_group() -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"policy": "fcfs", "batching": "none", "mean_jct_s": 10.0, "p99_jct_s": 40.0},
         {"policy": "ssjf", "batching": "none", "mean_jct_s": 7.0, "p99_jct_s": 60.0},
         {"policy": "sjf-oracle", "batching": "none", "mean_jct_s": 6.0, "p99_jct_s": 70.0},
