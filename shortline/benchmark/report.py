@@ -280,6 +280,32 @@ def targets(
     return out
 
 
+def aging_table(rows: list[dict[str, Any]]) -> str:
+    return _table(
+        [
+            "batching",
+            "rate (key tokens per job time)",
+            "bound (job times)",
+            "mean/fcfs",
+            "p99/fcfs",
+            "kept of ssjf's gain",
+            "target met",
+        ],
+        [
+            [
+                r["batching"],
+                _f(r["rate_per_job_time"], 0),
+                _f(r["bound_job_times"], 0),
+                _f(r["mean_jct_vs_fcfs"], 3),
+                _f(r["p99_jct_vs_fcfs"], 2),
+                _pct(r["kept_of_ssjf_gain"]),
+                "yes" if r["meets_target"] else "no",
+            ]
+            for r in rows
+        ],
+    )
+
+
 def targets_table(rows: list[dict[str, Any]]) -> str:
     return _table(
         ["target", "where", "batching", "measured", "met"],
@@ -406,6 +432,10 @@ def markdown(result: dict[str, Any]) -> str:
         "## Sensitivity (simulated: 1 worker, Poisson, production lengths, rho 0.9)",
         "",
         sensitivity_tables(result),
+        "",
+        "## ssjf-aging settings (simulated reference: 1 worker, Poisson, rho 0.9)",
+        "",
+        aging_table(result.get("aging_sweep", [])),
         "",
         "## Issue-7 targets",
         "",

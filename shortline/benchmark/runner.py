@@ -27,6 +27,7 @@ from shortline.benchmark.config import BenchConfig
 from shortline.benchmark.metrics import RequestTimes, add_ratios, summarize
 from shortline.benchmark.simulated import (
     PolicyParams,
+    aging_sweep,
     at_scale,
     cache_sensitivity,
     noise_sensitivity,
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SIGMAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 REPEAT_SHARES = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]
+AGING_RATES = [5.0, 20.0, 80.0]  # key tokens per job time at capacity
+AGING_BOUNDS = [10.0, 30.0, 100.0]  # job times
 # The live scheduler's semantic cache holds one prompt: repeats of the test prompts would
 # otherwise return observed (scaled) lengths beside unscaled head predictions.
 LIVE_CACHE_SIZE = 1
@@ -252,6 +255,19 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         **{**common, "trace": "poisson", "requests": cfg.sensitivity_requests},
     )
     result["sim_reference"] = ref_rows
+    print("simulating an ssjf-aging sweep at the reference setting", flush=True)
+    result["aging_sweep"] = aging_sweep(
+        AGING_RATES,
+        AGING_BOUNDS,
+        reference=[r for r in ref_rows if r["batching"] != "dynamic"],
+        common={
+            **common,
+            "trace": "poisson",
+            "requests": cfg.sensitivity_requests,
+            "workers": 1,
+            "rho": 0.9,
+        },
+    )
     result["sim_at_scale"] = at_scale_rows
     result["sim_load"] = load_rows
     # Where the issue-7 limits were measured (one worker, Poisson, rho 0.9): a queue forms

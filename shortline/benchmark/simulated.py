@@ -117,6 +117,8 @@ def at_scale(
     predictor: str = "real",
     repeat_share: float = 0.0,
     cache: bool = False,
+    aging_rate: float = math.nan,
+    max_wait_s: float = math.nan,
 ) -> list[dict[str, Any]]:
     """``shortline simulate`` at production lengths; rows with ratios and oracle share."""
     cfg = sim_runner.SimulateConfig(
@@ -137,6 +139,8 @@ def at_scale(
         repeat_share=repeat_share,
         cache=cache,
         seed=seed,
+        aging_rate=aging_rate,
+        max_wait_s=max_wait_s,
     )
     report = sim_runner.run(cfg)
     rows: list[dict[str, Any]] = report["rows"]
@@ -215,6 +219,50 @@ def cache_sensitivity(
                         "cache_hit_rate": row["cache_hit_rate"],
                         "mean_jct_vs_fcfs": row["mean_jct_vs_fcfs"],
                         "oracle_share": row["oracle_share"],
+                    }
+                )
+    return out
+
+
+def aging_sweep(
+    rates: list[float],
+    bounds: list[float],
+    *,
+    reference: list[dict[str, Any]],
+    common: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """ssjf-aging's two knobs against the target (p99 <= 1.10 x fcfs, >= 2/3 of ssjf's gain).
+
+    ``rates`` are key tokens per job time at capacity and ``bounds`` the hard bound in
+    job times, so one grid fits every mode; fcfs and ssjf come from ``reference``.
+    """
+    out: list[dict[str, Any]] = []
+    for mode in dict.fromkeys(r["batching"] for r in reference):
+        rows = [r for r in reference if r["batching"] == mode]
+        fcfs = next(r for r in rows if r["policy"] == "fcfs")
+        ssjf = next(r for r in rows if r["policy"] == "ssjf")
+        per_job = common["workers"] / fcfs["capacity_rps"]
+        gain = fcfs["mean_jct_s"] - ssjf["mean_jct_s"]
+        for rate in rates:
+            for bound in bounds:
+                got = at_scale(
+                    batching=mode,
+                    policies="ssjf-aging",
+                    aging_rate=rate / per_job,
+                    max_wait_s=bound * per_job,
+                    **common,
+                )[0]
+                p99 = got["p99_jct_s"] / fcfs["p99_jct_s"]
+                kept = (fcfs["mean_jct_s"] - got["mean_jct_s"]) / gain if gain > 0 else math.nan
+                out.append(
+                    {
+                        "batching": mode,
+                        "rate_per_job_time": rate,
+                        "bound_job_times": bound,
+                        "mean_jct_vs_fcfs": got["mean_jct_s"] / fcfs["mean_jct_s"],
+                        "p99_jct_vs_fcfs": p99,
+                        "kept_of_ssjf_gain": kept,
+                        "meets_target": bool(p99 <= 1.10 and kept >= 2 / 3),
                     }
                 )
     return out
