@@ -63,9 +63,9 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     ev.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnx", "onnx-int8"),
+        choices=("auto", "torch", "hybrid", "onnx", "onnx-int8"),
         default="auto",
-        help="encoder backend (auto: onnx if onnxruntime is installed, as the service)",
+        help="encoder backend (auto: hybrid if onnxruntime is installed, as the service)",
     )
     ev.set_defaults(func=_eval)
 

@@ -34,8 +34,9 @@ class PredictorConfig:
     backend: str = field(
         default="auto",
         metadata={
-            "help": "encoder backend: auto (onnx if onnxruntime is installed, else torch), "
-            "torch, onnx (fp32, same features as torch), or onnx-int8 (faster, approximate)"
+            "help": "encoder backend: auto (hybrid if onnxruntime is installed, else torch), "
+            "torch, hybrid (one prompt in ONNX Runtime, batches in torch bf16), onnx, "
+            "or onnx-int8 (fastest, features a few percent off)"
         },
     )
 

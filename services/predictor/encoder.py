@@ -126,7 +126,9 @@ def bf16_supported() -> bool:
 class Encoder:
     """MiniLM with head+tail truncation, mean pooling and normalisation.
 
-    ``encode`` is thread-safe (one forward at a time), so an executor may call it.
+    ``encode`` is thread-safe, so an executor may call it: the torch backend runs
+    one forward at a time; the ONNX and hybrid backends spread the chunks of one
+    call over ``threads`` workers.
     """
 
     def __init__(
