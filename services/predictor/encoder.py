@@ -86,6 +86,10 @@ BACKENDS = ("auto", "torch", "hybrid", "onnx", "onnx-int8")
 # prompt on 1 thread: 7.6 at 256 tokens, 13.1 at 2048; activations stay in L2).
 TORCH_TOKEN_BUDGET = 2048
 ONNX_TOKEN_BUDGET = 256
+# Hybrid: a lone chunk up to this many padded tokens runs in ORT fp32, which has
+# the least fixed cost; beyond it bf16 compute wins (CPU ms, one thread: 16
+# tokens ORT 5.6 / torch 6.5; 48 tokens 13.0 / 10.7; 256 tokens 68 / 44).
+ONNX_MAX_LONE_TOKENS = 32
 
 
 def resolve_backend(backend: str) -> str:
@@ -93,8 +97,8 @@ def resolve_backend(backend: str) -> str:
 
     - ``torch``: TorchScript trace (bf16 where the CPU has it), intra-op threads,
       big batches; what training uses.
-    - ``hybrid``: a pass of one small chunk (a lone prompt) runs in ONNX Runtime
-      fp32 (least fixed cost); bigger passes run as small chunks in parallel,
+    - ``hybrid``: a lone short prompt (one chunk of at most 32 tokens) runs in
+      ONNX Runtime fp32 (least fixed cost); the rest runs as small chunks in parallel,
       one torch thread each, in torch bf16 where the CPU has it (least CPU per
       prompt), else in ONNX Runtime.
     - ``onnx``: ONNX Runtime fp32 only. ``onnx-int8``: weights quantised, fastest,
@@ -359,7 +363,9 @@ class Encoder:
         chunks = length_chunks([len(r) for r in rows], batch_size, self.token_budget)
         if self._onnx is not None:
             session = self._onnx
-            use_torch = self._torch_batches and len(chunks) > 1
+            padded = len(chunks[0]) * max(len(rows[i]) for i in chunks[0])
+            lone_and_short = len(chunks) == 1 and padded <= ONNX_MAX_LONE_TOKENS
+            use_torch = self._torch_batches and not lone_and_short
 
             def run(chunk: list[int]) -> None:
                 picked = [rows[i] for i in chunk]
