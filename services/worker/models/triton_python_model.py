@@ -19,7 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
+
+# Before torch (and its OpenMP runtime) loads in this stub: OpenMP threads that
+# spin between parallel regions steal the core their partner needs as soon as
+# the two cores are shared (Triton, the worker, other processes). Measured with
+# bench.worker's smollm2 part under a load of about 4: 3-7 tokens/s with
+# spinning threads against 15-37 with passive ones. Set it to ACTIVE to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
@@ -57,7 +65,7 @@ def build_backend(params: dict[str, str]) -> Any:
         return SmolLM2Backend(
             max_batch=int(params.get("max_batch", "16")),
             threads=int(params.get("threads", "0")),
-            precision=params.get("precision", "fp32"),
+            precision=params.get("precision", "bf16"),
         )
     raise ValueError(f"unknown engine {engine!r} in the model config parameters")
 
