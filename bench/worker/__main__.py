@@ -13,7 +13,8 @@ Starts a real embedded Triton (both models) and a worker as its own process
    and bookkeeping: direct tritonclient vs through the worker, and the
    difference (what the worker adds). Target: <= 1 ms per token.
 
-    .venv/bin/python -m bench.worker [--smollm2-tokens 64] [--replay-tokens 100]
+    .venv/bin/python -m bench.worker [--smollm2-tokens 64] [--smollm2-precision bf16]
+        [--replay-tokens 100]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -203,8 +205,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "replay_step_a_ms": args.step_a_ms,
         "replay_step_b_ms": args.step_b_ms,
+        "smollm2_precision": args.smollm2_precision,
+        # Other processes share the two cores; the figures mean little without it.
+        "load_average_at_start": list(os.getloadavg()),
     }
-    cfg = TritonServeConfig(replay_step_a_ms=args.step_a_ms, replay_step_b_ms=args.step_b_ms)
+    cfg = TritonServeConfig(
+        replay_step_a_ms=args.step_a_ms,
+        replay_step_b_ms=args.step_b_ms,
+        smollm2_precision=args.smollm2_precision,
+    )
     with EmbeddedTriton(cfg) as triton:
         worker = Worker(triton.grpc_url, slots=32)
         try:
@@ -212,6 +221,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             async with grpc.aio.insecure_channel(worker.address) as channel:
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
                 results["smollm2"] = await bench_smollm2(stub, args.smollm2_tokens)
+                results["load_average_after_smollm2"] = list(os.getloadavg())
                 results["replay"] = await bench_replay(
                     stub, args.replay_tokens, args.step_a_ms, args.step_b_ms
                 )
@@ -233,7 +243,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = ["smollm2-135m-instruct through the worker (greedy, ignore_eos)", ""]
+    load = ", ".join(f"{x:.2f}" for x in results["load_average_at_start"])
+    lines = [
+        f"smollm2-135m-instruct ({results['smollm2_precision']}) through the worker "
+        f"(greedy, ignore_eos); load average before the run: {load}",
+        "",
+    ]
     lines.append("| concurrent | tokens | seconds | aggregate tok/s | per-request tok/s | TTFT s |")
     lines.append("|---:|---:|---:|---:|---:|---:|")
     for r in results["smollm2"]:
@@ -301,6 +316,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     parser.add_argument("--smollm2-tokens", type=int, default=64)
+    parser.add_argument(
+        "--smollm2-precision",
+        choices=["bf16", "fp32", "int8"],
+        default=TritonServeConfig.smollm2_precision,
+    )
     parser.add_argument("--replay-tokens", type=int, default=100)
     parser.add_argument("--overhead-tokens", type=int, default=500)
     parser.add_argument("--step-a-ms", type=float, default=20.0)
