@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -11,16 +10,8 @@ from types import TracebackType
 import grpc
 
 from shortline.client.channel import aio_channel, call_metadata, is_retryable
-from shortline.client.resume import DeliveredText
-from shortline.client.types import (
-    Accepted,
-    ClientOptions,
-    Result,
-    accepted_from_pb,
-    build_request,
-    result_from_pb,
-    state_name,
-)
+from shortline.client.resume import StreamState
+from shortline.client.types import Accepted, ClientOptions, Result, build_request, state_name
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -34,52 +25,44 @@ class AsyncGenerateStream:
         timeout: float | None,
     ) -> None:
         self._client = client
-        self._request = request
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._text = DeliveredText()
-        self.accepted: Accepted | None = None
-        self.result: Result | None = None
+        self._state = StreamState(request, timeout)
 
     @property
     def request_id(self) -> str:
-        return self._request.request_id
+        return self._state.request.request_id
 
     @property
     def text(self) -> str:
-        return self._text.text
+        return self._state.delivered.text
 
-    def _remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
-        return max(0.0, self._deadline - time.monotonic())
+    @property
+    def accepted(self) -> Accepted | None:
+        return self._state.accepted
+
+    @property
+    def result(self) -> Result | None:
+        return self._state.result
 
     async def __aiter__(self) -> AsyncIterator[str]:
         options = self._client.options
+        state = self._state
         attempt = 0
         while True:
-            self._text.new_attempt()
+            state.delivered.new_attempt()
             try:
                 call = self._client.stub.Generate(
-                    self._request,
-                    timeout=self._remaining(),
-                    metadata=call_metadata(options),
+                    state.request, timeout=state.remaining(), metadata=call_metadata(options)
                 )
                 async for msg in call:
-                    event = msg.WhichOneof("event")
-                    if event == "accepted":
-                        self.accepted = accepted_from_pb(msg.accepted)
-                    elif event == "delta":
-                        fresh = self._text.accept(msg.delta.text)
-                        if fresh:
-                            yield fresh
-                    elif event == "result":
-                        self.result = result_from_pb(msg.result)
+                    fresh = state.handle(msg)
+                    if fresh:
+                        yield fresh
                 return
             except grpc.aio.AioRpcError as exc:
                 if not is_retryable(exc) or attempt >= options.retries:
                     raise
                 attempt += 1
-                await asyncio.sleep(options.backoff_seconds * (2 ** (attempt - 1)))
+                await asyncio.sleep(state.backoff(options.backoff_seconds, attempt))
 
     async def collect(self) -> str:
         """Reads the whole stream; returns the text."""

@@ -8,6 +8,11 @@ count of characters already delivered.
 
 from __future__ import annotations
 
+import time
+
+from shortline.client.types import Accepted, Result, accepted_from_pb, result_from_pb
+from shortline.scheduler.v1 import scheduler_pb2
+
 
 class DeliveredText:
     def __init__(self) -> None:
@@ -32,3 +37,34 @@ class DeliveredText:
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+
+class StreamState:
+    """What one Generate stream has seen, across its retries (sync and asyncio alike)."""
+
+    def __init__(self, request: scheduler_pb2.GenerateRequest, timeout: float | None) -> None:
+        self.request = request
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.delivered = DeliveredText()
+        self.accepted: Accepted | None = None
+        self.result: Result | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left of the caller's deadline, shared by every attempt."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def backoff(self, base_seconds: float, attempt: int) -> float:
+        return base_seconds * (2 ** (attempt - 1))
+
+    def handle(self, msg: scheduler_pb2.GenerateResponse) -> str:
+        """Records one message; returns text not delivered before (may be empty)."""
+        event = msg.WhichOneof("event")
+        if event == "accepted":
+            self.accepted = accepted_from_pb(msg.accepted)
+        elif event == "delta":
+            return self.delivered.accept(msg.delta.text)
+        elif event == "result":
+            self.result = result_from_pb(msg.result)
+        return ""
