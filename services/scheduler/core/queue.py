@@ -145,7 +145,7 @@ class HeapQueue:
         return (e[3] for e in self._heap if e[3] is not None)
 
 
-class BoundedWaitQueue:
+class BoundedWaitQueue(HeapQueue):
     """A key heap plus a FIFO view of the same entries: a job ready for longer than
     ``bound`` seconds goes next, oldest first; otherwise the smallest key.
 
@@ -155,19 +155,15 @@ class BoundedWaitQueue:
     """
 
     def __init__(self, key: KeyFn, bound: float, clock: Clock) -> None:
-        self._key = key
+        super().__init__(key)
         self._bound = bound
         self._clock = clock
-        self._heap: list[list[Any]] = []
         self._dq: deque[list[Any]] = deque()
-        self._n = 0
 
     def push(self, job: Job) -> None:
-        entry = [self._key(job), job.seq, next(_ticks), job]
-        job.entry = entry
-        heapq.heappush(self._heap, entry)
-        self._dq.append(entry)
-        self._n += 1
+        super().push(job)
+        assert job.entry is not None
+        self._dq.append(job.entry)
 
     def _head(self) -> list[Any] | None:
         dq = self._dq
@@ -175,10 +171,8 @@ class BoundedWaitQueue:
             dq.popleft()
         if dq and self._clock.now() - dq[0][3].ready_since > self._bound:
             return dq[0]
-        heap = self._heap
-        while heap and heap[0][3] is None:
-            heapq.heappop(heap)
-        return heap[0] if heap else None
+        self._clean()
+        return self._heap[0] if self._heap else None
 
     def pop(self) -> Job | None:
         entry = self._head()
@@ -192,18 +186,7 @@ class BoundedWaitQueue:
         return None if entry is None else entry[3]
 
     def remove(self, job: Job) -> bool:
-        entry = job.entry
-        if entry is None or entry[3] is not job:
-            return False
-        _take(entry)
-        self._n -= 1
-        if self._n == 0:
-            self._heap.clear()
+        removed = super().remove(job)
+        if removed and self._n == 0:
             self._dq.clear()
-        return True
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __iter__(self) -> Iterator[Job]:
-        return (e[3] for e in self._heap if e[3] is not None)
+        return removed
