@@ -3,14 +3,14 @@ in-place KV cache must not change what the model says."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from emissions import Collector
 
-from services.worker.models.engine import BatchEngine, Emission, Sequence
+from services.worker.models.engine import BatchEngine, Sequence
 from services.worker.models.sampling import SamplingParams
 from services.worker.models.smollm2 import GrowingLayer, SmolLM2Backend, growing_cache
 
@@ -27,21 +27,6 @@ def test_growing_layer_equals_concatenation_and_grows() -> None:
     assert layer.get_seq_length() == 12
     cache = growing_cache([(k0, v0)])
     assert cache.get_seq_length() == 5
-
-
-class _Out:
-    def __init__(self) -> None:
-        self.emissions: list[Emission] = []
-        self.done = threading.Event()
-
-    def __call__(self, e: Emission) -> None:
-        self.emissions.append(e)
-        if e.finish_reason or e.error:
-            self.done.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.emissions)
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp32"])
@@ -74,7 +59,7 @@ def test_lone_greedy_sequence_equals_model_generate(backend: SmolLM2Backend) -> 
     engine.start()
     try:
         prompt = _chat(backend, "What is the capital of France?")
-        out = _Out()
+        out = Collector()
         seq = Sequence("a", prompt, SamplingParams(max_tokens=24, temperature=0.0), out)
         engine.submit(seq)
         assert out.done.wait(120)
@@ -93,7 +78,7 @@ def test_batched_sequences_with_joins_give_sensible_answers(backend: SmolLM2Back
     try:
         sleep_prompt = _chat(backend, "Give me three tips for a good night's sleep.")
         paris_prompt = _chat(backend, "What is the capital of France?")
-        first, second, third = _Out(), _Out(), _Out()
+        first, second, third = Collector(), Collector(), Collector()
         long = Sequence("s", sleep_prompt, SamplingParams(max_tokens=48, temperature=0.0), first)
         engine.submit(long)
         engine.submit(

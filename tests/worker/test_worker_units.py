@@ -7,8 +7,9 @@ import threading
 import time
 
 import pytest
+from emissions import Collector
 
-from services.worker.models.engine import ABORT, LENGTH, STOP, BatchEngine, Emission, Sequence
+from services.worker.models.engine import ABORT, LENGTH, STOP, BatchEngine, Sequence
 from services.worker.models.replay import ReplayBackend
 from services.worker.models.sampling import SamplingParams, parse
 from services.worker.prompts import format_prompt, parse_models
@@ -65,21 +66,6 @@ def test_slots_refuse_when_full_and_reuse_after_release() -> None:
     assert slots.used == 1
     assert a.done.is_set()
     slots.acquire("c", "m")
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.emissions: list[Emission] = []
-        self.done = threading.Event()
-
-    def __call__(self, e: Emission) -> None:
-        self.emissions.append(e)
-        if e.finish_reason or e.error:
-            self.done.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.emissions)
 
 
 def _engine(a_ms: float = 2.0, b_ms: float = 0.5) -> BatchEngine:
