@@ -217,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="server torch threads")
     parser.add_argument("--batch-window-ms", type=float, default=3.0)
     parser.add_argument(
-        "--backend", default="auto", help="server encoder backend: auto, torch, onnx, onnx-int8"
+        "--backend",
+        default="auto",
+        help="server encoder backend: auto (onnx-int8), torch, hybrid, onnx, onnx-int8",
     )
     parser.add_argument("--skip-encoder", action="store_true")
     args = parser.parse_args(argv)
+
+    from services.predictor.encoder import resolve_backend
 
     texts = prompts()
     port = free_port()
@@ -246,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         "server_threads": args.threads,
         "batch_window_ms": args.batch_window_ms,
         "backend": args.backend,
+        "backend_resolved": resolve_backend(args.backend),
         "cpus": os.cpu_count(),
     }
     if not args.skip_encoder:
         result["encoder_in_process"] = encoder_latency(texts, args.threads)
 
     one, conc = result["one_prompt"], result["concurrent"]
+    print(f"server backend: {result['config']['backend_resolved']}")
     print("| measure | value |")
     print("|---|---|")
     print(f"| one prompt over gRPC, p50 | {one['p50_ms']:.1f} ms |")

@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
         "--backend",
         choices=("auto", "torch", "hybrid", "onnx", "onnx-int8"),
         default="auto",
-        help="encoder backend (auto: hybrid if onnxruntime is installed, as the service)",
+        help="encoder backend (auto: onnx-int8 if onnxruntime is installed, as the service)",
     )
     ev.set_defaults(func=_eval)
 

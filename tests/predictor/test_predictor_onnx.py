@@ -81,7 +81,36 @@ def test_graph_is_cached_by_weights(fast: Encoder) -> None:
     assert "onnx" in again.cache_tag and fast.cache_tag == again.cache_tag
 
 
+def test_int8_gives_a_prompt_the_same_features_alone_and_in_any_batch() -> None:
+    # Dynamic quantisation scales activations by the whole input: batched runs would
+    # make a prompt's prediction depend on its batch-mates. Each prompt runs alone.
+    int8 = Encoder(max_tokens=64, threads=2, backend="onnx-int8")
+    texts = [f"Question {i}: " + "why " * (i * 7 % 40) + "?" for i in range(12)] + TEXTS
+    emb, together = int8.encode_features(texts, batch_size=64)
+    for i in (0, 5, len(texts) - 1):
+        e, alone = int8.encode_features([texts[i]])
+        np.testing.assert_array_equal(alone[0], together[i])
+        np.testing.assert_array_equal(e[0], emb[i])
+    _, reversed_batch = int8.encode_features(texts[::-1], batch_size=3)
+    np.testing.assert_array_equal(reversed_batch[::-1], together)
+    assert int8.cache_tag.startswith("onnx-int8-rows1-")
+
+
+def test_int8_features_stay_near_the_bf16_training_features() -> None:
+    # Loose on purpose: int8 weights move features a few percent; the model card gives
+    # the held-out tau both ways. This catches a broken graph (wrong layer, no pooling).
+    int8 = Encoder(max_tokens=64, threads=2, backend="onnx-int8")
+    ref_encoder = Encoder(max_tokens=64, threads=2, jit=False)
+    _, ref = ref_encoder.encode_features(TEXTS)
+    _, feat = int8.encode_features(TEXTS)
+    relative = np.linalg.norm(feat - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert relative.max() < 0.2  # measured 0.08-0.14
+    # Each prompt is still nearest to its own training-time features.
+    distances = np.linalg.norm(feat[:, None] - ref[None], axis=2)
+    assert list(distances.argmin(axis=1)) == list(range(len(TEXTS)))
+
+
 def test_unknown_backend_is_rejected() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("tensorrt")
-    assert resolve_backend("auto") == "hybrid"
+    assert resolve_backend("auto") == "onnx-int8"
