@@ -161,6 +161,7 @@ def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
         "sim/live",
         "sim with probe a, b, s",
         "run overhead ms",
+        "join delay ms",
         "live mean/fcfs",
         "sim mean/fcfs",
     ]
@@ -174,6 +175,7 @@ def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
             _f(r["sim_over_live"], 3),
             _f(r.get("sim_probe_mean_jct_s")),
             _f(1e3 * r.get("run_overhead_s", 0.0), 1),
+            _f(1e3 * r.get("join_delay_s", 0.0), 1),
             _f(r["live_mean_jct_vs_fcfs"], 3),
             _f(r["sim_mean_jct_vs_fcfs"], 3),
         ]
@@ -384,7 +386,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"themselves (per request: mean step vs mean requests running beside it): "
             f"a = {1e3 * cal.get('fit_a_s', math.nan):.2f} ms, "
             f"b = {1e3 * cal.get('fit_b_s', math.nan):.3f} ms; the simulator of the live cells "
-            "uses the fitted step, plus the measured run set-up time without batching.",
+            "uses the fitted step, plus the measured run set-up time without batching and "
+            "the measured delay before a dispatched run joins a batch, and charges a dynamic "
+            "batch only for its running jobs, as the replay engine does (the at-scale runs "
+            f"charge it {result.get('step_model', {}).get('dynamic_charge', 'padded')}).",
             "",
             _table(
                 ["batching", "capacity req/s", "capacity tok/s", "aging rate key/s", "max wait s"],

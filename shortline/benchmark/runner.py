@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from services.scheduler.core.batching import Batching
-from services.scheduler.sim.service_model import ServiceModel, capacity
+from services.scheduler.sim.service_model import RUNNING, ServiceModel, capacity
 from shortline import paths
 from shortline.benchmark import live, report
 from shortline.benchmark import workload as bw
@@ -43,6 +43,17 @@ AGING_BOUNDS = [10.0, 30.0, 100.0]  # job times
 # The live scheduler's semantic cache holds one prompt: repeats of the test prompts would
 # otherwise return observed (scaled) lengths beside unscaled head predictions.
 LIVE_CACHE_SIZE = 1
+
+
+def as_live(model: ServiceModel) -> ServiceModel:
+    """``model`` as the live stack runs it: a dynamic batch pays only for its running jobs.
+
+    The replay engine drops a finished sequence before its next step, while the scheduler
+    holds the batch's slots until its last job ends; the live cells' arrival rate (through
+    capacity) and their simulation use this. The at-scale figures keep the padded default
+    (a GPU without iteration-level scheduling), the case dynamic batching stands for.
+    """
+    return dataclasses.replace(model, dynamic_charge=RUNNING)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -203,7 +214,7 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 flush=True,
             )
             live_rows, cells, cdfs, caps = _live_cells(
-                cfg, pool, model, stack, address, out, progress
+                cfg, pool, as_live(model), stack, address, out, progress
             )
             result["capacity"] = caps
         sim_rows, fit = simulate_live_cells(cfg, cells, model)
@@ -214,7 +225,13 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 f"sim {r['sim_mean_jct_s']:.2f} s ({r['sim_over_live']:.3f})",
                 flush=True,
             )
-    result["step_model"] = {"a_s": model.step_a_s, "b_s": model.step_b_s}
+    # The step and the dynamic-batch charge of the at-scale, reference and sensitivity runs.
+    result["step_model"] = {
+        "a_s": model.step_a_s,
+        "b_s": model.step_b_s,
+        "dynamic_charge": model.dynamic_charge,
+        "live_dynamic_charge": RUNNING,
+    }
     result["live"] = live_rows
     result["sim_same_settings"] = sim_rows
     result["live_vs_sim"] = _live_vs_sim(live_rows, sim_rows)
@@ -308,6 +325,29 @@ def run_overhead(times: RequestTimes, step_one_s: float) -> float:
     return max(0.0, float(np.median(excess))) if excess.size >= 5 else 0.0
 
 
+def join_delay(times: RequestTimes) -> float:
+    """How long a dispatched run holds its slot before it decodes, beyond one step.
+
+    Per request: dispatch to first token (first token - arrival - the scheduler's queue
+    wait) less its own mean step (finish - first token) / (tokens - 1); the median. The
+    Execute call travels to the engine and then waits for the next step boundary; the
+    simulator's fluid batch would start the run at once.
+    """
+    ok = (
+        ~np.isnan(times.first_token)
+        & ~np.isnan(times.finish)
+        & ~np.isnan(times.wait)
+        & (times.tokens > 5)
+    )
+    if times.preemptions is not None:
+        ok &= times.preemptions == 0
+    if np.count_nonzero(ok) < 5:
+        return 0.0
+    first = times.first_token[ok] - times.arrival[ok] - times.wait[ok]
+    step = (times.finish[ok] - times.first_token[ok]) / (times.tokens[ok] - 1)
+    return max(0.0, float(np.median(first - step)))
+
+
 def _live_cells(
     cfg: BenchConfig,
     pool: bw.LengthPool,
@@ -397,6 +437,7 @@ def _live_cells(
                 cdfs[cell] = {"jct": sorted(jct.tolist())}
                 requests_dump[cell] = {
                     "arrival": got.times.arrival.tolist(),
+                    "wait": got.times.wait.tolist(),
                     "finish": got.times.finish.tolist(),
                     "first_token": got.times.first_token.tolist(),
                     "tokens": got.times.tokens.tolist(),
@@ -464,24 +505,36 @@ def simulate_live_cells(
     """Every live cell again in the simulator, with the step fitted on the live runs.
 
     Without batching a worker also idles while the next run is set up: measured on the
-    live cells and given to the simulator. With batching the replay engine keeps stepping
-    the others meanwhile, so no stall is modelled there.
+    live cells and given to the simulator as a stall of the worker (the replay engine
+    times a lone job's first step from the previous step's end, which hides most of it).
+    With batching the replay engine keeps stepping the others meanwhile, and the new run
+    joins at the next step boundary: its slot is held for the measured join delay while
+    the batch goes on (:func:`join_delay`). A dynamic batch is charged only for its
+    running jobs, as the replay engine does (:func:`as_live`). The requests carry the
+    live max_tokens (their true length), at which the core caps predictions, as live.
     """
+    probe = as_live(probe)
     a, b = fit_step([c.times for c in cells])
-    fitted = ServiceModel(a, b) if not math.isnan(a) and a > 0 and b >= 0 else probe
+    fitted = as_live(ServiceModel(a, b)) if not math.isnan(a) and a > 0 and b >= 0 else probe
     calib: dict[str, Any] = {"fit_a_s": fitted.step_a_s, "fit_b_s": fitted.step_b_s}
     overheads: dict[str, float] = {}
+    joins: dict[str, float] = {}
     for mode in dict.fromkeys(c.mode for c in cells):
-        costs = [run_overhead(c.times, fitted.step(1)) for c in cells if c.mode == mode]
+        mine = [c for c in cells if c.mode == mode]
+        costs = [run_overhead(c.times, fitted.step(1)) for c in mine]
         overheads[mode] = (
             float(np.median(costs)) if mode == "none" and cfg.workers == 1 and costs else 0.0
         )
+        joins[mode] = (
+            float(np.median([join_delay(c.times) for c in mine])) if mode != "none" else 0.0
+        )
     calib["run_overhead_s"] = overheads
+    calib["join_delay_s"] = joins
     rows: list[dict[str, Any]] = []
     for c in cells:
         srow: dict[str, Any] = {}
-        sim_model = dataclasses.replace(fitted, run_overhead_s=overheads[c.mode])
-        for m, key in ((sim_model, ""), (probe, "probe_")):
+        for m, key in ((fitted, ""), (probe, "probe_")):
+            m = dataclasses.replace(m, run_overhead_s=overheads[c.mode], join_delay_s=joins[c.mode])
             times, preempts = sim_cell(
                 c.work,
                 c.policy,
@@ -504,6 +557,7 @@ def simulate_live_cells(
             rho=c.rho,
             policy=c.policy,
             run_overhead_s=overheads[c.mode],
+            join_delay_s=joins[c.mode],
         )
         rows.append(srow)
     add_ratios(rows, ("batching", "rho"))
@@ -529,6 +583,7 @@ def _live_vs_sim(
                 "sim_over_live": s["mean_jct_s"] / r["mean_jct_s"],
                 "sim_probe_mean_jct_s": s.get("probe_mean_jct_s", float("nan")),
                 "run_overhead_s": s.get("run_overhead_s", 0.0),
+                "join_delay_s": s.get("join_delay_s", 0.0),
                 "live_mean_jct_vs_fcfs": r.get("mean_jct_vs_fcfs", float("nan")),
                 "sim_mean_jct_vs_fcfs": s.get("mean_jct_vs_fcfs", float("nan")),
             }

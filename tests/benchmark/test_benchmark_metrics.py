@@ -129,6 +129,10 @@ def test_a_short_trace_sequence_runs_at_its_target_rate() -> None:
         assert work.predicted[i] == [90.0, 210, 330][j]
     sim = work.to_sim()
     assert sim.prompt_ids is not None and int(sim.prompt_ids.max()) < 50
+    # The live client asks for max_tokens = the true length and the core caps predictions
+    # there: the simulator's copy of a live cell carries the same cap.
+    assert sim.max_tokens is not None
+    assert np.array_equal(sim.max_tokens, work.true_tokens)
 
 
 def test_run_overhead_is_the_gap_between_back_to_back_runs_beyond_their_tokens() -> None:
@@ -159,3 +163,21 @@ def test_fit_step_recovers_a_and_b_from_overlapping_runs() -> None:
     got_a, got_b = fit_step([t])
     assert got_a == pytest.approx(a, rel=1e-6)
     assert got_b == pytest.approx(b, rel=1e-6)
+
+
+def test_join_delay_is_dispatch_to_first_token_beyond_one_step() -> None:
+    from shortline.benchmark.runner import join_delay
+
+    # Dispatched at arrival + wait; the first token 20 ms + one step later; step 15 ms.
+    n = 9
+    arrival = np.arange(n, dtype=np.float64)
+    wait = np.full(n, 0.3)
+    tokens = np.full(n, 41)
+    first = arrival + wait + 0.020 + 0.015
+    finish = first + 40 * 0.015
+    first[0] += 1.0  # one outlier does not move the median
+    times = RequestTimes(arrival, first, finish, tokens, wait)
+    assert join_delay(times) == pytest.approx(0.020)
+    # A first token sooner than one step after dispatch is no delay.
+    early = RequestTimes(arrival, arrival + wait + 0.005, finish, tokens, wait)
+    assert join_delay(early) == 0.0

@@ -5,7 +5,10 @@ keeps ``s0`` steps done at time ``t0`` and the current step length
 ``d = a + b * n``; a job finishes when the worker's step count reaches the
 step it joined at plus its tokens, so the worker's next completion time is
 ``t0 + (min finish step - s0) * d``, recomputed only when its batch changes.
-Prefill (and recompute on resume) stalls that worker's decoding. Stale worker
+Prefill (and recompute on resume) stalls that worker's decoding. A dynamic
+batch is charged for ``occ`` sequences: with ``ServiceModel.dynamic_charge``
+"padded" the most it has held since it started (so finished jobs keep costing
+until the last one ends), with "running" only those still running. Stale worker
 events are skipped by version number. Arrivals are sorted already and merged
 with the event heap instead of being pushed into it.
 """
@@ -86,11 +89,17 @@ def simulate(
     pf = model.prefill_per_token_s
     ro = model.run_overhead_s
     dynamic = batching.mode is BatchingMode.DYNAMIC
+    # A padded dynamic batch keeps paying for its finished jobs until its last one ends.
+    padded = dynamic and model.dynamic_padded
     ws = [_Worker(a) for _ in range(workers)]
+    jd = model.join_delay_s
     s_join = [0.0] * n_jobs
     token_of = [-1] * n_jobs  # run token of the live run, -1 when not running
+    joined = [True] * n_jobs  # False while a dispatched run waits out the join delay
 
     def progress(job: Job) -> int:
+        if not joined[job.id]:
+            return job.run_start_generated
         w = ws[job.worker]
         now = clock.t
         s = w.s0 + (now - w.t0) / w.d if now > w.t0 else w.s0
@@ -111,6 +120,7 @@ def simulate(
     arrivals = workload.arrivals.tolist()
     ptoks = workload.prompt_tokens.tolist()
     ttoks = workload.true_tokens.tolist()
+    caps = workload.max_tokens.tolist() if workload.max_tokens is not None else None
     preds = workload.predicted.tolist()
     source = workload.prediction_source
     first_token = [np.nan] * n_jobs
@@ -131,6 +141,22 @@ def simulate(
     touched: dict[int, _Worker] = {}
     new_runs: list[tuple[int, int]] = []
 
+    join_worker = [0] * n_jobs
+    join_generated = [0] * n_jobs
+
+    def start_run(idx: int, wid: int, generated: int, run_token: int, now: float) -> None:
+        """The run joins its worker's batch now (the worker is advanced to ``now``)."""
+        w = ws[wid]
+        # Prefill of the prompt, plus what a resumed job recomputes.
+        w.t0 = (w.t0 if w.t0 > now else now) + pf * (ptoks[idx] + generated) + ro
+        w.n += 1
+        joined[idx] = True
+        s_join[idx] = w.s0
+        push(w.heap, (w.s0 + (ttoks[idx] - generated), idx, run_token))
+        if generated == 0 and first_token[idx] != first_token[idx]:  # NaN: the first run
+            new_runs.append((idx, wid))
+        touched[wid] = w
+
     i = 0
     while True:
         if i < n_jobs and (not events or arrivals[i] <= events[0][0]):
@@ -141,6 +167,14 @@ def simulate(
                     i,
                     arrival=now,
                     prompt_tokens=ptoks[i],
+                    true_tokens=ttoks[i],
+                )
+                if caps is None
+                else Job(
+                    i,
+                    arrival=now,
+                    prompt_tokens=ptoks[i],
+                    max_tokens=caps[i],
                     true_tokens=ttoks[i],
                 )
             )
@@ -172,8 +206,17 @@ def simulate(
                     on_finish(idx, "stop", ttoks[idx])
                     w.n -= 1
                 touched[wid] = w
-            else:
+            elif wid == -1:
                 timer_at = -1.0
+            else:  # a run whose join delay is over starts decoding
+                idx = -2 - wid
+                if token_of[idx] != version:
+                    continue  # preempted before it joined
+                w = ws[join_worker[idx]]
+                if now > w.t0:
+                    w.s0 += (now - w.t0) / w.d
+                    w.t0 = now
+                start_run(idx, join_worker[idx], join_generated[idx], version, now)
         else:
             break
 
@@ -192,28 +235,31 @@ def simulate(
                 if type(dec) is Assign:
                     if first_dispatch[idx] != first_dispatch[idx]:  # NaN: the first run
                         first_dispatch[idx] = now
-                        new_runs.append((idx, wid))
-                    # Prefill of the prompt, plus what a resumed job recomputes.
-                    w.t0 = (
-                        (w.t0 if w.t0 > now else now)
-                        + pf * (job.prompt_tokens + job.generated)
-                        + ro
-                    )
-                    w.n += 1
-                    s_join[idx] = w.s0
                     token_of[idx] = job.run_token
-                    push(w.heap, (w.s0 + (ttoks[idx] - job.generated), idx, job.run_token))
+                    if jd > 0.0:
+                        # The slot is taken now; the batch gains the job only later.
+                        joined[idx] = False
+                        join_worker[idx] = wid
+                        join_generated[idx] = job.generated
+                        tiebreak += 1
+                        push(events, (now + jd, tiebreak, -2 - idx, job.run_token))
+                        continue
+                    start_run(idx, wid, job.generated, job.run_token, now)
                 else:  # a Stop: in the simulator always a preemption
-                    done = job.run_start_generated + max(0, int(w.s0 - s_join[idx] + _EPS))
+                    if joined[idx]:
+                        done = job.run_start_generated + max(0, int(w.s0 - s_join[idx] + _EPS))
+                        w.n -= 1
+                        touched[wid] = w
+                    else:
+                        done = job.run_start_generated
+                        joined[idx] = True
                     token_of[idx] = -1
-                    w.n -= 1
                     on_stopped(idx, min(done, ttoks[idx] - 1))
                     stopped = True
-                touched[wid] = w
             # A preemption freed a slot: the next dispatch fills it at once.
             decisions = dispatch() if stopped else []
         for wid, w in touched.items():
-            w.occ = w.n if not dynamic or w.n == 0 or w.n > w.occ else w.occ
+            w.occ = w.n if not padded or w.n == 0 or w.n > w.occ else w.occ
             w.d = a + b * w.occ if w.occ else a + b
             w.version += 1
             heap = w.heap

@@ -18,7 +18,7 @@ from services.scheduler.core.policies import PreemptionRule, make_policy
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.report import add_ratios, summarize, table
-from services.scheduler.sim.service_model import ServiceModel, capacity
+from services.scheduler.sim.service_model import ServiceModel, capacity, parse_dynamic_charge
 from shortline import paths
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ class SimulateConfig:
     predictor: str = field(default="real", metadata={"help": "oracle, noisy:SIGMA or real[:HEAD]"})
     step_a_ms: float = field(default=20.0, metadata={"help": "decode step: a + b * batch (ms)"})
     step_b_ms: float = field(default=2.0, metadata={"help": "decode step: a + b * batch (ms)"})
+    dynamic_charge: str = field(
+        default="padded",
+        metadata={
+            "help": "dynamic batch steps charged for all B sequences until the longest ends "
+            "(padded: a GPU without iteration-level scheduling) or for the running ones "
+            "(running: the live replay engine)"
+        },
+    )
     prefill_us_per_token: float = field(
         default=0.0, metadata={"help": "prefill per prompt token (us); 0 = decode only"}
     )
@@ -93,7 +101,12 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 
     # Over the distinct requests the sequence samples from: the predictor's quality here.
     tau = float(kendalltau(predicted, lengths.true_tokens).statistic)
-    model = ServiceModel(cfg.step_a_ms / 1e3, cfg.step_b_ms / 1e3, cfg.prefill_us_per_token / 1e6)
+    model = ServiceModel(
+        cfg.step_a_ms / 1e3,
+        cfg.step_b_ms / 1e3,
+        cfg.prefill_us_per_token / 1e6,
+        dynamic_charge=parse_dynamic_charge(cfg.dynamic_charge),
+    )
     rule = PreemptionRule(cfg.preempt_factor, cfg.preempt_max_fraction, cfg.preempt_max_per_job)
     rows: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
@@ -162,6 +175,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         "prediction_source": source,
         "predictor_kendall_tau": tau,
         "capacity_definition": "workers / E[prefill + L*(a+b*K)/K] (see sim/service_model.py)",
+        "dynamic_charge": model.dynamic_charge,
         "cells": cells,
         "rows": rows,
     }

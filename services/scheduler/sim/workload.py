@@ -37,6 +37,9 @@ class Workload:
     # Semantic identity per request (equal ids = the same prompt again), for the
     # semantic cache; None when the workload has no repeats to find.
     prompt_ids: NDArray[np.int64] | None = None
+    # The max_tokens each request asks for; the core caps its prediction there (None: no
+    # cap). Set where the live client sends one, so that the simulator sees the same keys.
+    max_tokens: NDArray[np.int64] | None = None
 
     def __len__(self) -> int:
         return int(self.arrivals.shape[0])
