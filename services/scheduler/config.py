@@ -21,8 +21,35 @@ class SchedulerConfig:
             "help": "fcfs, ssjf, ssjf-aging (add +preempt to preempt); sjf-oracle in benchmark mode"
         },
     )
-    aging_rate: float = field(default=5.0, metadata={"help": "aging: tokens per second waited"})
-    max_wait_s: float = field(default=60.0, metadata={"help": "aging: hard bound W on waiting"})
+    aging_rate: float = field(
+        default=5.0, metadata={"help": "ssjf-aging: key tokens taken off per second waited"}
+    )
+    jct_target_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "ssjf-aging: JCT target D (s); a job goes first once it could no longer "
+            "finish by arrival + D (predicted service included); set it near fcfs's p99 JCT; "
+            "0: use the --max-wait-s bound instead"
+        },
+    )
+    token_time_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "ssjf-aging: seconds a job takes per predicted token on a worker, for "
+            "latest starts (0: learned from finished runs)"
+        },
+    )
+    slack_margin: float = field(
+        default=1.0,
+        metadata={
+            "help": "ssjf-aging: a job is also late when its latest start passes within this "
+            "many services of the next shortest job"
+        },
+    )
+    max_wait_s: float = field(
+        default=60.0,
+        metadata={"help": "ssjf-aging with --jct-target-s 0: hard bound W on waiting (s)"},
+    )
     preempt_factor: float = field(default=2.0, metadata={"help": "preemption key factor"})
     preempt_max_fraction: float = field(
         default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}

@@ -136,6 +136,9 @@ def build_policy(cfg: SchedulerConfig) -> Policy:
         cfg.policy,
         aging_rate=cfg.aging_rate,
         max_wait_s=cfg.max_wait_s,
+        jct_target_s=cfg.jct_target_s,
+        token_time_s=cfg.token_time_s,
+        slack_margin=cfg.slack_margin,
         preemption=PreemptionRule(
             cfg.preempt_factor, cfg.preempt_max_fraction, cfg.preempt_max_per_job
         ),

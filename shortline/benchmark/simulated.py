@@ -9,6 +9,7 @@ predictor quality and to the semantic cache's hit rate.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,19 @@ import numpy as np
 
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
-from services.scheduler.core.policies import PreemptionRule, make_policy
+from services.scheduler.core.policies import (
+    REFERENCE_AGING_RATE_PER_JOB_TIME,
+    REFERENCE_JCT_TARGET_JOB_TIMES,
+    REFERENCE_SLACK_MARGIN,
+    Policy,
+    PreemptionRule,
+    make_policy,
+)
 from services.scheduler.sim import runner as sim_runner
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
-from services.scheduler.sim.service_model import ServiceModel
+from services.scheduler.sim.report import summarize
+from services.scheduler.sim.service_model import ServiceModel, capacity
 from shortline.benchmark.metrics import RequestTimes, add_ratios
 from shortline.benchmark.workload import BenchWorkload
 
@@ -31,19 +40,36 @@ class PolicyParams:
     """Aging and preemption settings, passed identically to the live scheduler and the simulator."""
 
     aging_rate: float  # key tokens per second waited
-    max_wait_s: float
+    max_wait_s: float  # the older wait bound; used only when jct_target_s is 0
+    jct_target_s: float = 0.0  # ssjf-aging's JCT target D (latest-start guard)
+    slack_margin: float = REFERENCE_SLACK_MARGIN
+    token_time_s: float = 0.0  # 0: the scheduler learns it from finished runs
     preempt_factor: float = 4.0
     preempt_max_fraction: float = 0.25
     preempt_max_per_job: int = 1
 
     @staticmethod
-    def scaled(worker_seconds_per_job: float, key_per_true_token: float) -> PolicyParams:
-        """The simulator's defaults (20 key tokens per job time, bound 30 job times),
-        in the units of the keys the scheduler sees."""
+    def scaled(
+        worker_seconds_per_job: float, key_per_true_token: float, batching: str = "continuous"
+    ) -> PolicyParams:
+        """The reference-tuned settings (5 key tokens per job time; JCT target 21, 31, 33
+        job times for none, dynamic, continuous), in the units of the keys the scheduler
+        sees. The target is worth about fcfs's p99 JCT there; where fcfs's p99 is known,
+        :meth:`with_fcfs_p99` sets it from that instead."""
         return PolicyParams(
-            aging_rate=20.0 * key_per_true_token / worker_seconds_per_job,
+            aging_rate=REFERENCE_AGING_RATE_PER_JOB_TIME
+            * key_per_true_token
+            / worker_seconds_per_job,
             max_wait_s=30.0 * worker_seconds_per_job,
+            jct_target_s=REFERENCE_JCT_TARGET_JOB_TIMES.get(batching, 32.0)
+            * worker_seconds_per_job,
         )
+
+    def with_fcfs_p99(self, fcfs_p99_s: float, batching: str) -> PolicyParams:
+        """JCT target from fcfs's p99 JCT on the same load (0.95 x none, 1.0 x dynamic,
+        1.15 x continuous: fractions that met the target on four seeds of the reference)."""
+        share = JCT_TARGET_OF_FCFS_P99.get(batching, 1.0)
+        return dataclasses.replace(self, jct_target_s=share * fcfs_p99_s)
 
     def scheduler_flags(self) -> list[str]:
         return [
@@ -51,6 +77,12 @@ class PolicyParams:
             f"{self.aging_rate:.6g}",
             "--max-wait-s",
             f"{self.max_wait_s:.6g}",
+            "--jct-target-s",
+            f"{self.jct_target_s:.6g}",
+            "--slack-margin",
+            f"{self.slack_margin:g}",
+            "--token-time-s",
+            f"{self.token_time_s:.6g}",
             "--preempt-factor",
             f"{self.preempt_factor:g}",
             "--preempt-max-fraction",
@@ -58,6 +90,23 @@ class PolicyParams:
             "--preempt-max-per-job",
             str(self.preempt_max_per_job),
         ]
+
+    def policy(self, spec: str) -> Policy:
+        return make_policy(
+            spec,
+            aging_rate=self.aging_rate,
+            max_wait_s=self.max_wait_s,
+            jct_target_s=self.jct_target_s,
+            token_time_s=self.token_time_s,
+            slack_margin=self.slack_margin,
+            preemption=PreemptionRule(
+                self.preempt_factor, self.preempt_max_fraction, self.preempt_max_per_job
+            ),
+            allow_oracle=True,
+        )
+
+
+JCT_TARGET_OF_FCFS_P99 = {"none": 0.95, "dynamic": 1.0, "continuous": 1.15}
 
 
 def sim_cell(
@@ -72,19 +121,9 @@ def sim_cell(
     cache_size: int,
 ) -> tuple[RequestTimes, int]:
     """One live cell in the simulator; (per-request times, preemptions)."""
-    rule = PreemptionRule(
-        params.preempt_factor, params.preempt_max_fraction, params.preempt_max_per_job
-    )
-    pol = make_policy(
-        policy,
-        aging_rate=params.aging_rate,
-        max_wait_s=params.max_wait_s,
-        preemption=rule,
-        allow_oracle=True,
-    )
     r = simulate(
         work.to_sim(),
-        pol,
+        params.policy(policy),
         batching,
         workers=workers,
         slots=slots,
@@ -224,17 +263,60 @@ def cache_sensitivity(
     return out
 
 
+def _reference_cell(
+    mode: str, params: PolicyParams, spec: str, common: dict[str, Any]
+) -> dict[str, Any]:
+    """One policy on the request sequence :func:`at_scale` builds for these settings.
+
+    Built here rather than through ``shortline simulate`` so that every PolicyParams
+    knob (the JCT target included) reaches the policy.
+    """
+    model: ServiceModel = common["model"]
+    lengths = wl.alpaca_lengths(common["target_model"], "test")
+    rng = np.random.default_rng(common["seed"])
+    predicted, source = wl.predictions_for(
+        common.get("predictor", "real"), lengths, common["target_model"], rng
+    )
+    # As the runner builds it: the step only (its prefill default is 0).
+    sim_model = ServiceModel(model.step_a_s, model.step_b_s)
+    batching = Batching.parse(mode, common["slots"], common["batch_wait_ms"] / 1e3)
+    workers = common["workers"]
+    cap = capacity(
+        sim_model, batching, workers, common["slots"], lengths.true_tokens, lengths.prompt_tokens
+    )
+    work = wl.build(
+        n=common["requests"],
+        rate=common["rho"] * cap,
+        arrivals=common["trace"],
+        lengths=lengths,
+        predicted_unique=predicted,
+        prediction_source=source,
+        seed=common["seed"],
+    )
+    r = simulate(
+        work,
+        params.policy(spec),
+        batching,
+        workers=workers,
+        slots=common["slots"],
+        model=sim_model,
+    )
+    return summarize(r)
+
+
 def aging_sweep(
     rates: list[float],
     bounds: list[float],
     *,
     reference: list[dict[str, Any]],
     common: dict[str, Any],
+    margin: float = REFERENCE_SLACK_MARGIN,
 ) -> list[dict[str, Any]]:
     """ssjf-aging's two knobs against the target (p99 <= 1.10 x fcfs, >= 2/3 of ssjf's gain).
 
-    ``rates`` are key tokens per job time at capacity and ``bounds`` the hard bound in
-    job times, so one grid fits every mode; fcfs and ssjf come from ``reference``.
+    ``rates`` are key tokens per job time at capacity and ``bounds`` the JCT target D
+    in job times (the latest-start guard), so one grid fits every mode; fcfs and ssjf
+    come from ``reference``, each row also gives D as a multiple of fcfs's p99 JCT.
     """
     out: list[dict[str, Any]] = []
     for mode in dict.fromkeys(r["batching"] for r in reference):
@@ -245,13 +327,13 @@ def aging_sweep(
         gain = fcfs["mean_jct_s"] - ssjf["mean_jct_s"]
         for rate in rates:
             for bound in bounds:
-                got = at_scale(
-                    batching=mode,
-                    policies="ssjf-aging",
+                params = PolicyParams(
                     aging_rate=rate / per_job,
-                    max_wait_s=bound * per_job,
-                    **common,
-                )[0]
+                    max_wait_s=30.0 * per_job,
+                    jct_target_s=bound * per_job,
+                    slack_margin=margin,
+                )
+                got = _reference_cell(mode, params, "ssjf-aging", common)
                 p99 = got["p99_jct_s"] / fcfs["p99_jct_s"]
                 kept = (fcfs["mean_jct_s"] - got["mean_jct_s"]) / gain if gain > 0 else math.nan
                 out.append(
@@ -259,6 +341,8 @@ def aging_sweep(
                         "batching": mode,
                         "rate_per_job_time": rate,
                         "bound_job_times": bound,
+                        "jct_target_vs_fcfs_p99": bound * per_job / fcfs["p99_jct_s"],
+                        "slack_margin": margin,
                         "mean_jct_vs_fcfs": got["mean_jct_s"] / fcfs["mean_jct_s"],
                         "p99_jct_vs_fcfs": p99,
                         "kept_of_ssjf_gain": kept,

@@ -17,7 +17,17 @@ from services.scheduler.core.policies import PreemptionRule, make_policy
 from services.scheduler.core.queue import BoundedWaitQueue
 from services.scheduler.core.scheduler import Assign, SchedulerCore, Stop
 
-POLICIES = ["fcfs", "ssjf", "ssjf-aging", "sjf-oracle", "ssjf+preempt", "sjf-oracle+preempt"]
+# "slack:" = ssjf-aging with the JCT-target guard (latest starts) instead of the wait bound.
+POLICIES = [
+    "fcfs",
+    "ssjf",
+    "ssjf-aging",
+    "slack:ssjf-aging",
+    "slack:ssjf-aging+preempt",
+    "sjf-oracle",
+    "ssjf+preempt",
+    "sjf-oracle+preempt",
+]
 OPS = st.lists(
     st.tuples(
         st.sampled_from(
@@ -138,11 +148,13 @@ class Driver:
 
 def make_core(policy: str, mode: BatchingMode) -> tuple[SchedulerCore, Any]:
     clock = VirtualClock()
+    slack = policy.startswith("slack:")
     core = SchedulerCore(
         make_policy(
-            policy,
+            policy.removeprefix("slack:"),
             allow_oracle=True,
             max_wait_s=3.0,
+            jct_target_s=5.0 if slack else 0.0,
             preemption=PreemptionRule(factor=1.5, max_fraction=0.9, max_per_job=2),
         ),
         Batching(mode, max_batch=3, wait_s=1.0),

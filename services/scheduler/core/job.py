@@ -70,6 +70,7 @@ class Job:
         "ready_since",
         "requeues",
         "run_start_generated",
+        "run_started",
         "run_token",
         "seq",
         "state",
@@ -106,6 +107,7 @@ class Job:
         self.embedding: Any = None
         self.generated = 0  # tokens generated over all runs, as streamed to the client
         self.run_start_generated = 0  # ``generated`` when the current run started
+        self.run_started = 0.0  # when the current run was dispatched
         self.run_token = 0  # bumps on every dispatch; stale running-heap entries carry old ones
         self.preemptions = 0  # by the policy; bounded by the preemption rule
         self.requeues = 0  # after a worker was lost; not bounded by the rule

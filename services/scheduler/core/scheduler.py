@@ -269,6 +269,7 @@ class SchedulerCore:
         job.worker = w.id
         job.run_token += 1
         job.run_start_generated = job.generated
+        job.run_started = now
         w.jobs[job.id] = None
         self._running += 1
         if self.policy.preemption is not None:
@@ -343,6 +344,8 @@ class SchedulerCore:
             job.first_token = now
         self._end(job, DONE, reason, now)
         self.completed += 1
+        if job.first_dispatch is not None:
+            self.queue.observe_run(job, now - job.run_started)
         if reason in ("stop", "length"):
             self.fallback.observe(job.length_model, job.generated)
             if self.cache is not None and job.embedding is not None:
