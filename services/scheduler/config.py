@@ -50,9 +50,15 @@ class SchedulerConfig:
         default=60.0,
         metadata={"help": "ssjf-aging with --jct-target-s 0: hard bound W on waiting (s)"},
     )
-    preempt_factor: float = field(default=2.0, metadata={"help": "preemption key factor"})
+    preempt_factor: float = field(
+        default=2.0,
+        metadata={
+            "help": "preempt when a queued job's remaining prediction x this < a running one's"
+        },
+    )
     preempt_max_fraction: float = field(
-        default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}
+        default=0.1,
+        metadata={"help": "preempt only a job under this fraction of its prediction (recompute)"},
     )
     preempt_max_per_job: int = field(default=1, metadata={"help": "preemptions per job"})
     batching: str = field(default="continuous", metadata={"help": "none, dynamic, continuous"})

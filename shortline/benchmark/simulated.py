@@ -44,8 +44,8 @@ class PolicyParams:
     jct_target_s: float = 0.0  # ssjf-aging's JCT target D (latest-start guard)
     slack_margin: float = REFERENCE_SLACK_MARGIN
     token_time_s: float = 0.0  # 0: the scheduler learns it from finished runs
-    preempt_factor: float = 4.0
-    preempt_max_fraction: float = 0.25
+    preempt_factor: float = 2.0
+    preempt_max_fraction: float = 0.1
     preempt_max_per_job: int = 1
 
     @staticmethod
