@@ -244,8 +244,12 @@ class SlackQueue(HeapQueue):
     deadline first, at the same p99); otherwise the smallest key.
 
     A second heap keyed by latest start feeds a heap of late jobs; all three
-    share the entries, so removal stays lazy and every operation O(log n).
-    The latest start uses the token time when the job was queued.
+    share the entries, so removal stays lazy and every operation O(log n)
+    amortized. A call moves at most ``max_moves`` newly late jobs (earliest
+    latest start first): when more turn late at once (a burst of arrivals) they
+    move over several decisions instead of stalling one, and the pick is the
+    smallest key among those moved so far, still a late job. The latest start
+    uses the token time when the job was queued.
     """
 
     def __init__(
@@ -256,8 +260,10 @@ class SlackQueue(HeapQueue):
         remaining: KeyFn,
         token_time: TokenTime,
         margin: float = 0.0,
+        max_moves: int = 4,
     ) -> None:
         super().__init__(key)
+        self._max_moves = max_moves
         self._target = target_s
         self._clock = clock
         self._remaining = remaining
@@ -293,10 +299,14 @@ class SlackQueue(HeapQueue):
             horizon += self._margin * self._remaining(heap[0][3]) * self.token_time.value
         slack = self._slack
         late = self._late
-        while slack and slack[0][0] <= horizon:
+        # At most max_moves per call: a burst of jobs turning late together moves over
+        # several decisions (earliest latest start first) instead of stalling one.
+        moves = self._max_moves
+        while moves and slack and slack[0][0] <= horizon:
             entry = heapq.heappop(slack)[2]
             if entry[3] is not None:
                 heapq.heappush(late, (entry[0], entry[1], entry[2], entry))
+                moves -= 1
         while late and late[0][3][3] is None:
             heapq.heappop(late)
         if late:
