@@ -69,7 +69,11 @@ class SchedulerConfig:
         default="", metadata={"help": "SQLite outcome log path (default .run/outcomes.sqlite)"}
     )
     benchmark_mode: bool = field(
-        default=False, metadata={"help": "allow sjf-oracle (max_tokens taken as the true length)"}
+        default=False,
+        metadata={
+            "help": "replay benchmarks: max_tokens is the true length, so sjf-oracle may "
+            "use it and predictions are not capped at it"
+        },
     )
     default_length_model: str = field(
         default="Meta-Llama-3-8B-Instruct",

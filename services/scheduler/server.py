@@ -158,6 +158,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             queue_limit=cfg.queue_limit,
             cache=SemanticCache(cfg.cache_threshold, cfg.cache_size) if cfg.predictor else None,
             fallback=FallbackPredictor(cfg.fallback_tokens),
+            cap_at_max_tokens=not cfg.benchmark_mode,
         )
         self.outcome_log = outcome_log
         self.workers: dict[str, WorkerHandle] = {}

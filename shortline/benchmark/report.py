@@ -287,7 +287,8 @@ def aging_table(rows: list[dict[str, Any]]) -> str:
         [
             "batching",
             "rate (key tokens per job time)",
-            "bound (job times)",
+            "JCT target D (job times)",
+            "D / fcfs p99",
             "mean/fcfs",
             "p99/fcfs",
             "kept of ssjf's gain",
@@ -298,6 +299,7 @@ def aging_table(rows: list[dict[str, Any]]) -> str:
                 r["batching"],
                 _f(r["rate_per_job_time"], 0),
                 _f(r["bound_job_times"], 0),
+                _f(r.get("jct_target_vs_fcfs_p99", math.nan), 2),
                 _f(r["mean_jct_vs_fcfs"], 3),
                 _f(r["p99_jct_vs_fcfs"], 2),
                 _pct(r["kept_of_ssjf_gain"]),
@@ -392,14 +394,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"charge it {result.get('step_model', {}).get('dynamic_charge', 'padded')}).",
             "",
             _table(
-                ["batching", "capacity req/s", "capacity tok/s", "aging rate key/s", "max wait s"],
+                [
+                    "batching",
+                    "capacity req/s",
+                    "capacity tok/s",
+                    "aging rate key/s",
+                    "ssjf-aging JCT target s (per load)",
+                ],
                 [
                     [
                         c["batching"],
                         _f(c["capacity_rps"]),
                         _f(c["capacity_tps"], 0),
                         _f(c["aging_rate"], 1),
-                        _f(c["max_wait_s"], 1),
+                        ", ".join(f"rho {k}: {v:.1f}" for k, v in c.get("jct_target_s", {}).items())
+                        or "-",
                     ]
                     for c in result["capacity"]
                 ],

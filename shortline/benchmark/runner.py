@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 SIGMAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 REPEAT_SHARES = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]
-AGING_RATES = [5.0, 20.0, 80.0]  # key tokens per job time at capacity
-AGING_BOUNDS = [10.0, 30.0, 100.0]  # job times
+AGING_RATES = [0.0, 5.0, 20.0]  # key tokens per job time at capacity
+AGING_BOUNDS = [18.0, 21.0, 26.0, 33.0, 40.0]  # JCT target D, job times
 # The live scheduler's semantic cache holds one prompt: repeats of the test prompts would
 # otherwise return observed (scaled) lengths beside unscaled head predictions.
 LIVE_CACHE_SIZE = 1
@@ -368,7 +368,7 @@ def _live_cells(
     caps: list[dict[str, Any]] = []
     requests_dump: dict[str, dict[str, list[float]]] = {}
     # Keys are the head's predictions, in production tokens like the simulator's, so its
-    # default aging (20 key tokens per job time) applies unchanged.
+    # default aging rate (key tokens per job time) applies unchanged.
     key_per_token = 1.0
     for mode in cfg.modes():
         batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
@@ -376,26 +376,30 @@ def _live_cells(
             model, batching, cfg.workers, cfg.slots, pool.scaled, pool.lengths.prompt_tokens
         )
         per_job = cfg.workers / cap
-        params = PolicyParams.scaled(per_job, key_per_token)
+        params = PolicyParams.scaled(per_job, key_per_token, mode)
         cap_row: dict[str, Any] = {
             "batching": mode,
             "capacity_rps": cap,
             "capacity_tps": cap * float(pool.scaled.mean()),
             "aging_rate": params.aging_rate,
-            "max_wait_s": params.max_wait_s,
+            "jct_target_s": {},
         }
         caps.append(cap_row)
         print(
             f"{mode}: capacity {cap:.2f} req/s = {cap * pool.scaled.mean():.0f} tokens/s",
             flush=True,
         )
-        done: list[tuple[float, str, bw.BenchWorkload, RequestTimes, dict[str, Any]]] = []
+        done: list[tuple[float, str, bw.BenchWorkload, RequestTimes, PolicyParams]] = []
         for rho in cfg.rhos():
             work = bw.build(pool, n=cfg.requests, rate=rho * cap, trace=cfg.trace, seed=cfg.seed)
+            # ssjf-aging's JCT target is the operator's SLO; here it is set from the p99
+            # JCT the fcfs cell of this load just measured (fcfs runs first), as an
+            # operator would set it from the p99 they have today.
+            cell_params = params
             for policy in cfg.policy_list():
                 cell = f"{mode}-{rho:g}-{policy}"
                 if stack is not None:
-                    stack.restart_scheduler(policy, mode, _scheduler_args(cfg, params, out))
+                    stack.restart_scheduler(policy, mode, _scheduler_args(cfg, cell_params, out))
                     asyncio.run(live.wait_for_workers(address, cfg.workers))
                 got = asyncio.run(
                     live.run_cell(
@@ -443,13 +447,16 @@ def _live_cells(
                     "tokens": got.times.tokens.tolist(),
                     "predicted_live": got.predicted.tolist(),
                 }
-                done.append((rho, policy, work, got.times, row))
+                done.append((rho, policy, work, got.times, cell_params))
+                if policy == "fcfs" and row["p99_jct_s"] > 0:
+                    cell_params = params.with_fcfs_p99(row["p99_jct_s"], mode)
+                    cap_row["jct_target_s"][f"{rho:g}"] = cell_params.jct_target_s
                 print(
                     f"{cell}: live mean JCT {row['mean_jct_s']:.2f} s, "
                     f"exact lengths {exact}/{len(work)}, errors {len(got.errors)}",
                     flush=True,
                 )
-        cells += [LiveDone(mode, batching, params, r, p, w, g) for r, p, w, g, _ in done]
+        cells += [LiveDone(mode, batching, q, r, p, w, g) for r, p, w, g, q in done]
     add_ratios(live_rows, ("batching", "rho"))
     dump = _scratch(out) / "live_requests.json"
     dump.write_text(json.dumps(requests_dump))
@@ -510,8 +517,8 @@ def simulate_live_cells(
     With batching the replay engine keeps stepping the others meanwhile, and the new run
     joins at the next step boundary: its slot is held for the measured join delay while
     the batch goes on (:func:`join_delay`). A dynamic batch is charged only for its
-    running jobs, as the replay engine does (:func:`as_live`). The requests carry the
-    live max_tokens (their true length), at which the core caps predictions, as live.
+    running jobs, as the replay engine does (:func:`as_live`). Predictions are not capped
+    at max_tokens, as in the benchmark-mode scheduler (there max_tokens is the true length).
     """
     probe = as_live(probe)
     a, b = fit_step([c.times for c in cells])

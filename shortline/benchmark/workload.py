@@ -47,9 +47,9 @@ class BenchWorkload:
             info={"lengths": self.lengths_name, "arrivals": self.arrivals_name},
             # The engine draws one embedding per id below the request count: compact them.
             prompt_ids=np.unique(self.unique_index, return_inverse=True)[1].astype(np.int64),
-            # The live client asks for exactly the true length (the replay model emits
-            # max_tokens tokens), and the scheduler caps every prediction at max_tokens.
-            max_tokens=self.true_tokens,
+            # No max_tokens cap: the live client's max_tokens is the true length (the
+            # replay model emits that many), so the benchmark-mode scheduler ignores it
+            # for predictions, and the simulator does the same.
         )
 
 

@@ -196,3 +196,22 @@ def test_fallback_uses_running_median_of_observed_lengths() -> None:
     x = core.on_prediction_failed("x")
     assert x is not None and x.predicted == 20 and x.prediction_source == "fallback"
     assert core.fallback.used == 1
+
+
+@pytest.mark.parametrize("cap", [True, False])
+def test_prediction_is_capped_at_max_tokens_unless_benchmark_mode_turns_it_off(cap: bool) -> None:
+    """Serving caps (a job cannot outrun max_tokens); a replay benchmark must not, since
+    its max_tokens is the true length and the cap would hand SSJF the oracle."""
+    clock = VirtualClock()
+    core = SchedulerCore(
+        make_policy("ssjf"), Batching(BatchingMode.NONE), clock, cap_at_max_tokens=cap
+    )
+    core.submit(Job("long-predicted", arrival=0.0, max_tokens=20))
+    core.submit(Job("short-predicted", arrival=0.0, max_tokens=30))
+    core.on_prediction("long-predicted", 400.0)
+    core.on_prediction("short-predicted", 300.0)
+    core.add_worker("w", 1)
+    (first,) = core.dispatch()
+    assert isinstance(first, Assign)
+    assert first.job.id == ("long-predicted" if cap else "short-predicted")
+    assert first.job.predicted == (20.0 if cap else 300.0)

@@ -82,6 +82,7 @@ class SchedulerCore:
         fallback: FallbackPredictor | None = None,
         progress: Callable[[Job], int] | None = None,
         max_requeues: int = 3,
+        cap_at_max_tokens: bool = True,
     ) -> None:
         if queue_limit < 1:
             raise ValueError(f"queue limit must be >= 1, got {queue_limit}")
@@ -95,6 +96,10 @@ class SchedulerCore:
         # ``job.generated`` current from the stream; the simulator computes it.
         self._progress = progress
         self.max_requeues = max_requeues
+        # A job never generates more than max_tokens, so a prediction above it is
+        # capped. Benchmark mode turns this off: there max_tokens carries the
+        # replayed true length, and capping at it would hand SSJF the oracle.
+        self.cap_at_max_tokens = cap_at_max_tokens
         self.queue = policy.make_queue(clock)
         self._dynamic = batching.mode is BatchingMode.DYNAMIC
         self._board = SlotBoard()
@@ -198,7 +203,9 @@ class SchedulerCore:
             predicted, source = self.fallback.predict(job.length_model), SOURCE_FALLBACK
         if predicted < 1.0:
             predicted = 1.0
-        job.predicted = predicted if predicted < job.max_tokens else float(job.max_tokens)
+        if self.cap_at_max_tokens and predicted > job.max_tokens:
+            predicted = float(job.max_tokens)
+        job.predicted = predicted
         job.prediction_source = source
         job.to(PREDICTED)
         self._awaiting_prediction -= 1

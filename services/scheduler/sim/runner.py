@@ -14,7 +14,13 @@ import numpy as np
 
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
-from services.scheduler.core.policies import PreemptionRule, make_policy
+from services.scheduler.core.policies import (
+    REFERENCE_AGING_RATE_PER_JOB_TIME,
+    REFERENCE_JCT_TARGET_JOB_TIMES,
+    REFERENCE_SLACK_MARGIN,
+    PreemptionRule,
+    make_policy,
+)
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.report import add_ratios, summarize, table
@@ -68,13 +74,24 @@ class SimulateConfig:
         default=math.nan,
         metadata={"help": "ssjf-aging tokens per second waited (default 5 per job time)"},
     )
+    jct_target_s: float = field(
+        default=math.nan,
+        metadata={
+            "help": "ssjf-aging JCT target D, seconds (default 21 / 31 / 33 job times at "
+            "capacity for none / dynamic / continuous; 0 = the older wait bound)"
+        },
+    )
+    slack_margin: float = field(
+        default=REFERENCE_SLACK_MARGIN,
+        metadata={"help": "ssjf-aging: late this many next-pick services before latest start"},
+    )
     max_wait_s: float = field(
         default=math.nan,
-        metadata={"help": "ssjf-aging bound W, seconds (default 26 job times at capacity)"},
+        metadata={"help": "ssjf-aging wait bound W when jct_target_s is 0 (default 26 job times)"},
     )
     preempt_factor: float = field(default=2.0, metadata={"help": "preemption key factor"})
     preempt_max_fraction: float = field(
-        default=0.25, metadata={"help": "preempt only under this fraction of the prediction"}
+        default=0.1, metadata={"help": "preempt only under this fraction of the prediction"}
     )
     preempt_max_per_job: int = field(default=1, metadata={"help": "preemptions per job"})
     repeat_share: float = field(
@@ -127,11 +144,21 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
             repeat_share=cfg.repeat_share,
         )
         # Aging defaults scale with the time a worker spends per job at capacity; the
-        # factors were tuned at rho 0.9 (alpaca Llama-3-8B, real head) to keep p99 JCT
-        # within 1.1x fcfs while keeping two thirds of ssjf's mean gain.
+        # factors were tuned at rho 0.9 (alpaca Llama-3-8B, real head, one worker,
+        # Poisson) to keep p99 JCT within 1.1x fcfs while keeping two thirds of ssjf's
+        # mean gain.
         per_job = cfg.workers / cap
-        aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else 5.0 / per_job
+        aging_rate = (
+            cfg.aging_rate
+            if not math.isnan(cfg.aging_rate)
+            else REFERENCE_AGING_RATE_PER_JOB_TIME / per_job
+        )
         max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else 26.0 * per_job
+        jct_target = (
+            cfg.jct_target_s
+            if not math.isnan(cfg.jct_target_s)
+            else REFERENCE_JCT_TARGET_JOB_TIMES.get(mode, 32.0) * per_job
+        )
         cells.append(
             {
                 "batching": mode,
@@ -140,6 +167,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
                 "worker_seconds_per_job": per_job,
                 "aging_rate": aging_rate,
                 "max_wait_s": max_wait,
+                "jct_target_s": jct_target,
             }
         )
         for spec in [p.strip() for p in cfg.policies.split(",") if p.strip()]:
@@ -147,6 +175,8 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
                 spec,
                 aging_rate=aging_rate,
                 max_wait_s=max_wait,
+                jct_target_s=jct_target,
+                slack_margin=cfg.slack_margin,
                 preemption=rule,
                 allow_oracle=True,
             )
