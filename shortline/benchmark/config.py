@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 
 DEFAULT_RHO = "0.5,0.7,0.9,1.1"
 DEFAULT_BATCHING = "none,dynamic,continuous"
+QUICK_RHO = "0.9"
+QUICK_BATCHING = "none,continuous"
 
 
 @dataclass(frozen=True)
@@ -18,12 +20,22 @@ class BenchConfig:
         metadata={"help": "alpaca_eval model whose prompts and true lengths are replayed"},
     )
     trace: str = field(default="conv", metadata={"help": "Azure arrival trace: conv or code"})
-    rho: str = field(default=DEFAULT_RHO, metadata={"help": "loads, as fractions of capacity"})
+    rho: str = field(
+        default="",
+        metadata={
+            "help": f"loads, as fractions of capacity (empty: {DEFAULT_RHO}; --quick: {QUICK_RHO})"
+        },
+    )
     policies: str = field(
         default="fcfs,ssjf,ssjf-aging,ssjf+preempt,sjf-oracle",
         metadata={"help": "comma list of scheduler policies"},
     )
-    batching: str = field(default=DEFAULT_BATCHING, metadata={"help": "comma list of modes"})
+    batching: str = field(
+        default="",
+        metadata={
+            "help": f"comma list of modes (empty: {DEFAULT_BATCHING}; --quick: {QUICK_BATCHING})"
+        },
+    )
     requests: int = field(default=1000, metadata={"help": "requests per live cell"})
     quick: bool = field(
         default=False,
@@ -53,14 +65,20 @@ class BenchConfig:
     out: str = field(default="", metadata={"help": "output folder (default .run/bench/<time>)"})
 
     def effective(self) -> BenchConfig:
-        """--quick shrinks what was left at its default."""
+        """Fills loads and modes left empty; --quick also caps the sizes.
+
+        Empty, not a default value, marks "not given", so an explicit
+        ``--batching none,dynamic,continuous`` is honoured in quick mode too.
+        """
         if not self.quick:
-            return self
+            return replace(
+                self, rho=self.rho or DEFAULT_RHO, batching=self.batching or DEFAULT_BATCHING
+            )
         return replace(
             self,
             requests=min(self.requests, 40),
-            rho="0.9" if self.rho == DEFAULT_RHO else self.rho,
-            batching="none,continuous" if self.batching == DEFAULT_BATCHING else self.batching,
+            rho=self.rho or QUICK_RHO,
+            batching=self.batching or QUICK_BATCHING,
             sim_requests=min(self.sim_requests, 10_000),
             sensitivity_requests=min(self.sensitivity_requests, 4_000),
         )
