@@ -581,15 +581,13 @@ def plot_noise(result: dict[str, Any], path: Path) -> bool:
                     ls="none",
                     label=f"{mode}: real head",
                 )
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("Kendall's tau of predicted vs true length", fontsize=8)
-    ax.set_ylabel("ssjf mean JCT / fcfs", fontsize=8)
-    ax.set_title("gain vs predictor quality (sim, 1 worker, Poisson, rho 0.9)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save_ssjf_ratio(
+        fig,
+        ax,
+        path,
+        xlabel="Kendall's tau of predicted vs true length",
+        title="gain vs predictor quality (sim, 1 worker, Poisson, rho 0.9)",
+    )
     return True
 
 
@@ -604,16 +602,27 @@ def plot_cache(result: dict[str, Any], path: Path) -> bool:
             (r["cache_hit_rate"], r["mean_jct_vs_fcfs"]) for r in rows if r["batching"] == mode
         )
         ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=mode)
+    _save_ssjf_ratio(
+        fig,
+        ax,
+        path,
+        xlabel="semantic cache hit rate (%)",
+        title="gain vs repeated prompts (sim, 1 worker, Poisson, rho 0.9)",
+    )
+    return True
+
+
+def _save_ssjf_ratio(fig: Any, ax: Any, path: Path, *, xlabel: str, title: str) -> None:
+    """The sensitivity plots' common frame: ssjf / fcfs against one knob, 1.0 marked."""
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("semantic cache hit rate (%)", fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("ssjf mean JCT / fcfs", fontsize=8)
-    ax.set_title("gain vs repeated prompts (sim, 1 worker, Poisson, rho 0.9)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True
+    _plt().close(fig)
 
 
 def write(result: dict[str, Any], cdfs: dict[str, dict[str, list[float]]], out: Path) -> list[Path]:
