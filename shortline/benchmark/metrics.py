@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from services.scheduler.sim.report import completion_stats
+
 PAPER_FRACTION = 0.25
 
 Array = NDArray[np.float64]
@@ -72,29 +74,18 @@ def goodput(
 
 def summarize(t: RequestTimes, *, step_one_s: float, slo_factor: float) -> dict[str, Any]:
     """Mean/p50/p99 JCT, TTFT and wait; throughput and goodput over all jobs; paper metric."""
+    row: dict[str, Any] = completion_stats(t.arrival, t.wait, t.first_token, t.finish, t.tokens)
     done = ~np.isnan(t.finish)
-    jct = (t.finish - t.arrival)[done]
-    ttft = (t.first_token - t.arrival)[done]
-    wait = t.wait[done]
-    tokens = t.tokens[done]
     span = float(np.max(t.finish[done]) - np.min(t.arrival)) if done.any() else float("nan")
-    good_rps, good_share = goodput(jct, tokens, step_one_s, slo_factor, span)
-    row: dict[str, Any] = {
-        "requests": int(done.sum()),
-        "unfinished": int((~done).sum()),
-        "mean_jct_s": float(jct.mean()),
-        "p50_jct_s": float(np.percentile(jct, 50)),
-        "p99_jct_s": float(np.percentile(jct, 99)),
-        "mean_ttft_s": float(ttft.mean()),
-        "p99_ttft_s": float(np.percentile(ttft, 99)),
-        "mean_wait_s": float(wait.mean()),
-        "p99_wait_s": float(np.percentile(wait, 99)),
-        "throughput_rps": float(done.sum()) / span,
-        "throughput_tps": float(tokens.sum()) / span,
-        "goodput_rps": good_rps,
-        "slo_met": good_share,
-        "paper_throughput_rps": paper_throughput(t.arrival, t.finish),
-    }
+    good_rps, good_share = goodput(
+        (t.finish - t.arrival)[done], t.tokens[done], step_one_s, slo_factor, span
+    )
+    row.update(
+        unfinished=int((~done).sum()),
+        goodput_rps=good_rps,
+        slo_met=good_share,
+        paper_throughput_rps=paper_throughput(t.arrival, t.finish),
+    )
     if t.preemptions is not None:
         row["preemptions"] = int(t.preemptions[done].sum())
     return row

@@ -5,31 +5,49 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from services.scheduler.sim.engine import RunResult
 
 
-def summarize(r: RunResult) -> dict[str, Any]:
-    done = ~np.isnan(r.finish)
-    jct = (r.finish - r.arrival)[done]
-    wait = (r.first_dispatch - r.arrival)[done]
-    ttft = (r.first_token - r.arrival)[done]
-    span = float(np.nanmax(r.finish) - r.arrival[0]) if done.any() else float("nan")
-    tokens = int(r.tokens[done].sum())
+def completion_stats(
+    arrival: NDArray[np.float64],
+    wait: NDArray[np.float64],
+    first_token: NDArray[np.float64],
+    finish: NDArray[np.float64],
+    tokens: NDArray[np.integer],
+) -> dict[str, Any]:
+    """JCT, wait and TTFT summaries and throughput over the finished requests (NaN finish:
+    not finished). The simulator's report and the live benchmark's both use it, so a
+    simulated and a live cell are counted the same way."""
+    done = ~np.isnan(finish)
+    jct = (finish - arrival)[done]
+    w = wait[done]
+    ttft = (first_token - arrival)[done]
+    span = float(np.max(finish[done]) - np.min(arrival)) if done.any() else float("nan")
     return {
-        "policy": r.policy,
-        "batching": r.batching,
         "requests": int(done.sum()),
-        "lost": int((~done).sum()),
         "mean_jct_s": float(jct.mean()),
         "p50_jct_s": float(np.percentile(jct, 50)),
         "p99_jct_s": float(np.percentile(jct, 99)),
-        "mean_wait_s": float(wait.mean()),
-        "p99_wait_s": float(np.percentile(wait, 99)),
+        "mean_wait_s": float(w.mean()),
+        "p99_wait_s": float(np.percentile(w, 99)),
         "mean_ttft_s": float(ttft.mean()),
         "p99_ttft_s": float(np.percentile(ttft, 99)),
-        "throughput_rps": int(done.sum()) / span,
-        "throughput_tps": tokens / span,
+        "throughput_rps": float(done.sum()) / span,
+        "throughput_tps": float(tokens[done].sum()) / span,
+    }
+
+
+def summarize(r: RunResult) -> dict[str, Any]:
+    stats = completion_stats(
+        r.arrival, r.first_dispatch - r.arrival, r.first_token, r.finish, r.tokens
+    )
+    return {
+        "policy": r.policy,
+        "batching": r.batching,
+        **stats,
+        "lost": len(r.finish) - stats["requests"],
         "preemptions": r.preemptions,
         "cache_hit_rate": r.cache_hits / r.cache_lookups if r.cache_lookups else 0.0,
         "sim_wall_s": r.wall_seconds,
