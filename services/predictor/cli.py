@@ -125,6 +125,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from services.predictor import sources
+    from services.predictor.core import feature_extractor
     from services.predictor.encoder import Encoder, cached_features
     from services.predictor.evaluation import evaluate_split, format_table
     from services.predictor.heads import load_target
@@ -144,6 +145,14 @@ def _eval(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if feature_extractor(target.card) != "minilm":
+        features = _smol_split_features(target.card, data, args.split, args.threads)
+        result = evaluate_split(data, features, target.heads, target.boundaries, args.split)
+        result["default_head"] = target.default_head
+        result["head_versions"] = {k: h.version for k, h in target.heads.items()}
+        result["encoder_backend"] = feature_extractor(target.card)
+        print(json.dumps(result, indent=2) if args.json else format_table(result))
+        return 0
     encoder = Encoder(
         max_tokens=int(target.card["encoder"]["max_tokens"]),
         threads=args.threads,
@@ -163,6 +172,26 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(format_table(result))
     return 0
+
+
+def _smol_split_features(card: dict[str, Any], data: Any, split: str, threads: int) -> Any:
+    """SmolLM2 features (as served: bf16 where the CPU has it, prefix reuse) of ``split``'s rows.
+
+    Other rows stay zero: evaluation reads only the split's rows, and SmolLM2
+    costs ~65 ms per prompt, so the 805 instructions are not all encoded.
+    """
+    import numpy as np
+
+    from services.predictor.smollm2_features import SmolLM2Features
+
+    spec = card["features"]
+    extractor = SmolLM2Features(
+        spec["layers"], max_prompt_tokens=int(spec["max_prompt_tokens"]), threads=threads
+    )
+    rows = data.indices(split)
+    features = np.zeros((len(data.instructions), extractor.feature_dim), dtype=np.float32)
+    features[rows] = extractor.encode_features([data.instructions[i] for i in rows])
+    return features
 
 
 def _serve(args: argparse.Namespace) -> int:

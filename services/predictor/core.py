@@ -17,12 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor.encoder import ENCODER_NAME, Encoder
+from services.predictor.encoder import DEFAULT_FEATURE_LAYERS, ENCODER_NAME, Encoder
 from services.predictor.heads import REPO_HEADS_DIR, TargetHeads, load_all
+from services.predictor.smollm2_features import EXTRACTOR_NAME as SMOLLM2
+from services.predictor.smollm2_features import SmolLM2Features
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 256
+
+
+def feature_extractor(card: dict[str, Any]) -> str:
+    """What computes a head's input: ``minilm`` (no ``features`` in the card) or SmolLM2."""
+    return str(card.get("features", {}).get("extractor", "minilm"))
 
 
 class UnknownTargetError(LookupError):
@@ -70,24 +77,51 @@ class PredictorCore:
         self.targets: dict[str, TargetHeads] = load_all(heads_dir)
         if not self.targets:
             raise FileNotFoundError(f"no head artifacts (card.json) under {heads_dir}")
-        lengths = {int(t.card["encoder"]["max_tokens"]) for t in self.targets.values()}
-        layer_sets = {tuple(t.card["encoder"]["feature_layers"]) for t in self.targets.values()}
-        if len(layer_sets) != 1:
+        minilm = [t for t in self.targets.values() if feature_extractor(t.card) == "minilm"]
+        lengths = {int(t.card["encoder"]["max_tokens"]) for t in minilm}
+        layer_sets = {tuple(t.card["encoder"]["feature_layers"]) for t in minilm}
+        if len(layer_sets) > 1:
             raise ValueError(
                 f"heads under {heads_dir} disagree on encoder feature_layers: "
                 f"{sorted(layer_sets)}; retrain them with one setting"
             )
+        # MiniLM always loads: it gives every response its 384-d embedding.
         self.encoder = Encoder(
-            max_tokens=max_tokens or max(lengths),
+            max_tokens=max_tokens or max(lengths, default=256),
             precision=precision,
             threads=threads,
-            feature_layers=layer_sets.pop(),
             backend=backend,
+            feature_layers=layer_sets.pop() if layer_sets else DEFAULT_FEATURE_LAYERS,
         )
-        self.encoder_name = ENCODER_NAME
         # Targets whose card carries fine-tuned encoder layers get their own copy.
         self._encoders: dict[str, Encoder] = {}
+        # Targets whose card names SmolLM2 features: one extractor per layer set.
+        self._smol: dict[str, SmolLM2Features] = {}
+        self._smol_of: dict[str, str] = {}
         for name, target in self.targets.items():
+            extractor = feature_extractor(target.card)
+            if extractor == "minilm":
+                continue
+            if extractor != SMOLLM2:
+                raise ValueError(f"{name}: card.json features.extractor {extractor!r} is unknown")
+            feats = target.card["features"]
+            layers = tuple(int(x) for x in feats["layers"])
+            key = f"{SMOLLM2}:{','.join(map(str, layers))}:{int(feats['max_prompt_tokens'])}"
+            if key not in self._smol:
+                self._smol[key] = SmolLM2Features(
+                    layers,
+                    max_prompt_tokens=int(feats["max_prompt_tokens"]),
+                    precision=precision,
+                    threads=threads,
+                )
+            self._smol_of[name] = key
+        names = ([ENCODER_NAME] if minilm else []) + [
+            f"{key.split(':')[0]} layers {key.split(':')[1]}" for key in sorted(self._smol)
+        ]
+        self.encoder_name = " + ".join(names)
+        for name, target in self.targets.items():
+            if name in self._smol_of:
+                continue
             layers_file = target.card["encoder"].get("layers_file")
             if layers_file:
                 self._encoders[name] = self._tuned_encoder(heads_dir / name / layers_file)
@@ -98,6 +132,12 @@ class PredictorCore:
         tuned._lock = threading.Lock()
         tuned.load_tuned_layers(path)
         return tuned
+
+    def warm_up(self) -> None:
+        """The first forward of each model pays for lazy initialisation inside torch."""
+        self.encoder.encode(["warm up the encoder"])
+        for extractor in self._smol.values():
+            extractor.encode_features(["warm up the encoder"])
 
     def known_targets(self) -> list[str]:
         return sorted(self.targets)
@@ -131,14 +171,21 @@ class PredictorCore:
         checked = [self.validate(q) for q in queries]
         groups: dict[str, list[int]] = {}
         for i, q in enumerate(queries):
-            key = q.target_model if q.target_model in self._encoders else ""
+            if q.target_model in self._smol_of:
+                key = self._smol_of[q.target_model]
+            else:
+                key = q.target_model if q.target_model in self._encoders else ""
             groups.setdefault(key, []).append(i)
         embeddings: list[Any] = [None] * len(queries)
         features: list[Any] = [None] * len(queries)
         for key, members in groups.items():
-            encoder = self._encoders.get(key, self.encoder) if key else self.encoder
             texts = [p for i in members for p in queries[i].prompts]
-            vectors, feats = encoder.encode_features(texts, batch_size=MAX_PROMPTS)
+            if key in self._smol:
+                vectors = self.encoder.encode(texts, batch_size=MAX_PROMPTS)
+                feats = self._smol[key].encode_features(texts)
+            else:
+                encoder = self._encoders.get(key, self.encoder) if key else self.encoder
+                vectors, feats = encoder.encode_features(texts, batch_size=MAX_PROMPTS)
             offset = 0
             for i in members:
                 n = len(queries[i].prompts)

@@ -249,7 +249,7 @@ class PredictorServer:
 
         threadpool_limits(limits=1, user_api="blas")
         # Warm-up: the first forward pays for lazy initialisation inside torch.
-        core.encoder.encode(["warm up the encoder"])
+        core.warm_up()
         self.batcher = MicroBatcher(core, self.cfg.batch_window_ms, self.cfg.max_batch_prompts)
         self.batcher.start()
         servicer = PredictorServicer(core, self.batcher)

