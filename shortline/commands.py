@@ -172,7 +172,15 @@ def _bench(args: argparse.Namespace) -> int:
     from shortline.benchmark.config import BenchConfig
     from shortline.benchmark.runner import main
 
-    return main(from_args(BenchConfig, args, "bench"))
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, through the code that stops
+    # the stack this run started: otherwise Triton, the workers and their shared
+    # memory would outlive the benchmark.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return main(from_args(BenchConfig, args, "bench"))
+    except KeyboardInterrupt:
+        print("shortline bench: interrupted; the stack it started is stopped", file=sys.stderr)
+        return 130
 
 
 def _health(args: argparse.Namespace) -> int:

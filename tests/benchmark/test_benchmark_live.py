@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from processes import alive, descendants
 
 from shortline.benchmark.config import BenchConfig
 from shortline.benchmark.runner import run
@@ -40,3 +45,44 @@ def test_quick_live_run_replays_exact_lengths_and_writes_reports(tmp_path: Path)
     md = (tmp_path / "results.md").read_text()
     assert "## Live: latency" in md and "| continuous | 0.90 | ssjf |" in md
     assert (tmp_path / "jct_cdf.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_stack_the_benchmark_started(tmp_path: Path) -> None:
+    """Killing `shortline bench` mid-run leaves no process and no Triton shared memory."""
+    argv = [
+        sys.executable,
+        "-m",
+        "shortline.cli",
+        "bench",
+        "--quick",
+        "--requests=200",
+        "--policies=fcfs",
+        "--batching=continuous",
+        "--sim-workers=",
+        f"--out={tmp_path}",
+    ]
+    shm_before = set(Path("/dev/shm").iterdir())
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "capacity" in line:  # the stack is up and the first cell is starting
+            break
+    assert any("capacity" in line for line in lines), "".join(lines)
+    children = descendants(proc.pid)
+    assert children, "the benchmark started no processes"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 130
+    time.sleep(0.5)
+    left = [pid for pid in children if alive(pid)]
+    assert not left, f"processes left behind: {left}"
+    new = set(Path("/dev/shm").iterdir()) - shm_before
+    leaked = sorted(str(p) for p in new if p.name.startswith("shortline"))
+    assert not leaked, f"shared memory left behind: {leaked}"

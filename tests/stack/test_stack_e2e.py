@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import alive, descendants
 
 from shortline.client import AsyncShortlineClient, ClientOptions, ShortlineClient
 from shortline.stack import Stack, StackConfig, port_is_free
@@ -213,12 +214,12 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     with ShortlineClient(ClientOptions(target=f"127.0.0.1:{cfg.scheduler_port}")) as c:
         stream = c.generate("hi", model="replay", max_tokens=3, ignore_eos=True)
         assert "".join(stream).split()[-1] == "replay3"
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     assert children, "the launcher started no processes"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
     time.sleep(0.5)
-    left = [pid for pid in children if _alive(pid)]
+    left = [pid for pid in children if alive(pid)]
     assert not left, f"processes left behind: {left}"
     # Triton's Python stubs name their regions shortline<pid>x... (see triton_embedded).
     new = set(Path("/dev/shm").iterdir()) - shm_before
@@ -251,32 +252,3 @@ def test_a_taken_port_gives_a_one_line_error_naming_it(tmp_path: Path) -> None:
     err = out.stderr.strip().splitlines()
     assert len(err) == 1, out.stderr
     assert str(cfg.predictor_port) in err[0] and "predictor" in err[0]
-
-
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(
-        ["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
-    ).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        p, pp = (int(x) for x in line.split())
-        children.setdefault(pp, []).append(p)
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
