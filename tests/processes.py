@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+from pathlib import Path
 
 
 def descendants(pid: int) -> list[int]:
@@ -35,3 +37,19 @@ def alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def shm_regions() -> set[Path]:
+    return set(Path("/dev/shm").iterdir())
+
+
+def assert_nothing_left(children: list[int], shm_before: set[Path]) -> None:
+    """After a launcher stopped: none of its processes and no new Triton shared memory.
+
+    Triton's Python stubs name their regions ``shortline<pid>x...`` (see triton_embedded).
+    """
+    time.sleep(0.5)
+    left = [pid for pid in children if alive(pid)]
+    assert not left, f"processes left behind: {left}"
+    leaked = sorted(str(p) for p in shm_regions() - shm_before if p.name.startswith("shortline"))
+    assert not leaked, f"shared memory left behind: {leaked}"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import alive, descendants
+from processes import assert_nothing_left, descendants, shm_regions
 
 from shortline.benchmark.config import BenchConfig
 from shortline.benchmark.runner import run
@@ -63,7 +63,7 @@ def test_sigterm_stops_the_stack_the_benchmark_started(tmp_path: Path) -> None:
         "--sim-workers=",
         f"--out={tmp_path}",
     ]
-    shm_before = set(Path("/dev/shm").iterdir())
+    shm_before = shm_regions()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines: list[str] = []
@@ -80,9 +80,4 @@ def test_sigterm_stops_the_stack_the_benchmark_started(tmp_path: Path) -> None:
     assert children, "the benchmark started no processes"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 130
-    time.sleep(0.5)
-    left = [pid for pid in children if alive(pid)]
-    assert not left, f"processes left behind: {left}"
-    new = set(Path("/dev/shm").iterdir()) - shm_before
-    leaked = sorted(str(p) for p in new if p.name.startswith("shortline"))
-    assert not leaked, f"shared memory left behind: {leaked}"
+    assert_nothing_left(children, shm_before)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -13,6 +12,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hidden_data import shared_data_hidden
 
 from services.predictor.config import PredictorConfig
 from services.predictor.encoder import resolve_backend
@@ -42,15 +42,8 @@ async def address() -> AsyncIterator[str]:
     cfg = PredictorConfig(port=free_port(), batch_window_ms=5.0, threads=2)
     server = PredictorServer(cfg)
     # The service runs on the shipped artifacts alone: hide the shared data while it loads.
-    saved = os.environ.get("SHORTLINE_DATA")
-    os.environ["SHORTLINE_DATA"] = "/nonexistent/shortline-data"
-    try:
+    with shared_data_hidden():
         await server.start()
-    finally:
-        if saved is None:
-            os.environ.pop("SHORTLINE_DATA")
-        else:
-            os.environ["SHORTLINE_DATA"] = saved
     try:
         yield cfg.address
     finally:

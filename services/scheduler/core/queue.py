@@ -152,7 +152,37 @@ class HeapQueue:
         return (e[3] for e in self._heap if e[3] is not None)
 
 
-class BoundedWaitQueue(HeapQueue):
+class _GuardedHeapQueue(HeapQueue):
+    """A key heap beside another view of the same entries that may pick first (a wait
+    bound, a latest start). A subclass says which entry goes next (``_head``) and
+    empties its views when the queue empties (``_clear_views``); popping, peeking and
+    removal are the same for all of them."""
+
+    def _head(self) -> list[Any] | None:
+        raise NotImplementedError
+
+    def _clear_views(self) -> None:
+        raise NotImplementedError
+
+    def pop(self) -> Job | None:
+        entry = self._head()
+        if entry is None:
+            return None
+        self._n -= 1
+        return _take(entry)
+
+    def peek(self) -> Job | None:
+        entry = self._head()
+        return None if entry is None else entry[3]
+
+    def remove(self, job: Job) -> bool:
+        removed = super().remove(job)
+        if removed and self._n == 0:
+            self._clear_views()
+        return removed
+
+
+class BoundedWaitQueue(_GuardedHeapQueue):
     """A key heap plus a FIFO view of the same entries: a job ready for longer than
     ``bound`` seconds goes next, oldest first; otherwise the smallest key.
 
@@ -181,22 +211,8 @@ class BoundedWaitQueue(HeapQueue):
         self._clean()
         return self._heap[0] if self._heap else None
 
-    def pop(self) -> Job | None:
-        entry = self._head()
-        if entry is None:
-            return None
-        self._n -= 1
-        return _take(entry)
-
-    def peek(self) -> Job | None:
-        entry = self._head()
-        return None if entry is None else entry[3]
-
-    def remove(self, job: Job) -> bool:
-        removed = super().remove(job)
-        if removed and self._n == 0:
-            self._dq.clear()
-        return removed
+    def _clear_views(self) -> None:
+        self._dq.clear()
 
 
 class TokenTime:
@@ -229,7 +245,7 @@ class TokenTime:
         self.value = self._seconds / self._tokens
 
 
-class SlackQueue(HeapQueue):
+class SlackQueue(_GuardedHeapQueue):
     """A key heap guarded by a JCT target: jobs that would finish late go first.
 
     Each job's deadline is ``arrival + target`` and its latest start is the
@@ -313,20 +329,6 @@ class SlackQueue(HeapQueue):
             return late[0][3]
         return heap[0] if heap else None
 
-    def pop(self) -> Job | None:
-        entry = self._head()
-        if entry is None:
-            return None
-        self._n -= 1
-        return _take(entry)
-
-    def peek(self) -> Job | None:
-        entry = self._head()
-        return None if entry is None else entry[3]
-
-    def remove(self, job: Job) -> bool:
-        removed = super().remove(job)
-        if removed and self._n == 0:
-            self._slack.clear()
-            self._late.clear()
-        return removed
+    def _clear_views(self) -> None:
+        self._slack.clear()
+        self._late.clear()
