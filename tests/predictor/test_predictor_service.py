@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,6 +17,7 @@ from services.predictor.config import PredictorConfig
 from services.predictor.encoder import resolve_backend
 from services.predictor.heads import REPO_HEADS_DIR
 from services.predictor.service import SERVICE_NAME, PredictorServer
+from services.worker.triton_embedded import free_port
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -28,13 +28,6 @@ PROMPTS = [
     "Write a detailed, multi-section essay on the causes of the First World War.",
     "Give me three synonyms for happy.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

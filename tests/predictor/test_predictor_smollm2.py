@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +27,7 @@ from services.predictor.smollm2_features import (
     SmolLM2Features,
     truncate_head_tail,
 )
+from services.worker.triton_embedded import free_port
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 SMOL_HEADS_DIR = REPO_HEADS_DIR.parent / "heads_smollm2"
@@ -94,13 +94,6 @@ def test_prefix_cache_matches_the_full_run(extractor: SmolLM2Features) -> None:
     assert abs(served - b).max() <= 2e-2 * abs(b).max()
     # A prompt alone gives bit-identical features to the same prompt in a batch.
     assert (extractor.encode_features(PROMPTS[1:2])[0] == served[1]).all()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
