@@ -61,6 +61,13 @@ class BenchConfig:
     sensitivity_requests: int = field(
         default=20_000, metadata={"help": "requests per sensitivity point"}
     )
+    spread_replays: int = field(
+        default=8,
+        metadata={
+            "help": "jittered simulator replays of the live cells, for the run-to-run spread "
+            "(0: none)"
+        },
+    )
     seed: int = field(default=1, metadata={"help": "random seed of the request sequence"})
     out: str = field(default="", metadata={"help": "output folder (default .run/bench/<time>)"})
 
@@ -81,6 +88,7 @@ class BenchConfig:
             batching=self.batching or QUICK_BATCHING,
             sim_requests=min(self.sim_requests, 10_000),
             sensitivity_requests=min(self.sensitivity_requests, 4_000),
+            spread_replays=min(self.spread_replays, 3),
         )
 
     def rhos(self) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,61 @@ def targets(
     return out
 
 
+def _range(xs: list[float], digits: int) -> str:
+    v = [x for x in xs if x is not None and not math.isnan(x)]
+    if not v:
+        return "-"
+    return f"{_f(min(v), digits)}-{_f(max(v), digits)} (median {_f(statistics.median(v), digits)})"
+
+
+def spread_tables(spread: dict[str, Any], live_rows: list[dict[str, Any]]) -> str:
+    """Live ratios beside the range of the jittered replays, and targets met per replay."""
+    live = {(r["batching"], r["rho"], r["policy"]): r for r in live_rows}
+    n = spread["replays"]
+    cells = _table(
+        [
+            "batching",
+            "rho",
+            "policy",
+            "live mean/fcfs",
+            f"replays mean/fcfs ({n})",
+            "live p99/fcfs",
+            f"replays p99/fcfs ({n})",
+        ],
+        [
+            [
+                c["batching"],
+                _f(c["rho"]),
+                c["policy"],
+                _f(live.get((c["batching"], c["rho"], c["policy"]), {}).get("mean_jct_vs_fcfs"), 3),
+                _range(c["mean_jct_vs_fcfs"], 3),
+                _f(live.get((c["batching"], c["rho"], c["policy"]), {}).get("p99_jct_vs_fcfs")),
+                _range(c["p99_jct_vs_fcfs"], 2),
+            ]
+            for c in spread["cells"]
+            if c["policy"] != "fcfs"
+        ],
+    )
+    live_targets = {(t["target"], t["batching"]): t for t in targets(live_rows, [])}
+    goals = _table(
+        ["target", "batching", "live run", "met live", f"met in replays (of {n})", "replays"],
+        [
+            [
+                t["target"],
+                t["batching"],
+                live_targets.get((t["target"], t["batching"]), {}).get("shown", "-"),
+                "yes"
+                if live_targets.get((t["target"], t["batching"]), {}).get("met")
+                else "**no**",
+                str(t["met"]),
+                _range(t["values"], 3),
+            ]
+            for t in spread["targets"]
+        ],
+    )
+    return cells + "\n\n" + goals
+
+
 def aging_table(rows: list[dict[str, Any]]) -> str:
     return _table(
         [
@@ -430,6 +486,19 @@ def markdown(result: dict[str, Any]) -> str:
             live_vs_sim_table(result["live_vs_sim"]),
             "",
         ]
+        if result.get("replay_spread"):
+            sp = result["replay_spread"]
+            parts += [
+                "## How far one run can move (the live cells replayed in the simulator, jittered)",
+                "",
+                f"{sp['replays']} replays at the probe step; each shifts every arrival by "
+                f"0-{sp['jitter_s'] * 1e3:g} ms (uniform) and scales the step by N(1, "
+                f"{sp['step_sd']:g}), the same for every policy of the replay. The aging "
+                "target's value column is its p99 / fcfs.",
+                "",
+                spread_tables(sp, result["live"]),
+                "",
+            ]
     parts += [
         "## Simulated, issue-7 reference setting (1 worker, Poisson, production lengths, rho 0.9)",
         "",

@@ -33,6 +33,7 @@ from shortline.benchmark.simulated import (
     noise_sensitivity,
     sim_cell,
 )
+from shortline.benchmark.spread import CellSetup, replay_spread
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,20 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             result["capacity"] = caps
         sim_rows, fit = simulate_live_cells(cfg, cells, model)
         result["calibration"].update(fit)
+        if cfg.spread_replays > 0:
+            print(f"replaying the live cells {cfg.spread_replays} times, jittered", flush=True)
+            result["replay_spread"] = replay_spread(
+                cells,
+                as_live(model),
+                slots=cfg.slots,
+                workers=cfg.workers,
+                slo_factor=cfg.slo_factor,
+                cache_size=LIVE_CACHE_SIZE,
+                run_overhead_s=fit["run_overhead_s"],
+                join_delay_s=fit["join_delay_s"],
+                replays=cfg.spread_replays,
+                seed=cfg.seed,
+            )
         for r in _live_vs_sim(live_rows, sim_rows):
             print(
                 f"{r['batching']}-{r['rho']:g}-{r['policy']}: live {r['live_mean_jct_s']:.2f} s, "
@@ -464,15 +479,9 @@ def _live_cells(
 
 
 @dataclasses.dataclass(frozen=True)
-class LiveDone:
-    """One finished live cell, with what the simulator needs to replay it."""
+class LiveDone(CellSetup):
+    """One finished live cell: its setup and what it measured."""
 
-    mode: str
-    batching: Batching
-    params: PolicyParams
-    rho: float
-    policy: str
-    work: bw.BenchWorkload
     times: RequestTimes
 
 

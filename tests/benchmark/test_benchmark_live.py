@@ -42,8 +42,11 @@ def test_quick_live_run_replays_exact_lengths_and_writes_reports(tmp_path: Path)
     assert 0.008 < cal["a_s"] < 0.014 and 0.0008 < cal["b_s"] < 0.0025
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["live_vs_sim"]) == 2
+    spread = saved["replay_spread"]
+    assert spread["replays"] == 3 and len(spread["cells"]) == 2
     md = (tmp_path / "results.md").read_text()
     assert "## Live: latency" in md and "| continuous | 0.90 | ssjf |" in md
+    assert "## How far one run can move" in md
     assert (tmp_path / "jct_cdf.png").is_file()
 
 
