@@ -159,6 +159,11 @@ def _stats(args: argparse.Namespace) -> int:
         f"preemptions {s.preemptions}, predictor fallbacks {s.predictor_fallbacks}, "
         f"cache hits {s.cache_hits}/{s.cache_lookups}"
     )
+    if s.policy.startswith("ssjf-aging"):
+        print(
+            f"aging guard: {s.late_jobs} jobs reached their latest start, "
+            f"token time {1e3 * s.token_time_seconds:.3f} ms per predicted token"
+        )
     print(f"{'worker':<12} {'address':<22} {'slots':>9} {'alive':>6} {'heartbeat':>10}")
     for w in s.workers:
         print(

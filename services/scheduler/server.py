@@ -689,6 +689,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             predictor_fallbacks=s["predictor_fallbacks"],
             cache_hits=s["cache_hits"],
             cache_lookups=s["cache_lookups"],
+            late_jobs=s["late_jobs"],
+            token_time_seconds=s["token_time_s"],
             workers=[
                 scheduler_pb2.WorkerStatus(
                     worker_id=w.id,

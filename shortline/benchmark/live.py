@@ -174,6 +174,13 @@ async def wait_for_workers(address: str, workers: int, timeout_s: float = 60.0) 
             await asyncio.sleep(0.2)
 
 
+async def guard_stats(address: str) -> tuple[int, float]:
+    """ssjf-aging's guard after a cell: (jobs that reached their latest start, token time s)."""
+    async with AsyncShortlineClient(ClientOptions(target=address, timeout_seconds=5)) as client:
+        stats = await client.stats()
+    return int(stats.late_jobs), float(stats.token_time_seconds)
+
+
 async def measure_step_times(
     address: str, *, length_model: str, batch: int, tokens: int = 120, repeats: int = 2
 ) -> StepTimes:

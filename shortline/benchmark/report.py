@@ -152,6 +152,15 @@ def at_scale_table(rows: list[dict[str, Any]]) -> str:
     return _table(head, body)
 
 
+def _guard(r: dict[str, Any], name: str, scale: float, digits: int) -> str:
+    if not r["policy"].startswith("ssjf-aging"):
+        return "-"
+    live, sim = r.get(f"live_{name}"), r.get(f"sim_{name}")
+    if live is None or sim is None:
+        return "-"
+    return f"{_f(scale * live, digits)} / {_f(scale * sim, digits)}"
+
+
 def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
     head = [
         "batching",
@@ -165,6 +174,8 @@ def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
         "join delay ms",
         "live mean/fcfs",
         "sim mean/fcfs",
+        "ssjf-aging late jobs live / sim",
+        "token time ms live / sim",
     ]
     body = [
         [
@@ -179,6 +190,8 @@ def live_vs_sim_table(rows: list[dict[str, Any]]) -> str:
             _f(1e3 * r.get("join_delay_s", 0.0), 1),
             _f(r["live_mean_jct_vs_fcfs"], 3),
             _f(r["sim_mean_jct_vs_fcfs"], 3),
+            _guard(r, "late_jobs", 1.0, 0),
+            _guard(r, "token_time_s", 1e3, 3),
         ]
         for r in rows
     ]

@@ -451,6 +451,8 @@ def _live_cells(
                     ),
                     wall_s=got.wall_s,
                 )
+                late, token_time = asyncio.run(live.guard_stats(address))
+                row.update(late_jobs=late, token_time_s=token_time)
                 live_rows.append(row)
                 jct = got.times.finish - got.times.arrival
                 cdfs[cell] = {"jct": sorted(jct.tolist())}
@@ -551,7 +553,7 @@ def simulate_live_cells(
         srow: dict[str, Any] = {}
         for m, key in ((fitted, ""), (probe, "probe_")):
             m = dataclasses.replace(m, run_overhead_s=overheads[c.mode], join_delay_s=joins[c.mode])
-            times, preempts = sim_cell(
+            times, counters = sim_cell(
                 c.work,
                 c.policy,
                 c.batching,
@@ -566,7 +568,11 @@ def simulate_live_cells(
                 srow["probe_mean_jct_s"] = got["mean_jct_s"]
             else:
                 srow.update(got)
-                srow["preemptions"] = preempts
+                srow.update(
+                    preemptions=counters.preemptions,
+                    late_jobs=counters.late_jobs,
+                    token_time_s=counters.token_time_s,
+                )
         srow.update(
             source="sim",
             batching=c.mode,
@@ -602,6 +608,10 @@ def _live_vs_sim(
                 "join_delay_s": s.get("join_delay_s", 0.0),
                 "live_mean_jct_vs_fcfs": r.get("mean_jct_vs_fcfs", float("nan")),
                 "sim_mean_jct_vs_fcfs": s.get("mean_jct_vs_fcfs", float("nan")),
+                "live_late_jobs": r.get("late_jobs", 0),
+                "sim_late_jobs": s.get("late_jobs", 0),
+                "live_token_time_s": r.get("token_time_s", 0.0),
+                "sim_token_time_s": s.get("token_time_s", 0.0),
             }
         )
     return out

@@ -28,7 +28,7 @@ from services.scheduler.core.policies import (
 )
 from services.scheduler.sim import runner as sim_runner
 from services.scheduler.sim import workload as wl
-from services.scheduler.sim.engine import simulate
+from services.scheduler.sim.engine import RunResult, simulate
 from services.scheduler.sim.report import summarize
 from services.scheduler.sim.service_model import ServiceModel, capacity
 from shortline.benchmark.metrics import RequestTimes, add_ratios
@@ -119,8 +119,8 @@ def sim_cell(
     model: ServiceModel,
     params: PolicyParams,
     cache_size: int,
-) -> tuple[RequestTimes, int]:
-    """One live cell in the simulator; (per-request times, preemptions)."""
+) -> tuple[RequestTimes, RunResult]:
+    """One live cell in the simulator; (per-request times, the run's counters)."""
     r = simulate(
         work.to_sim(),
         params.policy(policy),
@@ -137,7 +137,7 @@ def sim_cell(
         tokens=r.tokens.astype(np.int64),
         wait=r.first_dispatch - r.arrival,
     )
-    return times, r.preemptions
+    return times, r
 
 
 def at_scale(

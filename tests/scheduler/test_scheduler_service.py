@@ -150,6 +150,22 @@ async def test_short_jobs_queued_behind_a_busy_worker_finish_first_under_oracle_
         assert finished == ["busy", "len5", "len10", "len20", "len30", "len40"]
 
 
+async def test_stats_report_the_aging_guard(embedded_triton: Any, tmp_path: Path) -> None:
+    """Operators tune ssjf-aging's JCT target from what GetStats says its guard did."""
+    async with stack(
+        embedded_triton.grpc_url, tmp_path, policy="ssjf-aging", jct_target_s=0.001
+    ) as s:
+        busy = asyncio.create_task(s.generate("busy", 40))
+        await wait_for(lambda: s.scheduler.servicer.core.running == 1)
+        # A target of 1 ms: both queued jobs reach their latest start while they wait.
+        await asyncio.gather(busy, s.generate("a", 10), s.generate("b", 10))
+        stats = await s.stub.GetStats(scheduler_pb2.GetStatsRequest())
+        assert stats.completed == 3
+        assert stats.late_jobs == 2
+        # Learned from the three runs: seconds per token of the fallback prediction.
+        assert stats.token_time_seconds > 0
+
+
 async def test_ssjf_orders_by_the_real_predictor(embedded_triton: Any, tmp_path: Path) -> None:
     from services.predictor.config import PredictorConfig
     from services.predictor.service import PredictorServer

@@ -150,6 +150,9 @@ def test_the_core_learns_seconds_per_predicted_token_from_finished_runs() -> Non
         clock.advance_to(clock.now() + 40.0)
         core.on_finish(d.job.id, "stop", 100)
     assert core.queue.token_time.value == pytest.approx(0.2)
+    stats = core.stats()
+    assert stats["token_time_s"] == pytest.approx(0.2)
+    assert stats["late_jobs"] == core.queue.turned_late
 
 
 def test_a_long_job_finishes_by_its_target_behind_a_stream_of_short_ones() -> None:
@@ -178,6 +181,9 @@ def test_a_long_job_finishes_by_its_target_behind_a_stream_of_short_ones() -> No
     assert jct["ssjf"][100] > target + 20.0  # starved without the guard
     # Late by at most the one short job running when its latest start passed.
     assert jct["aging"][100] <= target + 30 * step + 1e-6
+    # The run reports what the guard did: the long job turned late, at the fixed token time.
+    assert runs["aging"].late_jobs >= 1 and runs["aging"].token_time_s == step
+    assert runs["ssjf"].late_jobs == 0
 
 
 @pytest.mark.parametrize(

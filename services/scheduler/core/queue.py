@@ -285,6 +285,7 @@ class SlackQueue(_GuardedHeapQueue):
         self._remaining = remaining
         self.token_time = token_time
         self._margin = margin
+        self.turned_late = 0  # jobs whose latest start came while they waited
         self._slack: list[tuple[float, int, list[Any]]] = []  # (latest start, tick, entry)
         self._late: list[tuple[float, int, int, list[Any]]] = []  # (key, seq, tick, entry)
 
@@ -323,6 +324,7 @@ class SlackQueue(_GuardedHeapQueue):
             if entry[3] is not None:
                 heapq.heappush(late, (entry[0], entry[1], entry[2], entry))
                 moves -= 1
+                self.turned_late += 1
         while late and late[0][3][3] is None:
             heapq.heappop(late)
         if late:

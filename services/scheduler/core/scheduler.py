@@ -25,6 +25,7 @@ from services.scheduler.core.fallback import FallbackPredictor
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.placement import SlotBoard, WorkerSlots
 from services.scheduler.core.policies import Policy
+from services.scheduler.core.queue import SlackQueue
 
 QUEUED = JobState.QUEUED
 PREDICTED = JobState.PREDICTED
@@ -513,6 +514,7 @@ class SchedulerCore:
 
     def stats(self) -> dict[str, Any]:
         cache = self.cache
+        queue = self.queue
         return {
             "policy": self.policy.name,
             "batching": self.batching.mode.value,
@@ -529,4 +531,8 @@ class SchedulerCore:
             "cache_lookups": cache.lookups if cache else 0,
             "workers": len(self._workers),
             "free_slots": self._board.free,
+            # ssjf-aging's guard, for tuning its JCT target: how many jobs reached their
+            # latest start, and the seconds per predicted token it plans with.
+            "late_jobs": queue.turned_late if isinstance(queue, SlackQueue) else 0,
+            "token_time_s": queue.token_time.value if isinstance(queue, SlackQueue) else 0.0,
         }

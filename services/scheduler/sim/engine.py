@@ -62,6 +62,8 @@ class RunResult:
     events: int
     cache_lookups: int = 0
     cache_hits: int = 0
+    late_jobs: int = 0  # ssjf-aging: jobs that reached their latest start
+    token_time_s: float = 0.0  # ssjf-aging: seconds per predicted token at the end
 
 
 def simulate(
@@ -281,6 +283,7 @@ def simulate(
                 tiebreak += 1
                 push(events, (t, tiebreak, -1, 0))
 
+    stats = core.stats()
     return RunResult(
         policy=policy.name,
         batching=batching.mode.value,
@@ -294,4 +297,6 @@ def simulate(
         events=n_events + n_jobs,
         cache_lookups=cache.lookups if cache is not None else 0,
         cache_hits=cache.hits if cache is not None else 0,
+        late_jobs=stats["late_jobs"],
+        token_time_s=stats["token_time_s"],
     )
