@@ -17,6 +17,12 @@ def _serve(args: argparse.Namespace) -> int:
     from services.scheduler.server import build_policy, serve
 
     cfg = from_args(SchedulerConfig, args, "scheduler")
+    if not cfg.prediction_scale > 0:
+        raise SystemExit(f"--prediction-scale must be > 0, got {cfg.prediction_scale}")
+    if cfg.prediction_scale != 1.0 and not cfg.benchmark_mode:
+        raise SystemExit(
+            "--prediction-scale is for replay benchmarks only: add --benchmark-mode or drop it"
+        )
     try:
         build_policy(cfg)
     except PolicyError as exc:

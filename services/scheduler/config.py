@@ -75,6 +75,14 @@ class SchedulerConfig:
             "use it and predictions are not capped at it"
         },
     )
+    prediction_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "benchmark mode only: the predictor's tokens are divided by this, for "
+            "replayed lengths that were divided by it (keeps predictions and generated "
+            "tokens in one unit, which preemption and aging compare)"
+        },
+    )
     default_length_model: str = field(
         default="Meta-Llama-3-8B-Instruct",
         metadata={"help": "length model when a request names none"},

@@ -323,7 +323,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         timeout=self.cfg.predictor_timeout_ms / 1e3,
                     )
                     p = reply.predictions[0]
-                    predicted = p.predicted_tokens
+                    predicted = p.predicted_tokens / self.cfg.prediction_scale
                     embedding = list(p.embedding) or None
                     span.set_attribute("shortline.predicted_tokens", predicted)
                 except grpc.aio.AioRpcError as exc:

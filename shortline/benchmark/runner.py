@@ -41,8 +41,9 @@ SIGMAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 REPEAT_SHARES = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]
 AGING_RATES = [0.0, 5.0, 20.0]  # key tokens per job time at capacity
 AGING_BOUNDS = [18.0, 21.0, 26.0, 33.0, 40.0]  # JCT target D, job times
-# The live scheduler's semantic cache holds one prompt: repeats of the test prompts would
-# otherwise return observed (scaled) lengths beside unscaled head predictions.
+# The live scheduler's semantic cache holds one prompt: a cell draws its 1,000 requests
+# from the 173 test prompts, so a full cache would hand ssjf the true length of nearly
+# every request and measure the cache, not the predictor (the sensitivity study does that).
 LIVE_CACHE_SIZE = 1
 
 
@@ -146,6 +147,8 @@ def _scheduler_args(cfg: BenchConfig, params: PolicyParams, out: Path) -> str:
             str(LIVE_CACHE_SIZE),
             "--outcome-log",
             str(_scratch(out) / "outcomes.sqlite"),
+            "--prediction-scale",
+            f"{cfg.length_scale:g}",
             *params.scheduler_flags(),
         ]
     )
@@ -171,6 +174,8 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
     pool = bw.length_pool(cfg.target_model, cfg.length_scale)
+    # Live and simulated keys are the head's predictions over this (see _live_cells).
+    result["prediction_scale"] = cfg.length_scale
     result["lengths"] = {
         "set": pool.lengths.name,
         "unique_prompts": len(pool.lengths.prompts),
@@ -382,9 +387,10 @@ def _live_cells(
     cdfs: dict[str, dict[str, list[float]]] = {}
     caps: list[dict[str, Any]] = []
     requests_dump: dict[str, dict[str, list[float]]] = {}
-    # Keys are the head's predictions, in production tokens like the simulator's, so its
-    # default aging rate (key tokens per job time) applies unchanged.
-    key_per_token = 1.0
+    # The scheduler divides the head's predictions by the length scale (--prediction-scale),
+    # as the replayed lengths were: remaining work (predicted - generated), which preemption
+    # and ssjf-aging use, needs one unit. The aging rate is in those keys' units.
+    key_per_token = 1.0 / cfg.length_scale
     for mode in cfg.modes():
         batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
         cap = capacity(
@@ -447,7 +453,9 @@ def _live_cells(
                     max_send_lag_s=float(got.send_lag_s.max()),
                     # The live predictor against the offline head the simulator uses.
                     prediction_median_rel_diff=float(
-                        np.nanmedian(np.abs(got.predicted / work.predicted - 1.0))
+                        np.nanmedian(
+                            np.abs(got.predicted * cfg.length_scale / work.predicted - 1.0)
+                        )
                     ),
                     wall_s=got.wall_s,
                 )

@@ -135,13 +135,18 @@ def replay_spread(
 def cells_from_result(result: dict[str, Any]) -> list[CellSetup]:
     """The live cells of a finished run, rebuilt from its saved settings (same requests)."""
     cfg = BenchConfig(**result["config"])
+    if result.get("prediction_scale") != cfg.length_scale:
+        raise ValueError(
+            "this results.json predates predictions scaled with the replayed lengths "
+            "(its cells cannot be rebuilt as they ran): rerun shortline bench"
+        )
     pool = bw.length_pool(cfg.target_model, cfg.length_scale)
     caps = {c["batching"]: c for c in result["capacity"]}
     out: list[CellSetup] = []
     for mode in cfg.modes():
         cap = caps[mode]
         batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
-        base = PolicyParams.scaled(cfg.workers / cap["capacity_rps"], 1.0, mode)
+        base = PolicyParams.scaled(cfg.workers / cap["capacity_rps"], 1.0 / cfg.length_scale, mode)
         for rho in cfg.rhos():
             work = bw.build(
                 pool, n=cfg.requests, rate=rho * cap["capacity_rps"], trace=cfg.trace, seed=cfg.seed
@@ -188,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(args.results.read_text())
     if not result.get("live"):
         parser.error(f"{args.results} has no live cells to replay")
-    add_to_result(result, args.replays, LIVE_CACHE_SIZE)
+    try:
+        add_to_result(result, args.replays, LIVE_CACHE_SIZE)
+    except ValueError as exc:
+        parser.error(f"{args.results}: {exc}")
     args.results.write_text(json.dumps(result, indent=1, default=float))
     args.results.with_name("results.md").write_text(report.markdown(result) + "\n")
     print(report.spread_tables(result["replay_spread"], result["live"]))

@@ -42,7 +42,8 @@ class BenchWorkload:
             arrivals=self.arrivals,
             prompt_tokens=self.prompt_tokens,
             true_tokens=self.true_tokens,
-            predicted=self.predicted,
+            # In the replayed lengths' unit, as the benchmark-mode scheduler sees them.
+            predicted=self.predicted / self.length_scale,
             prediction_source="predictor",
             info={"lengths": self.lengths_name, "arrivals": self.arrivals_name},
             # The engine draws one embedding per id below the request count: compact them.

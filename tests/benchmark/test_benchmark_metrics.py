@@ -128,6 +128,9 @@ def test_a_short_trace_sequence_runs_at_its_target_rate() -> None:
         assert work.true_tokens[i] == [10, 20, 30][j]
         assert work.predicted[i] == [90.0, 210, 330][j]
     sim = work.to_sim()
+    # The simulated scheduler, like the benchmark-mode one, sees predictions in the
+    # replayed lengths' unit, so remaining = predicted - generated is in one unit.
+    assert sim.predicted.tolist() == (work.predicted / 10).tolist()
     assert sim.prompt_ids is not None and int(sim.prompt_ids.max()) < 50
     # The live client's max_tokens is the true length, which the benchmark-mode
     # scheduler does not cap predictions at: the simulator's copy carries no cap either.

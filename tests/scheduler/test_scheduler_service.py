@@ -220,6 +220,17 @@ async def test_ssjf_orders_by_the_real_predictor(embedded_triton: Any, tmp_path:
             assert len({predicted[r] for r in order}) == len(order)
             # Queued behind the busy worker, they started by prediction, smallest first.
             assert order == sorted(order, key=lambda r: predicted[r])
+        # A replay benchmark divides the lengths by 10: the scheduler divides predictions
+        # too, so remaining work (predicted - generated) stays in one unit.
+        async with stack(
+            embedded_triton.grpc_url, tmp_path, policy="ssjf", predictor=pcfg.address,
+            predictor_timeout_ms=5000, benchmark_mode=True, prediction_scale=10.0,
+        ) as s:  # fmt: skip
+            msgs, _ = await s.generate("scaled", 5, prompt=prompts[0])
+            assert msgs[0].accepted.prediction_source == scheduler_pb2.PREDICTION_SOURCE_PREDICTOR
+            assert msgs[0].accepted.predicted_tokens == pytest.approx(
+                predicted["p0"] / 10, rel=1e-3
+            )
     finally:
         await predictor.stop(0.1)
 
