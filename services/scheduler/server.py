@@ -32,7 +32,7 @@ from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.clock import MonotonicClock
 from services.scheduler.core.fallback import FallbackPredictor
 from services.scheduler.core.job import Job, JobState
-from services.scheduler.core.policies import Policy, PreemptionRule, make_policy
+from services.scheduler.core.policies import Policy, PolicySettings
 from services.scheduler.core.scheduler import (
     Assign,
     Decision,
@@ -132,18 +132,7 @@ def validate(request: scheduler_pb2.GenerateRequest) -> str | None:
 
 
 def build_policy(cfg: SchedulerConfig) -> Policy:
-    return make_policy(
-        cfg.policy,
-        aging_rate=cfg.aging_rate,
-        max_wait_s=cfg.max_wait_s,
-        jct_target_s=cfg.jct_target_s,
-        token_time_s=cfg.token_time_s,
-        slack_margin=cfg.slack_margin,
-        preemption=PreemptionRule(
-            cfg.preempt_factor, cfg.preempt_max_fraction, cfg.preempt_max_per_job
-        ),
-        allow_oracle=cfg.benchmark_mode,
-    )
+    return PolicySettings.of(cfg).policy(cfg.policy, allow_oracle=cfg.benchmark_mode)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):

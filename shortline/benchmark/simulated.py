@@ -22,9 +22,7 @@ from services.scheduler.core.policies import (
     REFERENCE_AGING_RATE_PER_JOB_TIME,
     REFERENCE_JCT_TARGET_JOB_TIMES,
     REFERENCE_SLACK_MARGIN,
-    Policy,
-    PreemptionRule,
-    make_policy,
+    PolicySettings,
 )
 from services.scheduler.sim import runner as sim_runner
 from services.scheduler.sim import workload as wl
@@ -36,17 +34,9 @@ from shortline.benchmark.workload import BenchWorkload
 
 
 @dataclass(frozen=True)
-class PolicyParams:
-    """Aging and preemption settings, passed identically to the live scheduler and the simulator."""
-
-    aging_rate: float  # key tokens per second waited
-    max_wait_s: float  # the older wait bound; used only when jct_target_s is 0
-    jct_target_s: float = 0.0  # ssjf-aging's JCT target D (latest-start guard)
-    slack_margin: float = REFERENCE_SLACK_MARGIN
-    token_time_s: float = 0.0  # 0: the scheduler learns it from finished runs
-    preempt_factor: float = 2.0
-    preempt_max_fraction: float = 0.1
-    preempt_max_per_job: int = 1
+class PolicyParams(PolicySettings):
+    """Aging and preemption settings, passed identically to the live scheduler (as flags)
+    and to the simulator (as a policy)."""
 
     @staticmethod
     def scaled(
@@ -72,38 +62,7 @@ class PolicyParams:
         return dataclasses.replace(self, jct_target_s=share * fcfs_p99_s)
 
     def scheduler_flags(self) -> list[str]:
-        return [
-            "--aging-rate",
-            f"{self.aging_rate:.6g}",
-            "--max-wait-s",
-            f"{self.max_wait_s:.6g}",
-            "--jct-target-s",
-            f"{self.jct_target_s:.6g}",
-            "--slack-margin",
-            f"{self.slack_margin:g}",
-            "--token-time-s",
-            f"{self.token_time_s:.6g}",
-            "--preempt-factor",
-            f"{self.preempt_factor:g}",
-            "--preempt-max-fraction",
-            f"{self.preempt_max_fraction:g}",
-            "--preempt-max-per-job",
-            str(self.preempt_max_per_job),
-        ]
-
-    def policy(self, spec: str) -> Policy:
-        return make_policy(
-            spec,
-            aging_rate=self.aging_rate,
-            max_wait_s=self.max_wait_s,
-            jct_target_s=self.jct_target_s,
-            token_time_s=self.token_time_s,
-            slack_margin=self.slack_margin,
-            preemption=PreemptionRule(
-                self.preempt_factor, self.preempt_max_fraction, self.preempt_max_per_job
-            ),
-            allow_oracle=True,
-        )
+        return self.flags()
 
 
 JCT_TARGET_OF_FCFS_P99 = {"none": 0.95, "dynamic": 1.0, "continuous": 1.15}
@@ -123,7 +82,7 @@ def sim_cell(
     """One live cell in the simulator; (per-request times, the run's counters)."""
     r = simulate(
         work.to_sim(),
-        params.policy(policy),
+        params.policy(policy, allow_oracle=True),
         batching,
         workers=workers,
         slots=slots,
@@ -295,7 +254,7 @@ def _reference_cell(
     )
     r = simulate(
         work,
-        params.policy(spec),
+        params.policy(spec, allow_oracle=True),
         batching,
         workers=workers,
         slots=common["slots"],

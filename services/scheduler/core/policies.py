@@ -7,7 +7,7 @@ policy's preemption rule, if any.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job
@@ -119,6 +119,51 @@ def _aging_key(rate: float) -> KeyFn:
 REFERENCE_JCT_TARGET_JOB_TIMES = {"none": 21.0, "dynamic": 31.0, "continuous": 33.0}
 REFERENCE_AGING_RATE_PER_JOB_TIME = 5.0
 REFERENCE_SLACK_MARGIN = 1.0
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Every policy knob in one record, so the service's flags and the benchmark's
+    simulator build a policy the same way (field names match SchedulerConfig's)."""
+
+    aging_rate: float = 5.0  # key tokens per second waited
+    max_wait_s: float = 60.0  # the older wait bound; used only when jct_target_s is 0
+    jct_target_s: float = 0.0  # ssjf-aging's JCT target D (latest-start guard)
+    token_time_s: float = 0.0  # 0: learned from finished runs
+    slack_margin: float = REFERENCE_SLACK_MARGIN
+    preempt_factor: float = 2.0
+    preempt_max_fraction: float = 0.1
+    preempt_max_per_job: int = 1
+
+    @classmethod
+    def of(cls, source: object) -> PolicySettings:
+        """The settings held by any object with the same attribute names (a config)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+    def policy(self, spec: str, *, allow_oracle: bool = False) -> Policy:
+        return make_policy(
+            spec,
+            aging_rate=self.aging_rate,
+            max_wait_s=self.max_wait_s,
+            jct_target_s=self.jct_target_s,
+            token_time_s=self.token_time_s,
+            slack_margin=self.slack_margin,
+            preemption=PreemptionRule(
+                self.preempt_factor, self.preempt_max_fraction, self.preempt_max_per_job
+            ),
+            allow_oracle=allow_oracle,
+        )
+
+    def flags(self) -> list[str]:
+        """The same settings as ``shortline scheduler serve`` flags."""
+        out: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out += [
+                f"--{f.name.replace('_', '-')}",
+                str(value) if isinstance(value, int) else f"{value:.6g}",
+            ]
+        return out
 
 
 def make_policy(
