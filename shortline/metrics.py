@@ -39,6 +39,14 @@ GENERATED_TOKENS = Counter(
     "shortline_generated_tokens_total", "Tokens streamed to clients", ["model"]
 )
 PREEMPTIONS = Counter("shortline_preemptions_total", "Running jobs preempted for shorter ones")
+AGING_LATE_JOBS = Counter(
+    "shortline_aging_late_jobs_total",
+    "ssjf-aging: jobs that reached their latest start (arrival + JCT target - predicted service)",
+)
+AGING_TOKEN_TIME = Gauge(
+    "shortline_aging_token_time_seconds",
+    "ssjf-aging: seconds per predicted token its latest starts use (learned or configured)",
+)
 PREDICTOR_FALLBACKS = Counter(
     "shortline_predictor_fallbacks_total",
     "Predictions replaced by the running median because the predictor failed or was late",

@@ -33,6 +33,7 @@ from services.scheduler.core.clock import MonotonicClock
 from services.scheduler.core.fallback import FallbackPredictor
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.policies import Policy, PolicySettings
+from services.scheduler.core.queue import SlackQueue
 from services.scheduler.core.scheduler import (
     Assign,
     Decision,
@@ -150,6 +151,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             cap_at_max_tokens=not cfg.benchmark_mode,
         )
         self.outcome_log = outcome_log
+        self._late_seen = 0  # ssjf-aging's late jobs already counted in Prometheus
         self.workers: dict[str, WorkerHandle] = {}
         self.requests: dict[str, Request] = {}
         self._predictor_channel: grpc.aio.Channel | None = None
@@ -404,6 +406,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             self._apply(decision)
         metrics.QUEUE_DEPTH.set(self.core.queue_depth)
         metrics.RUNNING_JOBS.set(self.core.running)
+        queue = self.core.queue
+        if isinstance(queue, SlackQueue):
+            if queue.turned_late > self._late_seen:
+                metrics.AGING_LATE_JOBS.inc(queue.turned_late - self._late_seen)
+                self._late_seen = queue.turned_late
+            metrics.AGING_TOKEN_TIME.set(queue.token_time.value)
 
     def _apply(self, decision: Decision) -> None:
         if isinstance(decision, Assign):

@@ -152,6 +152,9 @@ async def test_short_jobs_queued_behind_a_busy_worker_finish_first_under_oracle_
 
 async def test_stats_report_the_aging_guard(embedded_triton: Any, tmp_path: Path) -> None:
     """Operators tune ssjf-aging's JCT target from what GetStats says its guard did."""
+    from prometheus_client import REGISTRY
+
+    before = REGISTRY.get_sample_value("shortline_aging_late_jobs_total") or 0.0
     async with stack(
         embedded_triton.grpc_url, tmp_path, policy="ssjf-aging", jct_target_s=0.001
     ) as s:
@@ -164,6 +167,10 @@ async def test_stats_report_the_aging_guard(embedded_triton: Any, tmp_path: Path
         assert stats.late_jobs == 2
         # Learned from the three runs: seconds per token of the fallback prediction.
         assert stats.token_time_seconds > 0
+        # Prometheus says the same.
+        assert REGISTRY.get_sample_value("shortline_aging_late_jobs_total") == before + 2
+        token_time = REGISTRY.get_sample_value("shortline_aging_token_time_seconds")
+        assert token_time == pytest.approx(stats.token_time_seconds)
 
 
 async def test_ssjf_orders_by_the_real_predictor(embedded_triton: Any, tmp_path: Path) -> None:
