@@ -113,6 +113,7 @@ def at_scale(
     batch_wait_ms: float,
     seed: int,
     predictor: str = "real",
+    lengths: str = "alpaca",
     repeat_share: float = 0.0,
     cache: bool = False,
     aging_rate: float = math.nan,
@@ -128,7 +129,7 @@ def at_scale(
         batch_wait_ms=batch_wait_ms,
         policies=policies,
         arrivals=trace,
-        lengths="alpaca",
+        lengths=lengths,
         target_model=target_model,
         split="test",
         predictor=predictor,
@@ -149,6 +150,7 @@ def at_scale(
             rho=rho,
             arrivals=trace,
             capacity_rps=caps.get(row["batching"], math.nan),
+            predictor_kendall_tau=report["predictor_kendall_tau"],
         )
     add_ratios(rows, ("batching", "workers", "rho"))
     return rows
@@ -191,6 +193,44 @@ def noise_sensitivity(
                         ),
                     }
                 )
+    return out
+
+
+def noise_for_tau(lengths: wl.LengthSet, tau: float, seed: int) -> float:
+    """The sigma of multiplicative log-normal noise whose predictions reach Kendall's
+    ``tau`` on ``lengths``, drawn as the simulator draws them for ``seed``."""
+    true = lengths.true_tokens.astype(np.float64)
+    z = np.random.default_rng(seed).standard_normal(true.shape[0])
+    lo, hi = 0.0, 5.0  # tau falls as sigma grows
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if kendall_tau(true * np.exp(mid * z), true) > tau:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def azure_lengths(
+    taus: list[float], *, batching: str, policies: str, common: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The Azure trace's own lengths (CV 0.77 against alpaca's 0.56), which come
+    without prompts: predictions are the true length times log-normal noise
+    calibrated to each Kendall's tau (the head's, and others), not a predictor."""
+    lengths = wl.trace_lengths("conv")
+    out: list[dict[str, Any]] = []
+    for tau in taus:
+        sigma = noise_for_tau(lengths, tau, common["seed"])
+        rows = at_scale(
+            batching=batching,
+            policies=policies,
+            lengths="trace",
+            predictor=f"noisy:{sigma:.6f}",
+            **common,
+        )
+        for row in rows:
+            row.update(lengths="azure2023/conv", kendall_tau=tau, noise_sigma=sigma)
+        out += rows
     return out
 
 

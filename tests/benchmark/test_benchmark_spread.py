@@ -109,3 +109,34 @@ def test_the_tables_put_the_live_run_beside_the_replays() -> None:
     assert "| none | 0.90 | ssjf | 0.700 |" in md
     assert "met in replays (of 3)" in md
     assert "| fcfs |" not in md
+
+
+def test_azure_lengths_get_noise_at_the_asked_tau_and_their_own_targets() -> None:
+    from shortline.benchmark.report import targets
+    from shortline.benchmark.simulated import azure_lengths
+
+    common = {
+        "requests": 600,
+        "trace": "poisson",
+        "target_model": "Meta-Llama-3-8B-Instruct",
+        "slots": 8,
+        "model": MODEL,
+        "batch_wait_ms": 50.0,
+        "seed": 4,
+        "workers": 1,
+        "rho": 0.9,
+    }
+    rows = azure_lengths(
+        [0.45, 0.6], batching="none", policies="fcfs,ssjf,sjf-oracle", common=common
+    )
+    assert len(rows) == 6
+    for r in rows:
+        assert r["lengths"] == "azure2023/conv"
+        # The simulator draws the very noise the calibration solved for.
+        assert abs(r["predictor_kendall_tau"] - r["kendall_tau"]) < 0.005
+    assert rows[0]["noise_sigma"] > rows[3]["noise_sigma"]  # less noise for a higher tau
+    where = {t["where"] for t in targets([], rows)}
+    assert where == {
+        "sim 1 worker(s), poisson, rho 0.9, azure2023/conv lengths, noise at tau 0.45",
+        "sim 1 worker(s), poisson, rho 0.9, azure2023/conv lengths, noise at tau 0.60",
+    }
