@@ -284,15 +284,18 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             load_rows += at_scale(
                 workers=sizes[0], rho=rho, batching=cfg.batching, policies=cfg.policies, **common
             )
-    # The issue-7 reference setting (one worker, Poisson arrivals), where a queue forms.
+    # The issue-7 reference setting, where its limits were measured: one worker, Poisson
+    # arrivals, rho 0.9, so a queue forms (at 64 workers the pooled slots rarely leave a
+    # job waiting). The Azure-lengths, aging-sweep and sensitivity runs use it too.
+    reference: dict[str, Any] = {
+        **common,
+        "trace": "poisson",
+        "requests": cfg.sensitivity_requests,
+        "workers": 1,
+        "rho": 0.9,
+    }
     print("simulating the issue-7 reference: 1 worker, Poisson, rho 0.9", flush=True)
-    ref_rows = at_scale(
-        workers=1,
-        rho=0.9,
-        batching=cfg.batching,
-        policies=cfg.policies,
-        **{**common, "trace": "poisson", "requests": cfg.sensitivity_requests},
-    )
+    ref_rows = at_scale(batching=cfg.batching, policies=cfg.policies, **reference)
     result["sim_reference"] = ref_rows
     # The Azure trace's own lengths, at the head's tau and at issue 3's target tau.
     head_tau = kendall_tau(pool.predicted, pool.lengths.true_tokens.astype(np.float64))
@@ -301,13 +304,7 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         [head_tau, 0.60],
         batching=cfg.batching,
         policies=cfg.policies,
-        common={
-            **common,
-            "trace": "poisson",
-            "requests": cfg.sensitivity_requests,
-            "workers": 1,
-            "rho": 0.9,
-        },
+        common=reference,
     )
     result["sim_azure_lengths"] = azure_rows
     print("simulating an ssjf-aging sweep at the reference setting", flush=True)
@@ -315,29 +312,14 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         AGING_RATES,
         AGING_BOUNDS,
         reference=[r for r in ref_rows if r["batching"] != "dynamic"],
-        common={
-            **common,
-            "trace": "poisson",
-            "requests": cfg.sensitivity_requests,
-            "workers": 1,
-            "rho": 0.9,
-        },
+        common=reference,
     )
     result["sim_at_scale"] = at_scale_rows
     result["sim_load"] = load_rows
-    # Where the issue-7 limits were measured (one worker, Poisson, rho 0.9): a queue forms
-    # there; at 64 workers and rho 0.9 the pooled slots rarely leave a job waiting.
-    sens_common = {
-        **common,
-        "requests": cfg.sensitivity_requests,
-        "workers": 1,
-        "rho": 0.9,
-        "trace": "poisson",
-    }
     print("sensitivity: predictor noise and cache hit rate", flush=True)
     modes = ",".join(m for m in cfg.modes() if m != "dynamic") or "continuous"
-    result["sensitivity_noise"] = noise_sensitivity(SIGMAS, modes=modes, common=sens_common)
-    result["sensitivity_cache"] = cache_sensitivity(REPEAT_SHARES, modes=modes, common=sens_common)
+    result["sensitivity_noise"] = noise_sensitivity(SIGMAS, modes=modes, common=reference)
+    result["sensitivity_cache"] = cache_sensitivity(REPEAT_SHARES, modes=modes, common=reference)
     result["wall_s"] = time.time() - started
     result["targets"] = report.targets(live_rows, ref_rows + at_scale_rows + azure_rows)
     report.write(result, cdfs, out)
