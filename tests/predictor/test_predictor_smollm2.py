@@ -32,6 +32,10 @@ from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 SMOL_HEADS_DIR = REPO_HEADS_DIR.parent / "heads_smollm2"
 TARGET = "Meta-Llama-3-8B-Instruct"
+# The targets the MiniLM heads ship for; each has a SmolLM2 head too.
+SHIPPED = sorted(
+    [TARGET, "vicuna-13b-v1.5", "Mistral-7B-Instruct-v0.2", "gpt4_1106_preview", "claude-2.1"]
+)
 PROMPTS = [
     "What is the capital of France? Answer in one word.",
     "Write a detailed, multi-section essay on the causes of the First World War.",
@@ -50,12 +54,13 @@ def test_truncate_keeps_head_and_tail() -> None:
 
 def test_shipped_card_names_its_extractor_and_minilm_cards_need_none() -> None:
     smol = load_all(SMOL_HEADS_DIR)
-    assert list(smol) == [TARGET]
-    card = smol[TARGET].card
-    assert feature_extractor(card) == EXTRACTOR_NAME
-    assert card["features"]["layers"] == [20]
-    assert card["features"]["max_prompt_tokens"] == MAX_PROMPT_TOKENS
-    assert sum(p.stat().st_size for p in (SMOL_HEADS_DIR / TARGET).iterdir()) < 1_000_000
+    assert sorted(smol) == SHIPPED == sorted(load_all(REPO_HEADS_DIR))
+    for name, target in smol.items():
+        card = target.card
+        assert feature_extractor(card) == EXTRACTOR_NAME
+        assert card["features"]["layers"] == [20]
+        assert card["features"]["max_prompt_tokens"] == MAX_PROMPT_TOKENS
+        assert sum(p.stat().st_size for p in (SMOL_HEADS_DIR / name).iterdir()) < 1_000_000
     for target in load_all(REPO_HEADS_DIR).values():
         assert feature_extractor(target.card) == "minilm"
 
@@ -116,7 +121,7 @@ async def stub() -> AsyncIterator[predictor_pb2_grpc.PredictorServiceStub]:
 async def test_smollm2_heads_serve_over_grpc(stub: predictor_pb2_grpc.PredictorServiceStub) -> None:
     card = json.loads((SMOL_HEADS_DIR / TARGET / "card.json").read_text())
     models = await stub.ListModels(predictor_pb2.ListModelsRequest())
-    assert [m.target_model for m in models.models] == [TARGET]
+    assert sorted(m.target_model for m in models.models) == SHIPPED
     assert EXTRACTOR_NAME in models.encoder
     batched = await stub.Predict(
         predictor_pb2.PredictRequest(target_model=TARGET, prompts=PROMPTS, return_embedding=True)
