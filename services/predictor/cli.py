@@ -175,10 +175,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _smol_split_features(card: dict[str, Any], data: Any, split: str, threads: int) -> Any:
-    """SmolLM2 features (as served: bf16 where the CPU has it, prefix reuse) of ``split``'s rows.
+    """SmolLM2 features as served (the card's backend, prefix reuse) of ``split``'s rows.
 
     Other rows stay zero: evaluation reads only the split's rows, and SmolLM2
-    costs ~65 ms per prompt, so the 805 instructions are not all encoded.
+    costs 25-70 ms per prompt, so the 805 instructions are not all encoded.
     """
     import numpy as np
 
@@ -186,7 +186,10 @@ def _smol_split_features(card: dict[str, Any], data: Any, split: str, threads: i
 
     spec = card["features"]
     extractor = SmolLM2Features(
-        spec["layers"], max_prompt_tokens=int(spec["max_prompt_tokens"]), threads=threads
+        spec["layers"],
+        max_prompt_tokens=int(spec["max_prompt_tokens"]),
+        threads=threads,
+        backend=str(spec.get("backend", "torch")),
     )
     rows = data.indices(split)
     features = np.zeros((len(data.instructions), extractor.feature_dim), dtype=np.float32)

@@ -106,17 +106,24 @@ class PredictorCore:
                 raise ValueError(f"{name}: card.json features.extractor {extractor!r} is unknown")
             feats = target.card["features"]
             layers = tuple(int(x) for x in feats["layers"])
-            key = f"{SMOLLM2}:{','.join(map(str, layers))}:{int(feats['max_prompt_tokens'])}"
+            # Cards without a backend predate onnx-int8: torch features, as trained.
+            smol_backend = str(feats.get("backend", "torch"))
+            key = (
+                f"{SMOLLM2}:{','.join(map(str, layers))}:{int(feats['max_prompt_tokens'])}"
+                f":{smol_backend}"
+            )
             if key not in self._smol:
                 self._smol[key] = SmolLM2Features(
                     layers,
                     max_prompt_tokens=int(feats["max_prompt_tokens"]),
                     precision=precision,
                     threads=threads,
+                    backend=smol_backend,
                 )
             self._smol_of[name] = key
         names = ([ENCODER_NAME] if minilm else []) + [
-            f"{key.split(':')[0]} layers {key.split(':')[1]}" for key in sorted(self._smol)
+            f"{key.split(':')[0]} layers {key.split(':')[1]} {key.split(':')[3]}"
+            for key in sorted(self._smol)
         ]
         self.encoder_name = " + ".join(names)
         for name, target in self.targets.items():

