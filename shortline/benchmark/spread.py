@@ -2,13 +2,14 @@
 
 A cell's outcome is chaotic in its timing. Shifting every arrival by a few
 milliseconds reorders the queue inside a burst, and the order then cascades:
-with Azure's bursts at rho 0.9, eight such replays of the live ssjf-aging cell
-without batching gave mean JCTs from 5.9 s to 7.2 s. So one live run is one draw,
-and a target within that spread is not settled by it. Each replay here shifts
-every arrival by a uniform 0..``jitter_s`` (the predictor's and the network's
-milliseconds) and scales the step by ``N(1, step_sd)`` (the run-to-run drift of
-the measured step), the same for every policy of the replay, so ratios to fcfs
-stay paired; then the issue-7 targets are judged on each replay.
+with Azure's bursts at rho 0.9, eight replays of the ssjf-aging cell without
+batching (docs/benchmarks.md) ranged from 0.81 to 0.87 of fcfs's mean JCT. So
+one live run is one draw, and a target within that spread is not settled by it.
+Each replay here shifts every arrival by a uniform 0..``jitter_s`` (the
+predictor's and the network's milliseconds) and scales the step by
+``N(1, step_sd)`` (the run-to-run drift of the measured step), the same for
+every policy of the replay, so ratios to fcfs stay paired; then the issue-7
+targets are judged on each replay.
 
     python -m shortline.benchmark.spread RESULTS_JSON [--replays N]
 
