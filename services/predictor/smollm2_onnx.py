@@ -97,6 +97,8 @@ CALIBRATION_PROMPTS = (
     "Please proofread: 'Their going to the park tomorow, weather or not it rains.'",
 )
 _export_lock = threading.Lock()
+# Set in the child process that exports (see _export_in_child).
+_IN_EXPORTER = "SHORTLINE_SMOLLM2_EXPORTER"
 
 
 def suffix_module(model: Any, layers: Sequence[int], prefix: Sequence[int]) -> Any:
@@ -368,6 +370,8 @@ def build(
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"smollm2-{key}-{variant}.onnx"
     with _export_lock:
+        if not file.exists() and os.environ.get(_IN_EXPORTER) != "1":
+            _export_in_child(layers, variant)
         if not file.exists():
             start = time.perf_counter()
             raw = folder / f"smollm2-{key}.raw{os.getpid()}.onnx"
@@ -386,3 +390,47 @@ def build(
                 tmp.unlink(missing_ok=True)
             log.info("exported %s in %.1f s", file.name, time.perf_counter() - start)
     return SuffixSession(file, threads)
+
+
+def _export_in_child(layers: Sequence[int], variant: str) -> None:
+    """Exports the graph in a fresh interpreter, so that nothing this process ran
+    before (other models, bf16 autocast, thread-count changes) can move the
+    calibration's float rounding: in one long-lived process the int8 graph came
+    out different (and its features 0.008 of held-out tau lower) than in a fresh
+    one. The child computes the same key, so the parent finds the file."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, _IN_EXPORTER: "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "services.predictor.smollm2_onnx"]
+    cmd += ["--layers", ",".join(str(int(x)) for x in layers), "--variant", variant]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"exporting the SmolLM2 {variant} graph failed (exit {done.returncode}): "
+            f"{done.stderr.strip()[-2000:]}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.predictor.smollm2_onnx --layers 20 --variant int8``: the export."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Exports the SmolLM2 feature graph to .run")
+    parser.add_argument("--layers", required=True, help="comma list of 1-based decoder layers")
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    args = parser.parse_args(argv)
+    os.environ[_IN_EXPORTER] = "1"
+    from services.predictor import dataset
+    from services.predictor.smollm2_features import SmolLM2Features
+
+    layers = tuple(int(x) for x in args.layers.split(","))
+    # The torch extractor in fp32 with the prefix: what the onnx-int8 backend builds on.
+    fx = SmolLM2Features(layers, precision="fp32", reuse_prefix=True, threads=1)
+    calibration = [fx.prompt_ids(t) for t in CALIBRATION_PROMPTS] if args.variant == "int8" else []
+    build(fx.model, dataset.gguf_path(), fx.layers, fx._prefix, calibration, args.variant, 1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
