@@ -153,22 +153,28 @@ class _DropMessage(logging.Filter):
         return self.fragment not in record.getMessage()
 
 
+def cpu_session(file: Path, threads: int) -> Any:
+    """An ORT CPU session as the predictor runs its graphs: sequential, ``threads``
+    intra-op threads, full graph optimisation, no spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(threads, 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers would take the core the event loop and gRPC need
+    # between passes (measured: halves served throughput on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxEncoderSession:
     """One ORT session over the cached graph; ``run`` is called by one thread at a time."""
 
     def __init__(self, file: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(threads, 1)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning workers would take the core the event loop and gRPC need
-        # between passes (measured: halves served throughput on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.file = file
-        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(file, threads)
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         embedding, features = self.session.run(None, {"input_ids": ids, "attention_mask": mask})

@@ -331,16 +331,10 @@ class SuffixSession:
     """One ORT session over the cached graph; ``run`` is called by one thread at a time."""
 
     def __init__(self, file: Path, threads: int) -> None:
-        import onnxruntime as ort
+        from services.predictor.onnx_backend import cpu_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(threads, 1)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.file = file
-        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(file, threads)
 
     def run(self, suffix_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray([list(suffix_ids)], dtype=np.int64)
