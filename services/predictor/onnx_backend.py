@@ -114,7 +114,6 @@ def export(model: Any, feature_layers: Sequence[int], last_layer: int, file: Pat
 
 def optimise(src: Path, dst: Path, *, num_heads: int, hidden: int, variant: str) -> None:
     """Fuses the BERT blocks; for ``int8`` then quantises the weights dynamically."""
-    import onnx
     from onnxruntime.transformers import optimizer
 
     fused = optimizer.optimize_model(
@@ -123,25 +122,34 @@ def optimise(src: Path, dst: Path, *, num_heads: int, hidden: int, variant: str)
     if variant == "fp32":
         fused.save_model_to_file(str(dst))
         return
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     staged = dst.with_suffix(".fused.onnx")
     fused.save_model_to_file(str(staged))
+    try:
+        quantise_int8(staged, dst)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def quantise_int8(src: Path, dst: Path, op_types: list[str] | None = None) -> None:
+    """Per-channel dynamic int8 weights (``op_types``: which ops; None = ORT's default)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     # quantize_dynamic logs a generic "consider pre-processing" advice on the root
-    # logger; the fused graph is what we quantise on purpose, so the advice is noise.
+    # logger; the graphs are quantised as they are on purpose, so the advice is noise.
     advice = _DropMessage("pre-processing before quantization")
     logging.getLogger().addFilter(advice)
     try:
         quantize_dynamic(
-            str(staged),
+            str(src),
             str(dst),
             weight_type=QuantType.QInt8,
             per_channel=True,
+            op_types_to_quantize=op_types,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         logging.getLogger().removeFilter(advice)
-        staged.unlink(missing_ok=True)
 
 
 class _DropMessage(logging.Filter):

@@ -283,24 +283,9 @@ def export(module: Any, file: Path) -> None:
 
 
 def quantise(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from services.predictor.onnx_backend import quantise_int8
 
-    from services.predictor.onnx_backend import _DropMessage
-
-    advice = _DropMessage("pre-processing before quantization")
-    logging.getLogger().addFilter(advice)
-    try:
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-    finally:
-        logging.getLogger().removeFilter(advice)
+    quantise_int8(src, dst, ["MatMul"])
 
 
 def graph_key(
