@@ -521,6 +521,19 @@ def markdown(result: dict[str, Any]) -> str:
                 spread_tables(sp, result["live"]),
                 "",
             ]
+        if result.get("replay_spread_true"):
+            sp = result["replay_spread_true"]
+            parts += [
+                "## The same replays with a perfect predictor",
+                "",
+                f"{sp['replays']} replays as above, every prediction replaced by the true "
+                "replayed length (ssjf then orders as the oracle does; the aging guard knows "
+                "every service). The live columns are the run as it ran, with the head: what "
+                "the replays still miss is the policy's, on these arrivals, not the predictor's.",
+                "",
+                spread_tables(sp, result["live"]),
+                "",
+            ]
     parts += [
         "## Simulated, issue-7 reference setting (1 worker, Poisson, production lengths, rho 0.9)",
         "",

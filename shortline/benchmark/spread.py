@@ -11,10 +11,14 @@ predictor's and the network's milliseconds) and scales the step by
 every policy of the replay, so ratios to fcfs stay paired; then the issue-7
 targets are judged on each replay.
 
-    python -m shortline.benchmark.spread RESULTS_JSON [--replays N]
+    python -m shortline.benchmark.spread RESULTS_JSON [--replays N] [--predictions true]
 
 adds the spread to a finished run's ``results.json`` and rewrites its
-``results.md``, rebuilding the cells from the saved settings.
+``results.md``, rebuilding the cells from the saved settings. With
+``--predictions true`` every cell is replayed with a perfect predictor (each
+prediction is the replayed true length) and stored apart
+(``replay_spread_true``): a target that this still misses is missed by the
+policy on these arrivals, not by the predictor's error.
 """
 
 from __future__ import annotations
@@ -164,13 +168,40 @@ def cells_from_result(result: dict[str, Any]) -> list[CellSetup]:
     return out
 
 
-def add_to_result(result: dict[str, Any], replays: int, cache_size: int) -> dict[str, Any]:
-    """``result["replay_spread"]`` for a finished run's live cells."""
+def with_true_predictions(cells: Sequence[CellSetup]) -> list[CellSetup]:
+    """The same cells with a perfect predictor: each prediction is the true replayed length
+    (in the head's unscaled unit, as ``BenchWorkload.predicted`` holds it)."""
+    return [
+        dataclasses.replace(
+            c,
+            work=dataclasses.replace(
+                c.work, predicted=c.work.true_tokens.astype(np.float64) * c.work.length_scale
+            ),
+        )
+        for c in cells
+    ]
+
+
+SPREAD_KEYS = {"head": "replay_spread", "true": "replay_spread_true"}
+
+
+def add_to_result(
+    result: dict[str, Any], replays: int, cache_size: int, predictions: str = "head"
+) -> dict[str, Any]:
+    """``result[SPREAD_KEYS[predictions]]`` for a finished run's live cells: with the
+    head's predictions as they ran (``head``) or with the true lengths (``true``)."""
+    if predictions not in SPREAD_KEYS:
+        raise ValueError(
+            f"predictions must be one of {', '.join(SPREAD_KEYS)}, got {predictions!r}"
+        )
     cfg = BenchConfig(**result["config"])
     cal = result["calibration"]
     probe = dataclasses.replace(ServiceModel(cal["a_s"], cal["b_s"]), dynamic_charge=RUNNING)
+    cells = cells_from_result(result)
+    if predictions == "true":
+        cells = with_true_predictions(cells)
     spread = replay_spread(
-        cells_from_result(result),
+        cells,
         probe,
         slots=cfg.slots,
         workers=cfg.workers,
@@ -180,7 +211,8 @@ def add_to_result(result: dict[str, Any], replays: int, cache_size: int) -> dict
         join_delay_s=cal.get("join_delay_s", {}),
         replays=replays,
     )
-    result["replay_spread"] = spread
+    spread["predictions"] = predictions
+    result[SPREAD_KEYS[predictions]] = spread
     return spread
 
 
@@ -190,17 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="results.json of a shortline bench run")
     parser.add_argument("--replays", type=int, default=8)
+    parser.add_argument(
+        "--predictions",
+        choices=sorted(SPREAD_KEYS),
+        default="head",
+        help="head: the predictions the live cells ran on; true: a perfect predictor",
+    )
     args = parser.parse_args(argv)
     result = json.loads(args.results.read_text())
     if not result.get("live"):
         parser.error(f"{args.results} has no live cells to replay")
     try:
-        add_to_result(result, args.replays, LIVE_CACHE_SIZE)
+        spread = add_to_result(result, args.replays, LIVE_CACHE_SIZE, args.predictions)
     except ValueError as exc:
         parser.error(f"{args.results}: {exc}")
     args.results.write_text(json.dumps(result, indent=1, default=float))
     args.results.with_name("results.md").write_text(report.markdown(result) + "\n")
-    print(report.spread_tables(result["replay_spread"], result["live"]))
+    print(report.spread_tables(spread, result["live"]))
     return 0
 
 

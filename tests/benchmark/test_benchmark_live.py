@@ -14,6 +14,7 @@ from processes import assert_nothing_left, descendants, shm_regions
 
 from shortline.benchmark.config import BenchConfig
 from shortline.benchmark.runner import run
+from shortline.benchmark.spread import main as spread_main
 
 
 @pytest.mark.slow
@@ -48,6 +49,12 @@ def test_quick_live_run_replays_exact_lengths_and_writes_reports(tmp_path: Path)
     assert "## Live: latency" in md and "| continuous | 0.90 | ssjf |" in md
     assert "## How far one run can move" in md
     assert (tmp_path / "jct_cdf.png").is_file()
+    # The same cells replayed with a perfect predictor, added to the finished run.
+    assert spread_main([str(tmp_path / "results.json"), "--predictions=true", "--replays=2"]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["replay_spread_true"]["predictions"] == "true"
+    assert saved["replay_spread"] == spread  # the head's replays are left as they were
+    assert "## The same replays with a perfect predictor" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow

@@ -140,3 +140,37 @@ def test_azure_lengths_get_noise_at_the_asked_tau_and_their_own_targets() -> Non
         "sim 1 worker(s), poisson, rho 0.9, azure2023/conv lengths, noise at tau 0.45",
         "sim 1 worker(s), poisson, rho 0.9, azure2023/conv lengths, noise at tau 0.60",
     }
+
+
+def test_a_perfect_predictor_makes_ssjf_order_as_the_oracle() -> None:
+    from shortline.benchmark.spread import with_true_predictions
+
+    # A head that misorders: every request gets another request's prediction.
+    wrong = [
+        dataclasses.replace(c, work=dataclasses.replace(c.work, predicted=c.work.predicted[::-1]))
+        for c in _cells()
+    ]
+    cells = with_true_predictions(wrong)
+    for c, before in zip(cells, wrong, strict=True):
+        assert np.array_equal(c.work.predicted / c.work.length_scale, c.work.true_tokens)
+        assert not np.array_equal(before.work.predicted, c.work.predicted)
+
+    def ratios(cells: list[CellSetup]) -> dict[str, list[float]]:
+        got = replay_spread(
+            cells,
+            MODEL,
+            slots=8,
+            workers=1,
+            slo_factor=5.0,
+            cache_size=0,
+            run_overhead_s={},
+            join_delay_s={},
+            replays=3,
+            seed=5,
+        )
+        return {c["policy"]: c["mean_jct_vs_fcfs"] for c in got["cells"]}
+
+    head, perfect = ratios(wrong), ratios(cells)
+    assert head["ssjf"] != head["sjf-oracle"]
+    assert perfect["ssjf"] == perfect["sjf-oracle"]  # the oracle's order, replay by replay
+    assert perfect["sjf-oracle"] == head["sjf-oracle"]  # the oracle never used predictions
