@@ -355,6 +355,21 @@ def spread_tables(spread: dict[str, Any], live_rows: list[dict[str, Any]]) -> st
     return cells + "\n\n" + goals
 
 
+def _spread_section(
+    title: str, note: str, sp: dict[str, Any], live: list[dict[str, Any]]
+) -> list[str]:
+    return [
+        f"## {title}",
+        "",
+        f"{sp['replays']} replays at the probe step; each shifts every arrival by "
+        f"0-{sp['jitter_s'] * 1e3:g} ms (uniform) and scales the step by N(1, "
+        f"{sp['step_sd']:g}), the same for every policy of the replay. {note}",
+        "",
+        spread_tables(sp, live),
+        "",
+    ]
+
+
 def aging_table(rows: list[dict[str, Any]]) -> str:
     return _table(
         [
@@ -509,31 +524,22 @@ def markdown(result: dict[str, Any]) -> str:
             "",
         ]
         if result.get("replay_spread"):
-            sp = result["replay_spread"]
-            parts += [
-                "## How far one run can move (the live cells replayed in the simulator, jittered)",
-                "",
-                f"{sp['replays']} replays at the probe step; each shifts every arrival by "
-                f"0-{sp['jitter_s'] * 1e3:g} ms (uniform) and scales the step by N(1, "
-                f"{sp['step_sd']:g}), the same for every policy of the replay. The aging "
-                "target's value column is its p99 / fcfs.",
-                "",
-                spread_tables(sp, result["live"]),
-                "",
-            ]
+            parts += _spread_section(
+                "How far one run can move (the live cells replayed in the simulator, jittered)",
+                "The aging target's value column is its p99 / fcfs.",
+                result["replay_spread"],
+                result["live"],
+            )
         if result.get("replay_spread_true"):
-            sp = result["replay_spread_true"]
-            parts += [
-                "## The same replays with a perfect predictor",
-                "",
-                f"{sp['replays']} replays as above, every prediction replaced by the true "
-                "replayed length (ssjf then orders as the oracle does; the aging guard knows "
-                "every service). The live columns are the run as it ran, with the head: what "
-                "the replays still miss is the policy's, on these arrivals, not the predictor's.",
-                "",
-                spread_tables(sp, result["live"]),
-                "",
-            ]
+            parts += _spread_section(
+                "The same replays with a perfect predictor",
+                "Every prediction is the true replayed length (ssjf then orders as the oracle "
+                "does; the aging guard knows every service). The live columns are the run as it "
+                "ran, with the head: what the replays still miss is the policy's, on these "
+                "arrivals, not the predictor's.",
+                result["replay_spread_true"],
+                result["live"],
+            )
     parts += [
         "## Simulated, issue-7 reference setting (1 worker, Poisson, production lengths, rho 0.9)",
         "",

@@ -36,9 +36,9 @@ def _cells() -> list[CellSetup]:
     return [CellSetup("none", batching, params, 0.9, p, work) for p in POLICIES]
 
 
-def _spread(**kw: float) -> dict:
+def _spread(cells: list[CellSetup] | None = None, **kw: float) -> dict:
     return replay_spread(
-        _cells(),
+        _cells() if cells is None else cells,
         MODEL,
         slots=8,
         workers=1,
@@ -156,19 +156,7 @@ def test_a_perfect_predictor_makes_ssjf_order_as_the_oracle() -> None:
         assert not np.array_equal(before.work.predicted, c.work.predicted)
 
     def ratios(cells: list[CellSetup]) -> dict[str, list[float]]:
-        got = replay_spread(
-            cells,
-            MODEL,
-            slots=8,
-            workers=1,
-            slo_factor=5.0,
-            cache_size=0,
-            run_overhead_s={},
-            join_delay_s={},
-            replays=3,
-            seed=5,
-        )
-        return {c["policy"]: c["mean_jct_vs_fcfs"] for c in got["cells"]}
+        return {c["policy"]: c["mean_jct_vs_fcfs"] for c in _spread(cells)["cells"]}
 
     head, perfect = ratios(wrong), ratios(cells)
     assert head["ssjf"] != head["sjf-oracle"]
