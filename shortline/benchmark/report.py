@@ -623,14 +623,19 @@ def plot_cdf(result: dict[str, Any], cdfs: dict[str, dict[str, list[float]]], pa
 
 def plot_load(result: dict[str, Any], path: Path) -> bool:
     """Top: simulated mean JCT vs load. Bottom: the same as a ratio to fcfs, with the live
-    cells (scaled lengths, so only the ratio compares) as crosses."""
+    cells (scaled lengths, so only the ratio compares) as crosses. A run without the
+    at-scale simulation (``--sim-workers ""``) but with live cells at two loads or more
+    plots the live cells as the lines instead."""
     rows = result["sim_load"]
-    if not rows:
-        return False
+    simulated = bool(rows)
+    if not simulated:
+        rows = result["live"]
+        if len({r["rho"] for r in rows}) < 2:
+            return False
     plt = _plt()
     modes = list(dict.fromkeys(r["batching"] for r in rows))
     fig, axes = plt.subplots(2, len(modes), figsize=(4 * len(modes), 5), squeeze=False)
-    w = rows[0]["workers"]
+    w = rows[0]["workers"] if simulated else result["config"]["workers"]
     for col, mode in enumerate(modes):
         top, bottom = axes[0][col], axes[1][col]
         for p in _order(r["policy"] for r in rows):
@@ -652,15 +657,18 @@ def plot_load(result: dict[str, Any], path: Path) -> bool:
                 for r in result["live"]
                 if r["batching"] == mode and r["policy"] == p
             )
-            if lv:
+            if lv and simulated:
                 bottom.plot(
                     [x for x, _ in lv], [y for _, y in lv], ls="none", marker="x", ms=7, color=color
                 )
         top.set_yscale("log")
-        top.set_title(f"{mode}: simulated, {w} workers", fontsize=9)
+        top.set_title(f"{mode}: {'simulated' if simulated else 'live'}, {w} workers", fontsize=9)
         bottom.set_xlabel("load rho", fontsize=8)
         bottom.set_title(
-            "ratio to fcfs; x = live (1 worker)" if result["live"] else "ratio to fcfs", fontsize=8
+            "ratio to fcfs; x = live (1 worker)"
+            if simulated and result["live"]
+            else "ratio to fcfs",
+            fontsize=8,
         )
         for ax in (top, bottom):
             ax.grid(alpha=0.3)

@@ -160,3 +160,18 @@ def test_write_produces_json_markdown_and_plots(tmp_path: Path) -> None:
     for p in written:
         if p.suffix == ".png":
             assert 0 < p.stat().st_size < 200_000
+
+
+def test_a_live_load_sweep_without_the_at_scale_simulation_still_gets_its_load_plot(
+    tmp_path: Path,
+) -> None:
+    from shortline.benchmark.report import plot_load
+
+    one_load = _live_rows()
+    two_loads = one_load + [dict(r, rho=0.5) for r in one_load]
+    result: dict[str, Any] = {"sim_load": [], "live": one_load, "config": {"workers": 1}}
+    assert not plot_load(result, tmp_path / "one.png")  # one load is no curve
+    assert not (tmp_path / "one.png").exists()
+    result["live"] = two_loads
+    assert plot_load(result, tmp_path / "two.png")
+    assert 0 < (tmp_path / "two.png").stat().st_size < 200_000
