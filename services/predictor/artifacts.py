@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,11 +62,17 @@ def train_target(
     *,
     options: TrainOptions = TrainOptions(),  # noqa: B008
     finetune_top_layers: int = 0,
+    encoder_weights: Path | None = None,
     threads: int | None = None,
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
-    """Fits ``kinds`` for ``data.target_model``, writes ``out_dir``, returns the card."""
+    """Fits ``kinds`` for ``data.target_model``, writes ``out_dir``, returns the card.
+
+    ``encoder_weights``: a tuned encoder's weights (``distill.py``'s delta), kept frozen;
+    the card points to the file by a path relative to ``out_dir``, so several targets
+    share one copy.
+    """
     import torch
     from tqdm import tqdm
 
@@ -77,7 +84,11 @@ def train_target(
         )
     boundaries = bucket_boundaries(data.tokens[train_idx])
     medians = bucket_medians(data.tokens[train_idx], boundaries)
+    if encoder_weights is not None and finetune_top_layers > 0:
+        raise ValueError("--encoder-weights and --finetune-top-layers do not combine")
     encoder = Encoder(threads=threads)
+    if encoder_weights is not None:
+        encoder.load_tuned_layers(encoder_weights)
     start = time.perf_counter()
     _, features_np = cached_features(encoder, data.instructions)
     embed_seconds = time.perf_counter() - start
@@ -216,6 +227,14 @@ def train_target(
             "truncation": "[CLS] + head and tail of the prompt + [SEP]",
             "finetuned_top_layers": finetune_top_layers,
             **({"layers_file": ENCODER_LAYERS_FILE} if finetune_top_layers else {}),
+            **(
+                {
+                    "layers_file": os.path.relpath(encoder_weights, out_dir),
+                    "weights_sha256": hashlib.sha256(encoder_weights.read_bytes()).hexdigest(),
+                }
+                if encoder_weights is not None
+                else {}
+            ),
         },
         "tokenizer": dataset.TOKENIZER_NAME,
         "data_source": data.source,

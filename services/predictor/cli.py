@@ -48,6 +48,13 @@ def register(subparsers: Any) -> None:
         default=0,
         help="also train the top N encoder layers (slow; one head kind per run)",
     )
+    train.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        help="train on a tuned encoder's frozen features (weights.npz of "
+        "python -m services.predictor.distill)",
+    )
     train.add_argument("--hidden", type=int, default=32, help="MLP hidden width (32)")
     train.add_argument("--seed", type=int, default=20261125, help="random seed")
     train.add_argument("--max-epochs", type=int, default=200, help="epoch cap (200)")
@@ -89,6 +96,9 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.encoder_weights is not None and not args.encoder_weights.is_file():
+        print(f"error: --encoder-weights {args.encoder_weights} is not a file", file=sys.stderr)
+        return 2
     try:
         if args.from_log is not None:
             data = sources.from_outcome_log(args.from_log, target)
@@ -107,6 +117,7 @@ def _train(args: argparse.Namespace) -> int:
         Path(out),
         options=options,
         finetune_top_layers=args.finetune_top_layers,
+        encoder_weights=args.encoder_weights,
         threads=args.threads,
         progress=not args.no_progress,
         command=command,

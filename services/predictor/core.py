@@ -49,6 +49,9 @@ class Query:
     target_model: str
     prompts: Sequence[str]
     head: str | None = None
+    # Whether the caller reads the sentence embedding (costs a second MiniLM pass
+    # for targets served by a tuned encoder, whose own pooled vector is not it).
+    embedding: bool = True
 
 
 @dataclass
@@ -126,12 +129,17 @@ class PredictorCore:
             for key in sorted(self._smol)
         ]
         self.encoder_name = " + ".join(names)
+        tuned: dict[Path, Encoder] = {}
         for name, target in self.targets.items():
             if name in self._smol_of:
                 continue
             layers_file = target.card["encoder"].get("layers_file")
             if layers_file:
-                self._encoders[name] = self._tuned_encoder(heads_dir / name / layers_file)
+                # Targets whose cards name one weights file share one tuned encoder.
+                path = (heads_dir / name / layers_file).resolve()
+                if path not in tuned:
+                    tuned[path] = self._tuned_encoder(path)
+                self._encoders[name] = tuned[path]
 
     def _tuned_encoder(self, path: Path) -> Encoder:
         tuned = copy.copy(self.encoder)
@@ -190,9 +198,16 @@ class PredictorCore:
             if key in self._smol:
                 vectors = self.encoder.encode(texts, batch_size=MAX_PROMPTS)
                 feats = self._smol[key].encode_features(texts)
+            elif key:
+                # A tuned encoder's pooled vector is not all-MiniLM-L6-v2's sentence
+                # embedding (median cosine 0.73 for the distilled one): the embedding
+                # comes from the stock encoder, and only when a caller asks for it.
+                feats = self._encoders[key].encode_features(texts, batch_size=MAX_PROMPTS)[1]
+                vectors = np.zeros((len(texts), 0), dtype=np.float32)
+                if any(queries[i].embedding for i in members):
+                    vectors = self.encoder.encode(texts, batch_size=MAX_PROMPTS)
             else:
-                encoder = self._encoders.get(key, self.encoder) if key else self.encoder
-                vectors, feats = encoder.encode_features(texts, batch_size=MAX_PROMPTS)
+                vectors, feats = self.encoder.encode_features(texts, batch_size=MAX_PROMPTS)
             offset = 0
             for i in members:
                 n = len(queries[i].prompts)

@@ -272,10 +272,14 @@ class Encoder:
             hf_logging.set_verbosity(verbosity)
 
     def load_tuned_layers(self, path: Path) -> None:
-        """Replaces the top layers by a fine-tuned run's (``encoder_top_layers.pt``)."""
+        """Loads fine-tuned weights: a ``.pt`` state dict of the top layers, or a
+        ``.npz`` weight delta (``distill.py``'s low-rank format, a few MB)."""
         import torch
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".npz":
+            state = delta_state(self.model.state_dict(), path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state, strict=False)
         self.model.eval()
         self.tag = "tuned-" + hashlib.sha256(path.read_bytes()).hexdigest()[:8]
@@ -409,6 +413,36 @@ class Encoder:
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """(n, 384) float32 unit vectors, in input order."""
         return self.encode_features(texts, batch_size)[0]
+
+
+def delta_state(base: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The tensors that ``path`` changes, as ``base`` plus the stored delta.
+
+    A weight matrix's delta is stored as two factors (``<name>::u`` @ ``<name>::v``),
+    anything else whole (``<name>::d``): fine-tuning moves MiniLM's weights by
+    nearly low-rank steps, so the delta ships in ~2 MB instead of 90.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    with np.load(path) as data:
+        names = {key.rsplit("::", 1)[0] for key in data.files}
+        for name in sorted(names):
+            if name not in base:
+                raise ValueError(f"{path}: {name!r} is not a weight of the encoder")
+            if f"{name}::d" in data.files:
+                delta = torch.from_numpy(data[f"{name}::d"].astype(np.float32))
+            else:
+                u = torch.from_numpy(data[f"{name}::u"].astype(np.float32))
+                v = torch.from_numpy(data[f"{name}::v"].astype(np.float32))
+                delta = u @ v
+            if delta.shape != base[name].shape:
+                raise ValueError(
+                    f"{path}: {name!r} delta has shape {tuple(delta.shape)}, "
+                    f"the encoder's is {tuple(base[name].shape)}"
+                )
+            out[name] = base[name].float() + delta
+    return out
 
 
 def cached_features(encoder: Encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

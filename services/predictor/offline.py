@@ -59,7 +59,9 @@ def predict_tokens(
         return np.zeros(0, dtype=np.float64)
     predictor = core()
     chunks = [
-        predictor.predict(Query(target_model, list(prompts[i : i + MAX_PROMPTS]), head)).tokens
+        predictor.predict(
+            Query(target_model, list(prompts[i : i + MAX_PROMPTS]), head, embedding=False)
+        ).tokens
         for i in range(0, len(prompts), MAX_PROMPTS)
     ]
     return np.concatenate(chunks).astype(np.float64)

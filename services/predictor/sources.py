@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from services.predictor import dataset
+from shortline import paths
 
 
 @dataclass
@@ -81,3 +82,27 @@ def from_outcome_log(path: Path, target_model: str) -> TrainingData:
         prompt_tokens=np.array(dataset.count_tokens(instructions), dtype=np.float64),
         splits=np.array([dataset.split_of(i) for i in instructions]),
     )
+
+
+def unlabelled_prompts(exclude: set[str]) -> list[str]:
+    """First-turn prompts without answers (ShareGPT, MT-Bench), sorted, minus ``exclude``.
+
+    They teach the encoder what the teacher sees in a prompt (distillation needs
+    no lengths), so ``exclude`` must hold every held-out instruction: no val or
+    test prompt is ever trained on, labelled or not.
+    """
+    import json
+
+    root = paths.data_dir() / "prompts"
+    texts: set[str] = set()
+    for file in sorted((root / "sharegpt").glob("*.json")):
+        for conv in json.loads(file.read_text()):
+            turns = [t["value"] for t in conv.get("conversations", []) if t.get("from") == "human"]
+            if turns and turns[0].strip():
+                texts.add(turns[0])
+    mt_bench = root / "mt_bench" / "question.jsonl"
+    if mt_bench.is_file():
+        for line in mt_bench.read_text().splitlines():
+            if line.strip():
+                texts.add(json.loads(line)["turns"][0])
+    return sorted(texts - exclude)
