@@ -159,9 +159,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                     f"head {request.head} is not a known HeadKind "
                     f"(use HEAD_KIND_REGRESSION, _CLASSIFICATION or _RANKING)",
                 )
-        query = Query(
-            request.target_model, list(request.prompts), head, request.return_embedding
-        )
+        query = Query(request.target_model, list(request.prompts), head, request.return_embedding)
         try:
             self.core.validate(query)
         except (UnknownTargetError, UnknownHeadError) as exc:
