@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from shortline.config import add_arguments, from_args
+from shortline.common.config import add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

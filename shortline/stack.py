@@ -377,6 +377,6 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 def _default_log_dir() -> Path:
-    from shortline.paths import run_dir
+    from shortline.common.paths import run_dir
 
     return run_dir() / "logs"

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from shortline import paths
+from shortline.common import paths
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 TARGET = "Meta-Llama-3-8B-Instruct"

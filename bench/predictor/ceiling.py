@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import kendalltau
 
-from services.predictor import dataset
 from services.predictor.heads import REPO_HEADS_DIR, load_target
-from shortline import paths
+from shortline.common import dataset, paths
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 

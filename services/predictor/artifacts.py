@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor import dataset
 from services.predictor.encoder import ENCODER_NAME, Encoder, cached_features
-from services.predictor.evaluation import evaluate_split
+from services.predictor.evaluation import evaluate, evaluate_split
 from services.predictor.heads import (
     BUCKET_PERCENTILES,
     HEAD_KIND_LONG,
@@ -33,9 +32,9 @@ from services.predictor.heads import (
     bucket_medians,
     fold_standardization,
 )
-from services.predictor.metrics import evaluate
 from services.predictor.sources import TrainingData
 from services.predictor.training import TrainOptions, fit_head
+from shortline.common import dataset
 
 log = logging.getLogger(__name__)
 

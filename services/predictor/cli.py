@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shortline import config as shortline_config
+from shortline.common import config as shortline_config
 
 HEAD_CHOICES = ("reg", "cls", "rank", "all")
 
@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     from services.predictor.artifacts import train_target
     from services.predictor.heads import HEAD_KINDS, REPO_HEADS_DIR, HeadKindName
     from services.predictor.training import TrainOptions
-    from shortline import paths
+    from shortline.common import paths
 
     target = args.target_model
     kinds: tuple[HeadKindName, ...] = HEAD_KINDS if args.head == "all" else (args.head,)

@@ -41,7 +41,7 @@ from services.predictor import sources
 from services.predictor.encoder import ENCODER_NAME, Encoder
 from services.predictor.heads import load_target
 from services.predictor.smollm2_train import training_features
-from shortline import paths
+from shortline.common import paths
 
 WEIGHTS_FILE = "weights.npz"
 # Not card.json: the folder may sit inside a heads folder, whose card.json marks a target.

@@ -8,16 +8,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from services.predictor.heads import Head
-from services.predictor.metrics import evaluate
 from services.predictor.sources import TrainingData
+from shortline.common.stats import kendall_tau, spearman
 
 METRIC_NAMES = ("kendall_tau", "spearman", "mae_tokens", "bucket_accuracy")
+
+
+def bucket_of(tokens: Sequence[float] | np.ndarray, boundaries: Sequence[float]) -> np.ndarray:
+    """Bucket index 0..len(boundaries): bucket k holds lengths <= boundaries[k]."""
+    return np.searchsorted(np.asarray(boundaries, dtype=np.float64), tokens, side="left")
+
+
+def evaluate(
+    predicted: Sequence[float] | np.ndarray,
+    actual: Sequence[float] | np.ndarray,
+    boundaries: Sequence[float],
+    predicted_buckets: np.ndarray | None = None,
+) -> dict[str, float]:
+    """kendall_tau, spearman, mae_tokens, bucket_accuracy of predictions against truth.
+
+    Bucket accuracy uses ``predicted_buckets`` when a head predicts buckets
+    directly, else the bucket its predicted length falls into.
+    """
+    p = np.asarray(predicted, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    pb = bucket_of(p, boundaries) if predicted_buckets is None else predicted_buckets
+    return {
+        "kendall_tau": kendall_tau(p, a),
+        "spearman": spearman(p, a),
+        "mae_tokens": float(np.abs(p - a).mean()),
+        "bucket_accuracy": float((pb == bucket_of(a, boundaries)).mean()),
+    }
 
 
 def baseline_predictions(data: TrainingData, split: str) -> dict[str, np.ndarray]:

@@ -1,87 +1,19 @@
-"""Held-out metrics of a length predictor, in plain numpy.
-
-Kendall's tau is the one that matters for scheduling: SJF only needs the order
-of jobs right, not their lengths. MAE and bucket accuracy say how usable the
-number itself is (for admission and for the paper's comparison).
-"""
+"""Prometheus metrics of the predictor service."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from prometheus_client import Counter, Histogram
 
-import numpy as np
-
-
-def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Ranks starting at 1, ties get their average rank (as scipy's default)."""
-    arr = np.asarray(values, dtype=np.float64)
-    order = np.argsort(arr, kind="mergesort")
-    sorted_vals = arr[order]
-    ranks = np.empty(len(arr), dtype=np.float64)
-    start = 0
-    n = len(arr)
-    while start < n:
-        end = start
-        while end + 1 < n and sorted_vals[end + 1] == sorted_vals[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
-        start = end + 1
-    return ranks
-
-
-def kendall_tau(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Kendall's tau-b (ties in either variable handled), O(n^2) which is fine for n < 10^4.
-
-    A constant side orders nothing, so it scores 0 (scipy says nan): the mean
-    baseline then reads as "no ranking information" in the tables.
-    """
-    a = np.asarray(x, dtype=np.float64)
-    b = np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"need two 1-d arrays of equal length, got {a.shape} and {b.shape}")
-    if len(a) < 2:
-        return 0.0
-    da = np.sign(a[:, None] - a[None, :])
-    db = np.sign(b[:, None] - b[None, :])
-    iu = np.triu_indices(len(a), k=1)
-    sa, sb = da[iu], db[iu]
-    concordance = float((sa * sb).sum())
-    pairs_a = float(np.count_nonzero(sa))
-    pairs_b = float(np.count_nonzero(sb))
-    if pairs_a == 0 or pairs_b == 0:
-        return 0.0
-    return concordance / np.sqrt(pairs_a * pairs_b)
-
-
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    ra, rb = rankdata(x), rankdata(y)
-    if ra.std() == 0 or rb.std() == 0:
-        return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def bucket_of(tokens: Sequence[float] | np.ndarray, boundaries: Sequence[float]) -> np.ndarray:
-    """Bucket index 0..len(boundaries): bucket k holds lengths <= boundaries[k]."""
-    return np.searchsorted(np.asarray(boundaries, dtype=np.float64), tokens, side="left")
-
-
-def evaluate(
-    predicted: Sequence[float] | np.ndarray,
-    actual: Sequence[float] | np.ndarray,
-    boundaries: Sequence[float],
-    predicted_buckets: np.ndarray | None = None,
-) -> dict[str, float]:
-    """kendall_tau, spearman, mae_tokens, bucket_accuracy of predictions against truth.
-
-    Bucket accuracy uses ``predicted_buckets`` when a head predicts buckets
-    directly, else the bucket its predicted length falls into.
-    """
-    p = np.asarray(predicted, dtype=np.float64)
-    a = np.asarray(actual, dtype=np.float64)
-    pb = bucket_of(p, boundaries) if predicted_buckets is None else predicted_buckets
-    return {
-        "kendall_tau": kendall_tau(p, a),
-        "spearman": spearman(p, a),
-        "mae_tokens": float(np.abs(p - a).mean()),
-        "bucket_accuracy": float((pb == bucket_of(a, boundaries)).mean()),
-    }
+PREDICT_SECONDS = Histogram(
+    "shortline_predict_seconds",
+    "Predictor-side time per Predict call (queueing in the micro-batch included)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+PREDICT_BATCH = Histogram(
+    "shortline_predict_batch_prompts",
+    "Prompts encoded per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+PREDICTED_PROMPTS = Counter(
+    "shortline_predicted_prompts_total", "Prompts predicted", ["target_model"]
+)

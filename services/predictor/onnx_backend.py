@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from shortline import paths
+from shortline.common import paths
 
 log = logging.getLogger(__name__)
 

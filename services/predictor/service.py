@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from opentelemetry import trace
 
+from services.predictor import metrics
 from services.predictor.config import PredictorConfig
 from services.predictor.core import (
     BadPromptsError,
@@ -32,7 +33,7 @@ from services.predictor.core import (
     UnknownHeadError,
     UnknownTargetError,
 )
-from shortline import grpc_server, metrics
+from shortline.common import grpc_server, prometheus
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -280,10 +281,10 @@ class PredictorServer:
 
 
 async def serve_forever(cfg: PredictorConfig) -> None:
-    from shortline.telemetry import setup_tracing
+    from shortline.common.telemetry import setup_tracing
 
     setup_tracing("predictor")
-    metrics.start_metrics_server(cfg.metrics_port, cfg.host)
+    prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
     service = PredictorServer(cfg)
     await service.start()
     assert service.server is not None

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from services.predictor.encoder import bf16_supported
+from shortline.common.models import smollm2_gguf_path
 
 EXTRACTOR_NAME = "smollm2-135m-instruct"
 BACKENDS = ("torch", "onnx-int8")
@@ -71,7 +72,6 @@ class SmolLM2Features:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from services.predictor import dataset
 
         if threads is not None and threads > 0:
             torch.set_num_threads(threads)
@@ -90,7 +90,7 @@ class SmolLM2Features:
         self.backend = backend
         self.layers = tuple(int(x) for x in layers)
         self.max_prompt_tokens = max_prompt_tokens
-        path = dataset.gguf_path()
+        path = smollm2_gguf_path()
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from shortline import paths
+from shortline.common import paths
+from shortline.common.models import smollm2_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -400,14 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     args = parser.parse_args(argv)
     os.environ[_IN_EXPORTER] = "1"
-    from services.predictor import dataset
     from services.predictor.smollm2_features import SmolLM2Features
 
     layers = tuple(int(x) for x in args.layers.split(","))
     # The torch extractor in fp32 with the prefix: what the onnx-int8 backend builds on.
     fx = SmolLM2Features(layers, precision="fp32", reuse_prefix=True, threads=1)
     calibration = [fx.prompt_ids(t) for t in CALIBRATION_PROMPTS] if args.variant == "int8" else []
-    build(fx.model, dataset.gguf_path(), fx.layers, fx._prefix, calibration, args.variant, 1)
+    build(fx.model, smollm2_gguf_path(), fx.layers, fx._prefix, calibration, args.variant, 1)
     return 0
 
 

@@ -31,11 +31,12 @@ import numpy as np
 
 from services.predictor import smollm2_onnx, sources
 from services.predictor.artifacts import head_version
+from services.predictor.evaluation import evaluate
 from services.predictor.heads import bucket_boundaries, bucket_medians, fold_standardization
-from services.predictor.metrics import evaluate, kendall_tau
 from services.predictor.smollm2_features import BACKENDS, EXTRACTOR_NAME, SmolLM2Features
 from services.predictor.training import TrainOptions, fit_head
-from shortline import paths
+from shortline.common import paths
+from shortline.common.stats import kendall_tau
 
 
 def training_features(

@@ -7,14 +7,12 @@ whether they learn from public data or from the operator's own traffic.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from services.predictor import dataset
-from shortline import paths
+from shortline.common import dataset, outcomes, paths
 
 
 @dataclass
@@ -59,16 +57,7 @@ def from_outcome_log(path: Path, target_model: str) -> TrainingData:
     Only ``stop`` and ``length`` rows carry a real length (a cancelled or failed
     request says nothing about how long the answer would have been).
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"outcome log {path} does not exist")
-    uri = f"file:{path}?mode=ro"
-    with sqlite3.connect(uri, uri=True) as conn:
-        rows = conn.execute(
-            "SELECT prompt, actual_tokens FROM outcomes WHERE length_model = ? "
-            "AND finish_reason IN ('stop', 'length') AND actual_tokens IS NOT NULL "
-            "ORDER BY id",
-            (target_model,),
-        ).fetchall()
+    rows = outcomes.read_lengths(path, target_model)
     if not rows:
         raise ValueError(
             f"outcome log {path} has no finished rows with length_model = {target_model!r}"
@@ -78,7 +67,7 @@ def from_outcome_log(path: Path, target_model: str) -> TrainingData:
         target_model=target_model,
         source=f"outcome log {path} ({len(rows)} finished rows)",
         instructions=instructions,
-        tokens=np.array([max(int(r[1]), 0) for r in rows], dtype=np.float64),
+        tokens=np.array([r[1] for r in rows], dtype=np.float64),
         prompt_tokens=np.array(dataset.count_tokens(instructions), dtype=np.float64),
         splits=np.array([dataset.split_of(i) for i in instructions]),
     )

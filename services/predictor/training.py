@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from services.predictor.evaluation import bucket_of
 from services.predictor.heads import N_BUCKETS, Head, HeadKindName
-from services.predictor.metrics import bucket_of, kendall_tau
+from shortline.common.stats import kendall_tau
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.sim.runner import SimulateConfig
-from shortline.config import add_arguments, from_args
+from shortline.common.config import add_arguments, from_args
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
@@ -41,12 +42,12 @@ from services.scheduler.core.scheduler import (
     SchedulerCore,
     Stop,
 )
-from services.scheduler.outcome_log import Outcome, OutcomeLog
-from shortline import grpc_server, metrics, paths
+from shortline.common import grpc_server, paths, prometheus
+from shortline.common.outcomes import Outcome, OutcomeLog
+from shortline.common.telemetry import tracer
 from shortline.common.v1 import common_pb2
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from shortline.telemetry import tracer
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -796,10 +797,10 @@ class SchedulerServer:
 
 
 async def serve(cfg: SchedulerConfig) -> None:
-    from shortline.telemetry import setup_tracing
+    from shortline.common.telemetry import setup_tracing
 
     setup_tracing("scheduler")
-    metrics.start_metrics_server(cfg.metrics_port, "0.0.0.0" if cfg.host == "0.0.0.0" else cfg.host)
+    prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
     server = SchedulerServer(cfg)
     await server.start()
     await grpc_server.run_until_signal(server.server, on_stop=server.servicer.close)

@@ -9,7 +9,7 @@ import signal
 import threading
 
 from services.worker.config import TritonServeConfig, WorkerConfig
-from shortline.config import add_arguments, from_args
+from shortline.common.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def serve_worker(args: argparse.Namespace) -> int:
 
 async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
     from services.worker.server import WorkerServer
-    from shortline import grpc_server
-    from shortline.metrics import start_metrics_server
-    from shortline.telemetry import setup_tracing
+    from shortline.common import grpc_server
+    from shortline.common.prometheus import start_metrics_server
+    from shortline.common.telemetry import setup_tracing
 
     setup_tracing("worker")
     server = WorkerServer(config, triton_url)

@@ -22,15 +22,15 @@ from typing import Any
 import grpc
 from opentelemetry import propagate, trace
 
-from services.worker import triton_client
+from services.worker import metrics, triton_client
 from services.worker.config import WorkerConfig
 from services.worker.models import sampling as sampling_mod
 from services.worker.prompts import ModelSpec, format_prompt, parse_models
 from services.worker.slots import DuplicateJob, Job, Slots, SlotsFull
 from services.worker.triton_client import ModelNotFound, TritonClient, TritonUnavailable
-from shortline import grpc_server, metrics
+from shortline.common import grpc_server
+from shortline.common.telemetry import tracer
 from shortline.common.v1 import common_pb2
-from shortline.telemetry import tracer
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 
 from services.worker.config import REPLAY, SMOLLM2, TritonServeConfig
-from shortline.paths import REPO_ROOT, run_dir
+from shortline.common.paths import REPO_ROOT, run_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from services.scheduler.core.batching import Batching
 from services.scheduler.sim.service_model import RUNNING, ServiceModel, capacity
-from shortline import paths
 from shortline.benchmark import live, report
 from shortline.benchmark import workload as bw
 from shortline.benchmark.config import BenchConfig
@@ -36,6 +35,7 @@ from shortline.benchmark.simulated import (
     sim_cell,
 )
 from shortline.benchmark.spread import CellSetup, replay_spread
+from shortline.common import paths
 
 log = logging.getLogger(__name__)
 

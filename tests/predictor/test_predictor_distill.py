@@ -16,7 +16,7 @@ from services.predictor import distill, sources
 from services.predictor.core import PredictorCore, Query
 from services.predictor.encoder import Encoder, delta_state
 from services.predictor.heads import REPO_HEADS_DIR, load_all
-from shortline import paths
+from shortline.common import paths
 
 DISTILLED_DIR = REPO_HEADS_DIR.parent / "heads_distilled"
 LLAMA = "Meta-Llama-3-8B-Instruct"

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from services.predictor.core import PredictorCore, Query
 from shortline import cli
+from shortline.common.outcomes import Outcome, OutcomeLog
 
-SCHEMA = """
-CREATE TABLE outcomes(id INTEGER PRIMARY KEY, ts REAL, request_id TEXT, model TEXT,
-  length_model TEXT, prompt TEXT, predicted_tokens REAL, actual_tokens INTEGER,
-  queue_wait_s REAL, ttft_s REAL, completion_s REAL, preemptions INTEGER,
-  finish_reason TEXT, prediction_source TEXT)
-"""
 TOPICS = [
     "the moon", "tea", "rivers", "bridges", "owls", "copper", "jazz", "glaciers", "chess",
     "bread", "volcanoes", "trains", "maps", "bees", "silk", "comets", "lighthouses", "salt",
@@ -37,16 +31,31 @@ def write_log(path: Path, model: str) -> int:
         rows.append(
             (f"Explain {topic} step by step in a thorough guide, variant {variant}.", 500, "stop")
         )
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(SCHEMA)
-        conn.executemany(
-            "INSERT INTO outcomes(ts, request_id, model, length_model, prompt, actual_tokens,"
-            " finish_reason) VALUES (0, ?, ?, ?, ?, ?, ?)",
-            [(f"r{i}", model, model, p, n, f) for i, (p, n, f) in enumerate(rows)]
-            + [("c1", model, model, "Cancelled request", 5, "cancelled")]
-            + [("o1", "other", "other-model", "Other model row", 9, "stop")],
-        )
+    extra = [
+        ("c1", model, "Cancelled request", 5, "cancelled"),
+        ("o1", "other-model", "Other model row", 9, "stop"),
+    ]
+    with OutcomeLog(path) as log:
+        for rid, length_model, prompt, tokens, reason in [
+            (f"r{i}", model, p, n, f) for i, (p, n, f) in enumerate(rows)
+        ] + extra:
+            log.append(
+                Outcome(
+                    ts=0.0,
+                    request_id=rid,
+                    model=length_model,
+                    length_model=length_model,
+                    prompt=prompt,
+                    predicted_tokens=0.0,
+                    actual_tokens=tokens,
+                    queue_wait_s=0.0,
+                    ttft_s=0.0,
+                    completion_s=0.0,
+                    preemptions=0,
+                    finish_reason=reason,
+                    prediction_source="predictor",
+                )
+            )
     return len(rows)
 
 

@@ -11,7 +11,7 @@ from services.predictor import offline, sources
 from services.predictor.encoder import Encoder, cached_features
 from services.predictor.evaluation import evaluate_split
 from services.predictor.heads import REPO_HEADS_DIR, load_target
-from shortline import paths
+from shortline.common import paths
 
 SHIPPED = [
     "Meta-Llama-3-8B-Instruct",

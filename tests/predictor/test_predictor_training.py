@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
+from services.predictor.evaluation import bucket_of, evaluate
 from services.predictor.heads import bucket_boundaries, bucket_medians
-from services.predictor.metrics import bucket_of, evaluate, kendall_tau, spearman
 from services.predictor.training import (
     TrainOptions,
     classification_loss,
@@ -18,6 +18,7 @@ from services.predictor.training import (
     regression_loss,
     seed_everything,
 )
+from shortline.common.stats import kendall_tau, spearman
 
 
 def test_bucket_boundaries_are_the_train_percentiles() -> None:

@@ -23,7 +23,7 @@ from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.service_model import ServiceModel
 from services.scheduler.sim.workload import Workload, arrival_times
 from shortline.benchmark.simulated import PolicyParams
-from shortline.config import add_arguments, from_args
+from shortline.common.config import add_arguments, from_args
 
 
 def _job(i: int, now: float, pred: int) -> Job:

@@ -15,9 +15,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from shortline.common.telemetry import setup_tracing
 from shortline.common.v1 import common_pb2
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from shortline.telemetry import setup_tracing
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from services.worker.triton_embedded import free_port
-from shortline.paths import REPO_ROOT
+from shortline.common.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

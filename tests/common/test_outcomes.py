@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from services.scheduler.outcome_log import Outcome, OutcomeLog
+from shortline.common.outcomes import Outcome, OutcomeLog, read_lengths
 
 
 def outcome(i: int, reason: str = "stop") -> Outcome:
@@ -57,3 +57,24 @@ def test_reopening_appends_to_the_same_table(tmp_path: Path) -> None:
     with OutcomeLog(path) as log:
         log.append(outcome(1))
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 2
+
+
+def test_the_reader_returns_only_finished_rows_of_one_length_model(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with OutcomeLog(path) as log:
+        for i, reason in enumerate(["stop", "cancelled", "length", "error", "stop"]):
+            log.append(outcome(i, reason))
+        other = outcome(9)
+        log.append(
+            Outcome(**{**other.__dict__, "length_model": "other-model", "request_id": "x"})
+        )
+    rows = read_lengths(path, "Meta-Llama-3-8B-Instruct")
+    assert rows == [("prompt 0", 90), ("prompt 2", 92), ("prompt 4", 94)]
+    assert read_lengths(path, "unknown-model") == []
+
+
+def test_the_reader_names_a_missing_log(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_lengths(tmp_path / "nope.sqlite", "m")

@@ -1,4 +1,5 @@
-"""Durable record of what really happened to every finished request.
+"""Durable record of what really happened to every finished request: schema,
+writer (the scheduler) and reader (the predictor's trainer), in one place.
 
 The predictor is retrained from it (``shortline predictor train --from-log``),
 so the operator's own traffic teaches the length model. SQLite in WAL mode:
@@ -104,3 +105,26 @@ class OutcomeLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+FINISHED_REASONS = ("stop", "length")
+
+
+def read_lengths(path: Path | str, length_model: str) -> list[tuple[str, int]]:
+    """(prompt, actual tokens) of the finished rows for ``length_model``, oldest first.
+
+    Only ``stop`` and ``length`` rows carry a real length: a cancelled or
+    failed request says nothing about how long the answer would have been.
+    Opens the file read-only, so a running scheduler keeps writing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"outcome log {path} does not exist")
+    marks = ",".join("?" * len(FINISHED_REASONS))
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            f"SELECT prompt, actual_tokens FROM outcomes WHERE length_model = ? "
+            f"AND finish_reason IN ({marks}) AND actual_tokens IS NOT NULL ORDER BY id",
+            (length_model, *FINISHED_REASONS),
+        ).fetchall()
+    return [(str(prompt), max(int(tokens), 0)) for prompt, tokens in rows]

@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from services.predictor import dataset
-from shortline import paths
+from shortline.common import dataset, paths
 
 TARGETS = ["Meta-Llama-3-8B-Instruct", "claude-2.1"]
 needs_data = pytest.mark.skipif(

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shortline.grpc_server import PortInUseError, build_server, set_serving
+from shortline.common.grpc_server import PortInUseError, build_server, set_serving
 from shortline.scheduler.v1 import scheduler_pb2
 
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from shortline.config import add_arguments, from_args
+from shortline.common.config import add_arguments, from_args
 
 
 @dataclasses.dataclass(frozen=True)

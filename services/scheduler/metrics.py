@@ -1,17 +1,15 @@
-"""Prometheus metrics of every service, declared once.
+"""Prometheus metrics of the scheduler, declared once.
 
-Each service process starts an HTTP endpoint with :func:`start_metrics_server`
-and updates the metrics below. Histograms of latencies carry ``policy`` and
-``model`` labels so one dashboard compares schedules.
+Histograms of latencies carry ``policy`` and ``model`` labels so one dashboard
+compares schedules.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
-# Scheduler
 QUEUE_DEPTH = Gauge("shortline_queue_depth", "Jobs waiting in the scheduler's queue")
 RUNNING_JOBS = Gauge("shortline_running_jobs", "Jobs running on workers")
 QUEUE_WAIT = Histogram(
@@ -66,32 +64,3 @@ PREDICTION_ABS_ERROR = Histogram(
 CACHE_LOOKUPS = Counter("shortline_semantic_cache_lookups_total", "Semantic cache lookups")
 CACHE_HITS = Counter("shortline_semantic_cache_hits_total", "Semantic cache hits")
 WORKERS_ALIVE = Gauge("shortline_workers_alive", "Registered workers with fresh heartbeats")
-
-# Worker
-SLOTS_TOTAL = Gauge("shortline_worker_slots_total", "Slots of this worker", ["worker"])
-SLOTS_USED = Gauge("shortline_worker_slots_used", "Slots in use on this worker", ["worker"])
-WORKER_TOKENS = Counter(
-    "shortline_worker_tokens_total", "Tokens generated through this worker", ["worker", "model"]
-)
-WORKER_STOPS = Counter("shortline_worker_stops_total", "Jobs stopped early", ["worker", "reason"])
-
-# Predictor
-PREDICT_SECONDS = Histogram(
-    "shortline_predict_seconds",
-    "Predictor-side time per Predict call (queueing in the micro-batch included)",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-)
-PREDICT_BATCH = Histogram(
-    "shortline_predict_batch_prompts",
-    "Prompts encoded per forward pass",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
-PREDICTED_PROMPTS = Counter(
-    "shortline_predicted_prompts_total", "Prompts predicted", ["target_model"]
-)
-
-
-def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
-    """Serves /metrics on ``host:port``; port 0 disables it."""
-    if port:
-        start_http_server(port, addr=host)
