@@ -23,6 +23,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.scheduler.core.policies import DEFAULT_POLICY
+
 
 class StackError(RuntimeError):
     """A one-line, actionable reason the stack could not start."""
@@ -54,7 +56,8 @@ class StackConfig:
     workers: int = dataclasses.field(default=2, metadata={"help": "number of workers"})
     slots: int = dataclasses.field(default=8, metadata={"help": "slots (sequences) per worker"})
     policy: str = dataclasses.field(
-        default="ssjf", metadata={"help": "fcfs | ssjf | ssjf-aging, optionally +preempt"}
+        default=DEFAULT_POLICY,
+        metadata={"help": "fcfs | ssjf | ssjf-aging, optionally +preempt"},
     )
     batching: str = dataclasses.field(
         default="continuous", metadata={"help": "none | dynamic | continuous"}

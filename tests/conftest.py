@@ -21,7 +21,7 @@ REPLAY_STEP_B_MS = 1.0
 @pytest.fixture(scope="session")
 def embedded_triton() -> Iterator[Any]:
     from services.worker.config import TritonServeConfig
-    from services.worker.triton_embedded import EmbeddedTriton
+    from services.worker.triton.embedded import EmbeddedTriton
 
     triton = EmbeddedTriton(
         TritonServeConfig(replay_step_a_ms=REPLAY_STEP_A_MS, replay_step_b_ms=REPLAY_STEP_B_MS)

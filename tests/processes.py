@@ -46,7 +46,8 @@ def shm_regions() -> set[Path]:
 def assert_nothing_left(children: list[int], shm_before: set[Path]) -> None:
     """After a launcher stopped: none of its processes and no new Triton shared memory.
 
-    Triton's Python stubs name their regions ``shortline<pid>x...`` (see triton_embedded).
+    Triton's Python stubs name their regions ``shortline<pid>x...`` (see
+    services/worker/triton/embedded.py).
     """
     time.sleep(0.5)
     left = [pid for pid in children if alive(pid)]

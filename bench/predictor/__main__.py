@@ -155,7 +155,8 @@ async def measure(
 
 
 def encoder_latency(texts: list[str], threads: int) -> dict[str, Any]:
-    from services.predictor.encoder import BACKENDS, Encoder, resolve_backend
+    from services.predictor.features.minilm import MiniLMEncoder
+    from services.predictor.features.minilm_backends import BACKENDS, resolve_backend
 
     result: dict[str, Any] = {}
     variants = [("torch-fp32", "torch", "fp32"), ("torch-bf16", "torch", "bf16")]
@@ -165,7 +166,7 @@ def encoder_latency(texts: list[str], threads: int) -> dict[str, Any]:
             resolve_backend(backend)
         except RuntimeError:
             continue
-        enc = Encoder(precision=precision, threads=threads, backend=backend)
+        enc = MiniLMEncoder(precision=precision, threads=threads, backend=backend)
         enc.encode(texts[:64])
         for t in texts[200:220]:
             enc.encode([t])
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-encoder", action="store_true")
     args = parser.parse_args(argv)
 
-    from services.predictor.encoder import resolve_backend
+    from services.predictor.features.minilm_backends import resolve_backend
 
     texts = prompts()
     port = free_port()

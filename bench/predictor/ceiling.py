@@ -16,12 +16,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import kendalltau
 
-from services.predictor.heads import REPO_HEADS_DIR, load_target
+from services.predictor.heads import SHIPPED_HEADS_DIR, load_target
 from shortline.common import dataset, paths
+from shortline.common.stats import kendall_tau
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def tau_where_known(x: np.ndarray, y: list[float]) -> float:
+    """Kendall's tau over the rows where ``y`` is known (NaN: that model has no answer
+    to this instruction), as scipy's ``nan_policy="omit"``."""
+    other = np.asarray(y, dtype=np.float64)
+    known = ~np.isnan(other)
+    return kendall_tau(x[known], other[known])
 
 
 def consensus_tau(
@@ -35,12 +43,11 @@ def consensus_tau(
         np.mean([np.log1p(lengths[m][i]) for m in others if i in lengths[m]]) for i in instructions
     ]
     singles = [
-        kendalltau(actual, [lengths[m].get(i, np.nan) for i in instructions], nan_policy="omit")[0]
-        for m in others
+        tau_where_known(actual, [lengths[m].get(i, np.nan) for i in instructions]) for m in others
     ]
     return (
         len(instructions),
-        float(kendalltau(actual, mean_log)[0]),
+        kendall_tau(actual, mean_log),
         float(np.median(singles)),
         float(np.max(singles)),
     )
@@ -55,7 +62,7 @@ def main() -> int:
     lengths = {
         m: {e.instruction: e.output_tokens for e in dataset.load_examples(m)} for m in models
     }
-    targets = sorted(p.parent.name for p in REPO_HEADS_DIR.glob("*/card.json"))
+    targets = sorted(p.parent.name for p in SHIPPED_HEADS_DIR.glob("*/card.json"))
     result: dict[str, dict[str, object]] = {}
     print(
         f"| target | ceiling test | ceiling val | default head test | others ({len(models) - 1}) |"
@@ -71,7 +78,7 @@ def main() -> int:
                 "tau_median_single_other": median_single,
                 "tau_best_single_other": best_single,
             }
-        card = load_target(REPO_HEADS_DIR / target).card
+        card = load_target(SHIPPED_HEADS_DIR / target).card
         head_tau = card["heads"][card["default_head"]]["test_metrics"]["kendall_tau"]
         row["default_head_test_tau"] = head_tau
         result[target] = row

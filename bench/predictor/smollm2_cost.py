@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from services.predictor import sources
-    from services.predictor.smollm2_features import SmolLM2Features
+    from services.predictor.features.smollm2 import SmolLM2Features
+    from services.predictor.training import sources
 
     layers = tuple(int(x) for x in args.layers.split(","))
     data = sources.from_alpaca(TARGET)

@@ -49,7 +49,11 @@ VARIANTS: tuple[tuple[str, str, Settings], ...] = (
         "ssjf-aging",
         {"jct_target_s": 1e-3, "token_time_s": 1e-6, "aging_rate": 1.0},
     ),
-    ("ssjf-aging, wait bound", "ssjf-aging", {"max_wait_s": 1e9, "aging_rate": 1.0}),
+    (
+        "ssjf-aging, wait bound",
+        "ssjf-aging",
+        {"max_wait_s": 1e9, "jct_target_s": 0.0, "aging_rate": 1.0},
+    ),
     ("sjf-oracle", "sjf-oracle", {}),
     ("ssjf+preempt", "ssjf+preempt", {}),
 )

@@ -33,6 +33,7 @@ from services.scheduler.sim.workload import (
     arrival_times,
     trace_lengths,
 )
+from shortline.simulation import real_predictor
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 MODEL = ServiceModel(step_a_s=0.020, step_b_s=0.002)
@@ -119,7 +120,7 @@ def main() -> int:
         predictor=args.predictor,
         seed=args.seed,
     )
-    report = run(cfg)
+    report = run(cfg, real_predictor())
     out["policies"] = report
     print(f"## Policies at rho 0.9 ({n_cmp:,} requests, predictor {args.predictor})\n")
     print(table(report["rows"]))

@@ -36,8 +36,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.worker.config import REPLAY, SMOLLM2, TritonServeConfig
-from services.worker.triton_client import TritonClient
-from services.worker.triton_embedded import EmbeddedTriton, free_port
+from services.worker.service.triton_client import TritonClient
+from services.worker.triton.embedded import EmbeddedTriton
+from shortline.common.net import free_port
 from shortline.common.v1 import common_pb2
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.predictor.heads import REPO_HEADS_DIR
+from services.predictor.heads import SHIPPED_HEADS_DIR
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,7 @@ class PredictorConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=50061, metadata={"help": "gRPC port"})
     heads_dir: str = field(
-        default=str(REPO_HEADS_DIR),
+        default=str(SHIPPED_HEADS_DIR),
         metadata={"help": "folder with one sub-folder (card.json + *.npz) per target model"},
     )
     batch_window_ms: float = field(

@@ -1,15 +1,15 @@
-"""The predictor itself, with no gRPC in it: encoder + heads -> predicted tokens.
+"""The predictor itself, with no gRPC in it: feature extractors + heads -> predicted tokens.
 
 The gRPC service and the in-process ``offline`` API both call
 :meth:`PredictorCore.predict_batch`, so a prediction is computed one way only.
-Everything is loaded at construction, so the first request pays nothing.
+Each target's card chooses its feature extractor through ``features.registry``;
+the core only groups prompts by extractor. Everything is loaded at
+construction, so the first request pays nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor.encoder import DEFAULT_FEATURE_LAYERS, ENCODER_NAME, Encoder
-from services.predictor.heads import REPO_HEADS_DIR, TargetHeads, load_all
-from services.predictor.smollm2_features import EXTRACTOR_NAME as SMOLLM2
-from services.predictor.smollm2_features import SmolLM2Features
+from services.predictor.features.extractor import ExtractorSettings, FeatureExtractor
+from services.predictor.features.minilm import MiniLMEncoder
+from services.predictor.features.registry import CardRef, build_extractors
+from services.predictor.heads import SHIPPED_HEADS_DIR, TargetHeads, load_all
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 256
-
-
-def feature_extractor(card: dict[str, Any]) -> str:
-    """What computes a head's input: ``minilm`` (no ``features`` in the card) or SmolLM2."""
-    return str(card.get("features", {}).get("extractor", "minilm"))
 
 
 class UnknownTargetError(LookupError):
@@ -50,7 +45,7 @@ class Query:
     prompts: Sequence[str]
     head: str | None = None
     # Whether the caller reads the sentence embedding (costs a second MiniLM pass
-    # for targets served by a tuned encoder, whose own pooled vector is not it).
+    # for targets whose extractor does not compute it, e.g. a tuned encoder's).
     embedding: bool = True
 
 
@@ -70,7 +65,7 @@ class Result:
 class PredictorCore:
     def __init__(
         self,
-        heads_dir: Path = REPO_HEADS_DIR,
+        heads_dir: Path = SHIPPED_HEADS_DIR,
         *,
         precision: str = "auto",
         threads: int | None = None,
@@ -80,79 +75,29 @@ class PredictorCore:
         self.targets: dict[str, TargetHeads] = load_all(heads_dir)
         if not self.targets:
             raise FileNotFoundError(f"no head artifacts (card.json) under {heads_dir}")
-        minilm = [t for t in self.targets.values() if feature_extractor(t.card) == "minilm"]
-        lengths = {int(t.card["encoder"]["max_tokens"]) for t in minilm}
-        layer_sets = {tuple(t.card["encoder"]["feature_layers"]) for t in minilm}
-        if len(layer_sets) > 1:
-            raise ValueError(
-                f"heads under {heads_dir} disagree on encoder feature_layers: "
-                f"{sorted(layer_sets)}; retrain them with one setting"
-            )
-        # MiniLM always loads: it gives every response its 384-d embedding.
-        self.encoder = Encoder(
-            max_tokens=max_tokens or max(lengths, default=256),
+        settings = ExtractorSettings(
             precision=precision,
             threads=threads,
             backend=backend,
-            feature_layers=layer_sets.pop() if layer_sets else DEFAULT_FEATURE_LAYERS,
+            max_tokens=max_tokens,
+            batch_rows=MAX_PROMPTS,
         )
-        # Targets whose card carries fine-tuned encoder layers get their own copy.
-        self._encoders: dict[str, Encoder] = {}
-        # Targets whose card names SmolLM2 features: one extractor per layer set.
-        self._smol: dict[str, SmolLM2Features] = {}
-        self._smol_of: dict[str, str] = {}
-        for name, target in self.targets.items():
-            extractor = feature_extractor(target.card)
-            if extractor == "minilm":
-                continue
-            if extractor != SMOLLM2:
-                raise ValueError(f"{name}: card.json features.extractor {extractor!r} is unknown")
-            feats = target.card["features"]
-            layers = tuple(int(x) for x in feats["layers"])
-            # Cards without a backend predate onnx-int8: torch features, as trained.
-            smol_backend = str(feats.get("backend", "torch"))
-            key = (
-                f"{SMOLLM2}:{','.join(map(str, layers))}:{int(feats['max_prompt_tokens'])}"
-                f":{smol_backend}"
-            )
-            if key not in self._smol:
-                self._smol[key] = SmolLM2Features(
-                    layers,
-                    max_prompt_tokens=int(feats["max_prompt_tokens"]),
-                    precision=precision,
-                    threads=threads,
-                    backend=smol_backend,
-                )
-            self._smol_of[name] = key
-        names = ([ENCODER_NAME] if minilm else []) + [
-            f"{key.split(':')[0]} layers {key.split(':')[1]} {key.split(':')[3]}"
-            for key in sorted(self._smol)
-        ]
-        self.encoder_name = " + ".join(names)
-        tuned: dict[Path, Encoder] = {}
-        for name, target in self.targets.items():
-            if name in self._smol_of:
-                continue
-            layers_file = target.card["encoder"].get("layers_file")
-            if layers_file:
-                # Targets whose cards name one weights file share one tuned encoder.
-                path = (heads_dir / name / layers_file).resolve()
-                if path not in tuned:
-                    tuned[path] = self._tuned_encoder(path)
-                self._encoders[name] = tuned[path]
+        refs = [CardRef(name, t.card, t.folder) for name, t in self.targets.items()]
+        self.extractors = build_extractors(refs, settings)
+        self.encoder_name = self.extractors.name
 
-    def _tuned_encoder(self, path: Path) -> Encoder:
-        tuned = copy.copy(self.encoder)
-        tuned.model = copy.deepcopy(self.encoder.model)
-        tuned._lock = threading.Lock()
-        tuned.load_tuned_layers(path)
-        return tuned
+    @property
+    def encoder(self) -> MiniLMEncoder:
+        """The stock MiniLM (every response's embedding): its backend and precision."""
+        return self.extractors.embedder.encoder
+
+    def extractor_of(self, target_model: str) -> FeatureExtractor:
+        return self.extractors.of_target[target_model]
 
     def warm_up(self) -> None:
         """The first forward of each model pays for lazy initialisation inside torch."""
-        self.encoder.encode(["warm up the encoder"])
-        for extractor in self._smol.values():
-            extractor.encode_features(["warm up the encoder"])
+        for extractor in self.extractors.distinct():
+            extractor.warm_up()
 
     def known_targets(self) -> list[str]:
         return sorted(self.targets)
@@ -182,37 +127,28 @@ class PredictorCore:
         return target, head
 
     def predict_batch(self, queries: Sequence[Query]) -> list[Result]:
-        """One encoder forward pass for all prompts of all queries (per encoder)."""
+        """One forward pass per feature extractor for all prompts of all queries."""
         checked = [self.validate(q) for q in queries]
-        groups: dict[str, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, q in enumerate(queries):
-            if q.target_model in self._smol_of:
-                key = self._smol_of[q.target_model]
-            else:
-                key = q.target_model if q.target_model in self._encoders else ""
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(id(self.extractor_of(q.target_model)), []).append(i)
         embeddings: list[Any] = [None] * len(queries)
         features: list[Any] = [None] * len(queries)
-        for key, members in groups.items():
+        for members in groups.values():
             texts = [p for i in members for p in queries[i].prompts]
-            if key in self._smol:
-                vectors = self.encoder.encode(texts, batch_size=MAX_PROMPTS)
-                feats = self._smol[key].encode_features(texts)
-            elif key:
-                # A tuned encoder's pooled vector is not all-MiniLM-L6-v2's sentence
-                # embedding (median cosine 0.73 for the distilled one): the embedding
-                # comes from the stock encoder, and only when a caller asks for it.
-                feats = self._encoders[key].encode_features(texts, batch_size=MAX_PROMPTS)[1]
+            batch = self.extractor_of(queries[members[0]].target_model).features(texts)
+            vectors = batch.embeddings
+            if vectors is None:
+                # The sentence embedding comes from the stock encoder, and only when a
+                # caller asks for it (the simulator and a scheduler without a cache do not).
                 vectors = np.zeros((len(texts), 0), dtype=np.float32)
                 if any(queries[i].embedding for i in members):
-                    vectors = self.encoder.encode(texts, batch_size=MAX_PROMPTS)
-            else:
-                vectors, feats = self.encoder.encode_features(texts, batch_size=MAX_PROMPTS)
+                    vectors = self.extractors.embedder.embed(texts)
             offset = 0
             for i in members:
                 n = len(queries[i].prompts)
                 embeddings[i] = vectors[offset : offset + n]
-                features[i] = feats[offset : offset + n]
+                features[i] = batch.features[offset : offset + n]
                 offset += n
         results = []
         for q, (target, head_name), emb, feat in zip(

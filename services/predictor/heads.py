@@ -1,9 +1,13 @@
 """Trained heads as small versioned artifacts, and their inference in numpy.
 
-A head is an MLP on the encoder's multi-layer features (mean-pooled hidden
-states of MiniLM layers 3-6, 1536-d; see ``encoder.py``). Its weights live in one
-``.npz`` per head and its description in the target's ``card.json``
+A head is an MLP on a feature extractor's output (by default the mean-pooled
+hidden states of MiniLM layers 3-6, 1536-d; see ``features/``). Its weights live
+in one ``.npz`` per head and its description in the target's ``card.json``
 (the Triton habit: models are declared by files the server reads at start).
+The shipped heads folders are package data under ``artifacts/`` (no code there):
+``artifacts/heads`` (the default), ``artifacts/heads_smollm2``,
+``artifacts/heads_distilled``. Writing heads and cards is training's job
+(``training/minilm_heads.py``).
 Inference is a few matrix products in numpy, so the service needs torch only
 for the encoder, and one implementation serves gRPC and offline callers alike.
 
@@ -31,27 +35,10 @@ HEAD_KIND_LONG = {"reg": "regression", "cls": "classification", "rank": "ranking
 BUCKET_PERCENTILES = (25.0, 50.0, 75.0, 99.0)
 N_BUCKETS = len(BUCKET_PERCENTILES) + 1
 
-REPO_HEADS_DIR = Path(__file__).resolve().parent / "heads"
-
-
-def bucket_boundaries(train_tokens: np.ndarray | list[int]) -> list[float]:
-    """Upper bounds of buckets 0..3 at the train lengths' p25/p50/p75/p99."""
-    arr = np.asarray(train_tokens, dtype=np.float64)
-    if arr.size == 0:
-        raise ValueError("need at least one train length to place bucket boundaries")
-    return [float(v) for v in np.percentile(arr, BUCKET_PERCENTILES)]
-
-
-def bucket_medians(train_tokens: np.ndarray | list[int], boundaries: list[float]) -> list[float]:
-    """Median train length inside each bucket (the boundary midpoint if a bucket is empty)."""
-    arr = np.asarray(train_tokens, dtype=np.float64)
-    idx = np.searchsorted(np.asarray(boundaries), arr, side="left")
-    edges = [0.0, *boundaries, float(arr.max()) if arr.size else boundaries[-1]]
-    out = []
-    for k in range(N_BUCKETS):
-        members = arr[idx == k]
-        out.append(float(np.median(members)) if members.size else (edges[k] + edges[k + 1]) / 2.0)
-    return out
+ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
+SHIPPED_HEADS_DIR = ARTIFACTS_DIR / "heads"
+SMOLLM2_HEADS_DIR = ARTIFACTS_DIR / "heads_smollm2"
+DISTILLED_HEADS_DIR = ARTIFACTS_DIR / "heads_distilled"
 
 
 @dataclass
@@ -119,20 +106,6 @@ class Head:
         return arrays
 
 
-def fold_standardization(head: Head, mean: np.ndarray, std: np.ndarray) -> None:
-    """Makes a head trained on ``(x - mean) / std`` take raw ``x`` (exactly, in place).
-
-    ``((x - m) / s) @ W + b == x @ (W / s) + (b - (m / s) @ W)``, so the shipped
-    weights need no separate normalisation arrays.
-    """
-    w, b = head.layers[0]
-    w64, s64, m64 = w.astype(np.float64), std.astype(np.float64), mean.astype(np.float64)
-    head.layers[0] = (
-        (w64 / s64[:, None]).astype(np.float32),
-        (b.astype(np.float64) - (m64 / s64) @ w64).astype(np.float32),
-    )
-
-
 @dataclass
 class TargetHeads:
     """A target model's card and its loaded heads."""
@@ -140,6 +113,8 @@ class TargetHeads:
     target_model: str
     card: dict[str, Any]
     heads: dict[str, Head]
+    folder: Path
+    """Where the card lives: its relative paths (weights files) start here."""
 
     @property
     def default_head(self) -> str:
@@ -170,7 +145,9 @@ def load_target(folder: Path) -> TargetHeads:
             length_quantiles=lq,
             metrics={k: float(v) for k, v in info.get("test_metrics", {}).items()},
         )
-    return TargetHeads(target_model=str(card["target_model"]), card=card, heads=heads)
+    return TargetHeads(
+        target_model=str(card["target_model"]), card=card, heads=heads, folder=folder
+    )
 
 
 def load_all(heads_dir: Path) -> dict[str, TargetHeads]:

@@ -1,8 +1,8 @@
 """In-process predictions for simulators and benchmarks (no gRPC).
 
 Uses the same :class:`PredictorCore` as the service, loaded once per process
-from the shipped heads (``services/predictor/heads``, or
-``SHORTLINE_PREDICTOR_HEADS_DIR``).
+from :func:`heads_dir`: ``SHORTLINE_PREDICTOR_HEADS_DIR``, else the shipped heads
+(``services/predictor/artifacts/heads``, package data).
 """
 
 from __future__ import annotations
@@ -16,34 +16,37 @@ from pathlib import Path
 import numpy as np
 
 from services.predictor.core import MAX_PROMPTS, PredictorCore, Query
-from services.predictor.heads import REPO_HEADS_DIR
+from services.predictor.heads import SHIPPED_HEADS_DIR
 
+HEADS_DIR_ENV = "SHORTLINE_PREDICTOR_HEADS_DIR"
 _lock = threading.Lock()
 
 
-def _heads_dir() -> Path:
-    return Path(os.environ.get("SHORTLINE_PREDICTOR_HEADS_DIR", str(REPO_HEADS_DIR)))
+def heads_dir() -> Path:
+    """The heads folder offline predictions use: ``$SHORTLINE_PREDICTOR_HEADS_DIR``, else the
+    shipped default."""
+    return Path(os.environ.get(HEADS_DIR_ENV, str(SHIPPED_HEADS_DIR)))
 
 
 @functools.cache
-def _core(heads_dir: Path) -> PredictorCore:
+def _core(folder: Path) -> PredictorCore:
     # The torch backend: the hybrid one sets torch to one intra-op thread for the
     # whole process, which a simulator or benchmark that hosts us may not expect.
-    return PredictorCore(heads_dir, backend="torch")
+    return PredictorCore(folder, backend="torch")
 
 
 def core() -> PredictorCore:
     """The process-wide predictor (loaded on first use)."""
     with _lock:
-        return _core(_heads_dir())
+        return _core(heads_dir())
 
 
 def available_targets() -> list[str]:
     """Target models with shipped heads (read from the cards, no encoder loaded)."""
-    heads_dir = _heads_dir()
-    if not heads_dir.is_dir():
+    folder = heads_dir()
+    if not folder.is_dir():
         return []
-    return sorted(p.parent.name for p in heads_dir.glob("*/card.json"))
+    return sorted(p.parent.name for p in folder.glob("*/card.json"))
 
 
 def predict_tokens(

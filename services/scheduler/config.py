@@ -1,8 +1,14 @@
-"""The scheduler service's configuration (flags and SHORTLINE_SCHEDULER_* variables)."""
+"""The scheduler service's configuration (flags and SHORTLINE_SCHEDULER_* variables).
+
+The policy fields take their defaults from ``core.policies`` (``DEFAULT_POLICY`` and
+``PolicySettings``), the one source of policy defaults.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from services.scheduler.core.policies import DEFAULT_POLICY, DEFAULTS, Policy, PolicySettings
 
 
 @dataclass(frozen=True)
@@ -16,16 +22,17 @@ class SchedulerConfig:
         default=200.0, metadata={"help": "deadline of a Predict call before falling back"}
     )
     policy: str = field(
-        default="ssjf-aging",
+        default=DEFAULT_POLICY,
         metadata={
             "help": "fcfs, ssjf, ssjf-aging (add +preempt to preempt); sjf-oracle in benchmark mode"
         },
     )
     aging_rate: float = field(
-        default=5.0, metadata={"help": "ssjf-aging: key tokens taken off per second waited"}
+        default=DEFAULTS.aging_rate,
+        metadata={"help": "ssjf-aging: key tokens taken off per second waited"},
     )
     jct_target_s: float = field(
-        default=120.0,
+        default=DEFAULTS.jct_target_s,
         metadata={
             "help": "ssjf-aging: JCT target D (s); a job goes first once it could no longer "
             "finish by arrival + D (predicted service included); set it near fcfs's p99 JCT; "
@@ -33,34 +40,36 @@ class SchedulerConfig:
         },
     )
     token_time_s: float = field(
-        default=0.0,
+        default=DEFAULTS.token_time_s,
         metadata={
             "help": "ssjf-aging: seconds a job takes per predicted token on a worker, for "
             "latest starts (0: learned from finished runs)"
         },
     )
     slack_margin: float = field(
-        default=1.0,
+        default=DEFAULTS.slack_margin,
         metadata={
             "help": "ssjf-aging: a job is also late when its latest start passes within this "
             "many services of the next shortest job"
         },
     )
     max_wait_s: float = field(
-        default=60.0,
+        default=DEFAULTS.max_wait_s,
         metadata={"help": "ssjf-aging with --jct-target-s 0: hard bound W on waiting (s)"},
     )
     preempt_factor: float = field(
-        default=2.0,
+        default=DEFAULTS.preempt_factor,
         metadata={
             "help": "preempt when a queued job's remaining prediction x this < a running one's"
         },
     )
     preempt_max_fraction: float = field(
-        default=0.1,
+        default=DEFAULTS.preempt_max_fraction,
         metadata={"help": "preempt only a job under this fraction of its prediction (recompute)"},
     )
-    preempt_max_per_job: int = field(default=1, metadata={"help": "preemptions per job"})
+    preempt_max_per_job: int = field(
+        default=DEFAULTS.preempt_max_per_job, metadata={"help": "preemptions per job"}
+    )
     batching: str = field(default="continuous", metadata={"help": "none, dynamic, continuous"})
     slots: int = field(default=8, metadata={"help": "cap on slots used per worker (B, K)"})
     batch_wait_ms: float = field(default=50.0, metadata={"help": "dynamic batching wait T"})
@@ -103,3 +112,8 @@ class SchedulerConfig:
     fallback_tokens: float = field(
         default=256.0, metadata={"help": "fallback prediction before any observation"}
     )
+
+
+def build_policy(cfg: SchedulerConfig) -> Policy:
+    """The policy these flags describe (raises PolicyError for a bad one)."""
+    return PolicySettings.of(cfg).policy(cfg.policy, allow_oracle=cfg.benchmark_mode)

@@ -1,4 +1,9 @@
-"""``shortline worker serve`` and ``shortline triton serve``."""
+"""``shortline worker serve`` and ``shortline triton serve``.
+
+The servers are imported inside the commands, so that ``shortline --help``
+and the other services' commands do not load gRPC, OpenTelemetry and
+tritonclient.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ import asyncio
 import logging
 import signal
 import threading
+from dataclasses import replace
 
 from services.worker.config import TritonServeConfig, WorkerConfig
+from services.worker.prompts import parse_models
 from shortline.common.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def serve_triton(args: argparse.Namespace) -> int:
-    from services.worker.triton_embedded import EmbeddedTriton
+    from services.worker.triton.embedded import EmbeddedTriton
 
     config = from_args(TritonServeConfig, args, "triton")
     stop = threading.Event()
@@ -57,10 +64,7 @@ def serve_worker(args: argparse.Namespace) -> int:
         raise SystemExit("give --triton HOST:PORT or --embedded")
     if not config.embedded:
         return asyncio.run(_serve_worker(config, config.triton))
-    from dataclasses import replace
-
-    from services.worker.prompts import parse_models
-    from services.worker.triton_embedded import EmbeddedTriton
+    from services.worker.triton.embedded import EmbeddedTriton
 
     # Started from the main thread: the server gets SIGTERM when this thread dies.
     base = from_args(TritonServeConfig, None, "triton")
@@ -73,7 +77,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
 
 async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
-    from services.worker.server import WorkerServer
+    from services.worker.service.server import WorkerServer
     from shortline.common import grpc_server
     from shortline.common.prometheus import start_metrics_server
     from shortline.common.telemetry import setup_tracing

@@ -8,6 +8,11 @@ DEFAULT_RHO = "0.5,0.7,0.9,1.1"
 DEFAULT_BATCHING = "none,dynamic,continuous"
 QUICK_RHO = "0.9"
 QUICK_BATCHING = "none,continuous"
+# The live scheduler's semantic cache holds one prompt: a cell draws its 1,000 requests
+# from the 173 test prompts, so a full cache would hand ssjf the true length of nearly
+# every request and measure the cache, not the predictor (the sensitivity study does that).
+# The live cells, their simulation and their jittered replays all use it.
+LIVE_CACHE_SIZE = 1
 
 
 @dataclass(frozen=True)

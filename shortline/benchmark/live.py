@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from shortline.benchmark.metrics import RequestTimes
+from shortline.benchmark.summary import RequestTimes
 from shortline.benchmark.workload import BenchWorkload
 from shortline.client import AsyncShortlineClient, ClientOptions
+from shortline.client.types import Result
 
 REPLAY_MODEL = "replay"
 _TOKEN = " replay"
@@ -130,8 +131,6 @@ async def run_cell(
                 finish[i] = end
                 seen[i] = k
                 if res is not None:
-                    from shortline.client.types import Result
-
                     assert isinstance(res, Result)
                     wait[i] = res.queue_wait_seconds
                     actual[i] = res.actual_tokens

@@ -18,19 +18,16 @@ import numpy as np
 
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
-from services.scheduler.core.policies import (
-    REFERENCE_AGING_RATE_PER_JOB_TIME,
-    REFERENCE_JCT_TARGET_JOB_TIMES,
-    REFERENCE_SLACK_MARGIN,
-    PolicySettings,
-)
+from services.scheduler.core.policies import REFERENCE_SLACK_MARGIN, PolicySettings
 from services.scheduler.sim import runner as sim_runner
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import RunResult, simulate
 from services.scheduler.sim.report import summarize
 from services.scheduler.sim.service_model import ServiceModel, capacity
-from shortline.benchmark.metrics import RequestTimes, add_ratios
+from shortline.benchmark.summary import ORACLE_POLICY, RATIOS, RequestTimes
 from shortline.benchmark.workload import BenchWorkload
+from shortline.common.stats import add_ratios, kendall_tau
+from shortline.simulation import real_predictor
 
 
 @dataclass(frozen=True)
@@ -42,18 +39,11 @@ class PolicyParams(PolicySettings):
     def scaled(
         worker_seconds_per_job: float, key_per_true_token: float, batching: str = "continuous"
     ) -> PolicyParams:
-        """The reference-tuned settings (5 key tokens per job time; JCT target 21, 31, 33
-        job times for none, dynamic, continuous), in the units of the keys the scheduler
-        sees. The target is worth about fcfs's p99 JCT there; where fcfs's p99 is known,
-        :meth:`with_fcfs_p99` sets it from that instead."""
-        return PolicyParams(
-            aging_rate=REFERENCE_AGING_RATE_PER_JOB_TIME
-            * key_per_true_token
-            / worker_seconds_per_job,
-            max_wait_s=30.0 * worker_seconds_per_job,
-            jct_target_s=REFERENCE_JCT_TARGET_JOB_TIMES.get(batching, 32.0)
-            * worker_seconds_per_job,
-        )
+        """The reference-tuned settings (:meth:`PolicySettings.reference`: 5 key tokens
+        per job time; JCT target 21, 31, 33 job times for none, dynamic, continuous), in
+        the units of the keys the scheduler sees. The target is worth about fcfs's p99 JCT
+        there; where fcfs's p99 is known, :meth:`with_fcfs_p99` sets it from that instead."""
+        return PolicyParams.reference(worker_seconds_per_job, batching, key_per_true_token)
 
     def with_fcfs_p99(self, fcfs_p99_s: float, batching: str) -> PolicyParams:
         """JCT target from fcfs's p99 JCT on the same load (0.95 x none, 1.0 x dynamic,
@@ -141,7 +131,7 @@ def at_scale(
         aging_rate=aging_rate,
         max_wait_s=max_wait_s,
     )
-    report = sim_runner.run(cfg)
+    report = sim_runner.run(cfg, real_predictor())
     rows: list[dict[str, Any]] = report["rows"]
     caps = {c["batching"]: c["capacity_rps"] for c in report["cells"]}
     for row in rows:
@@ -152,14 +142,8 @@ def at_scale(
             capacity_rps=caps.get(row["batching"], math.nan),
             predictor_kendall_tau=report["predictor_kendall_tau"],
         )
-    add_ratios(rows, ("batching", "workers", "rho"))
+    add_ratios(rows, ("batching", "workers", "rho"), RATIOS, oracle=ORACLE_POLICY)
     return rows
-
-
-def kendall_tau(predicted: np.ndarray, true: np.ndarray) -> float:
-    from scipy.stats import kendalltau
-
-    return float(kendalltau(predicted, true).statistic)
 
 
 def noise_sensitivity(
@@ -172,7 +156,11 @@ def noise_sensitivity(
     for spec, sigma in specs:
         # Same seed as the runner: the noise drawn here is the noise it simulates.
         pred, _ = wl.predictions_for(
-            spec, lengths, common["target_model"], np.random.default_rng(common["seed"])
+            spec,
+            lengths,
+            common["target_model"],
+            np.random.default_rng(common["seed"]),
+            real_predictor(),
         )
         tau = kendall_tau(pred, lengths.true_tokens)
         rows = at_scale(batching=modes, policies="fcfs,ssjf,sjf-oracle", predictor=spec, **common)
@@ -274,7 +262,7 @@ def _reference_cell(
     lengths = wl.alpaca_lengths(common["target_model"], "test")
     rng = np.random.default_rng(common["seed"])
     predicted, source = wl.predictions_for(
-        common.get("predictor", "real"), lengths, common["target_model"], rng
+        common.get("predictor", "real"), lengths, common["target_model"], rng, real_predictor()
     )
     # As the runner builds it: the step only (its prefill default is 0).
     sim_model = ServiceModel(model.step_a_s, model.step_b_s)
@@ -326,9 +314,9 @@ def aging_sweep(
         gain = fcfs["mean_jct_s"] - ssjf["mean_jct_s"]
         for rate in rates:
             for bound in bounds:
-                params = PolicyParams(
+                params = dataclasses.replace(
+                    PolicyParams.reference(per_job, mode),
                     aging_rate=rate / per_job,
-                    max_wait_s=30.0 * per_job,
                     jct_target_s=bound * per_job,
                     slack_margin=margin,
                 )

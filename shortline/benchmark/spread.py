@@ -35,11 +35,14 @@ import numpy as np
 
 from services.scheduler.core.batching import Batching
 from services.scheduler.sim.service_model import RUNNING, ServiceModel
-from shortline.benchmark import report
 from shortline.benchmark import workload as bw
-from shortline.benchmark.config import BenchConfig
-from shortline.benchmark.metrics import add_ratios, summarize
+from shortline.benchmark.config import LIVE_CACHE_SIZE, BenchConfig
+from shortline.benchmark.report.markdown import markdown
+from shortline.benchmark.report.tables import spread_tables
+from shortline.benchmark.report.targets import targets
 from shortline.benchmark.simulated import PolicyParams, sim_cell
+from shortline.benchmark.summary import ORACLE_POLICY, RATIOS, RequestTimes, summarize
+from shortline.common.stats import add_ratios
 
 JITTER_S = 0.010
 STEP_SD = 0.01
@@ -55,6 +58,13 @@ class CellSetup:
     rho: float
     policy: str
     work: bw.BenchWorkload
+
+
+@dataclass(frozen=True)
+class LiveDone(CellSetup):
+    """One finished live cell: its setup and what it measured."""
+
+    times: RequestTimes
 
 
 def replay_spread(
@@ -105,14 +115,14 @@ def replay_spread(
             row = summarize(times, step_one_s=probe.step(1), slo_factor=slo_factor)
             row.update(batching=c.mode, rho=c.rho, policy=c.policy)
             rows.append(row)
-        add_ratios(rows, ("batching", "rho"))
+        add_ratios(rows, ("batching", "rho"), RATIOS, oracle=ORACLE_POLICY)
         for r in rows:
             got = per_cell.setdefault(
                 (r["batching"], r["rho"], r["policy"]), {"mean": [], "p99": []}
             )
             got["mean"].append(r["mean_jct_vs_fcfs"])
             got["p99"].append(r["p99_jct_vs_fcfs"])
-        for t in report.targets(rows, []):
+        for t in targets(rows, []):
             agg = per_target.setdefault(
                 (t["target"], t["batching"]),
                 {"target": t["target"], "batching": t["batching"], "met": 0, "values": []},
@@ -217,8 +227,6 @@ def add_to_result(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shortline.benchmark.runner import LIVE_CACHE_SIZE
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="results.json of a shortline bench run")
     parser.add_argument("--replays", type=int, default=8)
@@ -237,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"{args.results}: {exc}")
     args.results.write_text(json.dumps(result, indent=1, default=float))
-    args.results.with_name("results.md").write_text(report.markdown(result) + "\n")
-    print(report.spread_tables(spread, result["live"]))
+    args.results.with_name("results.md").write_text(markdown(result) + "\n")
+    print(spread_tables(spread, result["live"]))
     return 0
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from services.scheduler.sim import workload as wl
+from shortline.simulation import real_predictor
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class LengthPool:
 
 def length_pool(target_model: str, length_scale: float, split: str = "test") -> LengthPool:
     lengths = wl.alpaca_lengths(target_model, split)
-    predicted, _ = wl.predictions_for("real", lengths, target_model, np.random.default_rng(0))
+    predicted, _ = wl.predictions_for(
+        "real", lengths, target_model, np.random.default_rng(0), real_predictor()
+    )
     return LengthPool(
         lengths, scale_lengths(lengths.true_tokens, length_scale), predicted, length_scale
     )

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shortline.benchmark.metrics import add_ratios
-from shortline.benchmark.report import targets, write
+from shortline.benchmark.report import write
+from shortline.benchmark.report.plots import plot_load
+from shortline.benchmark.report.targets import targets
+from shortline.benchmark.summary import ORACLE_POLICY, RATIOS
+from shortline.common.stats import add_ratios
 
 
 def _row(policy: str, mean: float, p99: float, tps: float = 100.0, **extra: Any) -> dict[str, Any]:
@@ -43,7 +46,7 @@ def _live_rows() -> list[dict[str, Any]]:
         _row("ssjf-aging", 7.0, 32.0, tps=97.0),
         _row("sjf-oracle", 6.0, 55.0),
     ]
-    add_ratios(rows, ("batching", "rho"))
+    add_ratios(rows, ("batching", "rho"), RATIOS, oracle=ORACLE_POLICY)
     return rows
 
 
@@ -165,8 +168,6 @@ def test_write_produces_json_markdown_and_plots(tmp_path: Path) -> None:
 def test_a_live_load_sweep_without_the_at_scale_simulation_still_gets_its_load_plot(
     tmp_path: Path,
 ) -> None:
-    from shortline.benchmark.report import plot_load
-
     one_load = _live_rows()
     two_loads = one_load + [dict(r, rho=0.5) for r in one_load]
     result: dict[str, Any] = {"sim_load": [], "live": one_load, "config": {"workers": 1}}

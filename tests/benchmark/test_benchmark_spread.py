@@ -9,10 +9,11 @@ import numpy as np
 from services.scheduler.core.batching import Batching
 from services.scheduler.sim.service_model import ServiceModel
 from services.scheduler.sim.workload import LengthSet
-from shortline.benchmark.metrics import summarize
-from shortline.benchmark.report import spread_tables
-from shortline.benchmark.simulated import PolicyParams, sim_cell
-from shortline.benchmark.spread import CellSetup, replay_spread
+from shortline.benchmark.report.tables import spread_tables
+from shortline.benchmark.report.targets import targets
+from shortline.benchmark.simulated import PolicyParams, azure_lengths, sim_cell
+from shortline.benchmark.spread import CellSetup, replay_spread, with_true_predictions
+from shortline.benchmark.summary import summarize
 from shortline.benchmark.workload import LengthPool, build, scale_lengths
 
 MODEL = ServiceModel(0.010, 0.0015)
@@ -112,9 +113,6 @@ def test_the_tables_put_the_live_run_beside_the_replays() -> None:
 
 
 def test_azure_lengths_get_noise_at_the_asked_tau_and_their_own_targets() -> None:
-    from shortline.benchmark.report import targets
-    from shortline.benchmark.simulated import azure_lengths
-
     common = {
         "requests": 600,
         "trace": "poisson",
@@ -143,8 +141,6 @@ def test_azure_lengths_get_noise_at_the_asked_tau_and_their_own_targets() -> Non
 
 
 def test_a_perfect_predictor_makes_ssjf_order_as_the_oracle() -> None:
-    from shortline.benchmark.spread import with_true_predictions
-
     # A head that misorders: every request gets another request's prediction.
     wrong = [
         dataclasses.replace(c, work=dataclasses.replace(c.work, predicted=c.work.predicted[::-1]))

@@ -10,16 +10,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shortline.common.grpc_server import PortInUseError, build_server, set_serving
+from shortline.common.net import free_port
 from shortline.scheduler.v1 import scheduler_pb2
 
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_health_and_reflection_are_served() -> None:

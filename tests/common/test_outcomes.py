@@ -65,9 +65,7 @@ def test_the_reader_returns_only_finished_rows_of_one_length_model(tmp_path: Pat
         for i, reason in enumerate(["stop", "cancelled", "length", "error", "stop"]):
             log.append(outcome(i, reason))
         other = outcome(9)
-        log.append(
-            Outcome(**{**other.__dict__, "length_model": "other-model", "request_id": "x"})
-        )
+        log.append(Outcome(**{**other.__dict__, "length_model": "other-model", "request_id": "x"}))
     rows = read_lengths(path, "Meta-Llama-3-8B-Instruct")
     assert rows == [("prompt 0", 90), ("prompt 2", 92), ("prompt 4", 94)]
     assert read_lengths(path, "unknown-model") == []

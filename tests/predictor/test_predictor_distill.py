@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from services.predictor import distill, sources
 from services.predictor.core import PredictorCore, Query
-from services.predictor.encoder import Encoder, delta_state
-from services.predictor.heads import REPO_HEADS_DIR, load_all
+from services.predictor.features.distilled import TunedMiniLMFeatures
+from services.predictor.features.minilm import MiniLMEncoder
+from services.predictor.features.tuned_weights import delta_state
+from services.predictor.heads import DISTILLED_HEADS_DIR, SHIPPED_HEADS_DIR, load_all
+from services.predictor.training import distill, sources
 from shortline.common import paths
 
-DISTILLED_DIR = REPO_HEADS_DIR.parent / "heads_distilled"
+DISTILLED_DIR = DISTILLED_HEADS_DIR
 LLAMA = "Meta-Llama-3-8B-Instruct"
 WEIGHTS = DISTILLED_DIR / "encoder" / distill.WEIGHTS_FILE
 SHIPPED = sorted(
@@ -37,14 +39,14 @@ PROMPTS = [
 ]
 
 
-def _features(encoder: Encoder, texts: list[str]) -> np.ndarray:
+def _features(encoder: MiniLMEncoder, texts: list[str]) -> np.ndarray:
     with torch.no_grad():
         return encoder.forward(texts)[1].numpy()
 
 
 def test_a_written_delta_loads_back_as_the_adapted_encoder(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    student = Encoder(backend="torch", jit=False, threads=1, precision="fp32")
+    student = MiniLMEncoder(backend="torch", jit=False, threads=1, precision="fp32")
     base = _features(student, PROMPTS)
     adapters, whole = distill.add_adapters(student.model, rank=4)
     # What training would do: move the adapters and a layer norm off their start.
@@ -60,7 +62,7 @@ def test_a_written_delta_loads_back_as_the_adapted_encoder(tmp_path: Path) -> No
     file = tmp_path / distill.WEIGHTS_FILE
     distill.write_weights(file, adapters, deltas)
 
-    loaded = Encoder(backend="torch", jit=False, threads=1, precision="fp32")
+    loaded = MiniLMEncoder(backend="torch", jit=False, threads=1, precision="fp32")
     loaded.load_tuned_layers(file)
     assert loaded.tag.startswith("tuned-")
     # fp16 factors: the loaded encoder reproduces the adapted one to rounding.
@@ -68,7 +70,7 @@ def test_a_written_delta_loads_back_as_the_adapted_encoder(tmp_path: Path) -> No
 
 
 def test_a_delta_naming_an_unknown_or_misshapen_weight_is_refused(tmp_path: Path) -> None:
-    encoder = Encoder(backend="torch", jit=False, threads=1)
+    encoder = MiniLMEncoder(backend="torch", jit=False, threads=1)
     state = encoder.model.state_dict()
     unknown = tmp_path / "unknown.npz"
     np.savez(unknown, **{"encoder.layer.9.attention.self.query.weight::d": np.zeros((2, 2))})
@@ -128,9 +130,11 @@ def test_shipped_distilled_heads_share_one_small_encoder_delta() -> None:
 @pytest.mark.slow
 def test_distilled_heads_serve_from_one_tuned_encoder() -> None:
     core = PredictorCore(DISTILLED_DIR, threads=2)
-    encoders = {id(core._encoders[name]) for name in SHIPPED}
+    encoders = {id(core.extractor_of(name)) for name in SHIPPED}
     assert len(encoders) == 1
-    assert core._encoders[SHIPPED[0]] is not core.encoder
+    tuned_features = core.extractor_of(SHIPPED[0])
+    assert isinstance(tuned_features, TunedMiniLMFeatures)
+    assert tuned_features.encoder is not core.encoder
     results = core.predict_batch([Query(target_model=name, prompts=PROMPTS) for name in SHIPPED])
     stock = core.encoder.encode(PROMPTS)
     for result in results:
@@ -139,7 +143,7 @@ def test_distilled_heads_serve_from_one_tuned_encoder() -> None:
         assert result.tokens[0] < result.tokens[1]
         # The embedding is all-MiniLM-L6-v2's, not the tuned encoder's pooled vector.
         np.testing.assert_allclose(result.embeddings, stock, atol=1e-6)
-    tuned = core._encoders[SHIPPED[0]].encode(PROMPTS)
+    tuned = tuned_features.encoder.encode(PROMPTS)
     assert np.median((tuned * stock).sum(axis=1)) < 0.95
     # Callers that do not read it (the simulator, a scheduler without a cache) skip it.
     bare = core.predict(Query(SHIPPED[0], PROMPTS, embedding=False))
@@ -171,6 +175,6 @@ def test_served_rank_head_reaches_the_issue_target_on_test(eval_output: dict) ->
         assert tau[kind] == pytest.approx(head["test_metrics"]["kendall_tau"], abs=0.01), kind
     assert tau["rank"] >= 0.60
     # Well above the stock encoder's heads (0.45-0.50 for Llama-3-8B).
-    stock = json.loads((REPO_HEADS_DIR / LLAMA / "card.json").read_text())
+    stock = json.loads((SHIPPED_HEADS_DIR / LLAMA / "card.json").read_text())
     for kind, head in stock["heads"].items():
         assert tau[kind] > head["test_metrics"]["kendall_tau"] + 0.05, kind

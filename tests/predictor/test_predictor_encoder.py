@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.predictor.encoder import EMBEDDING_DIM, Encoder, truncate_head_tail
+from services.predictor.features.minilm import MiniLMEncoder, wrap_truncated
+from services.predictor.features.minilm_backends import EMBEDDING_DIM, length_chunks
 
 CLS, SEP = 101, 102
 
 
 def test_short_prompt_is_wrapped_in_cls_and_sep() -> None:
-    assert truncate_head_tail([5, 6, 7], 10, CLS, SEP) == [CLS, 5, 6, 7, SEP]
+    assert wrap_truncated([5, 6, 7], 10, CLS, SEP) == [CLS, 5, 6, 7, SEP]
 
 
 def test_long_prompt_keeps_cls_head_tail_and_sep() -> None:
     ids = list(range(1000, 1100))
-    out = truncate_head_tail(ids, 12, CLS, SEP)
+    out = wrap_truncated(ids, 12, CLS, SEP)
     assert len(out) == 12
     assert out[0] == CLS and out[-1] == SEP
     assert out[1:6] == ids[:5]  # head gets the larger half of the 10-token budget
@@ -24,21 +25,21 @@ def test_long_prompt_keeps_cls_head_tail_and_sep() -> None:
 
 
 def test_odd_budget_gives_head_the_extra_token() -> None:
-    out = truncate_head_tail(list(range(50)), 7, CLS, SEP)
+    out = wrap_truncated(list(range(50)), 7, CLS, SEP)
     assert out == [CLS, 0, 1, 2, 48, 49, SEP]
 
 
 def test_too_small_limit_is_rejected() -> None:
     with pytest.raises(ValueError, match="max_tokens"):
-        truncate_head_tail([1], 2, CLS, SEP)
+        wrap_truncated([1], 2, CLS, SEP)
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return Encoder(max_tokens=32, threads=1)
+def encoder() -> MiniLMEncoder:
+    return MiniLMEncoder(max_tokens=32, threads=1)
 
 
-def test_real_tokenizer_truncation_keeps_the_question_at_the_end(encoder: Encoder) -> None:
+def test_real_tokenizer_truncation_keeps_the_question_at_the_end(encoder: MiniLMEncoder) -> None:
     text = "Summarise this. " + "filler words " * 200 + "Answer in one word."
     ids = encoder.token_ids([text])[0]
     assert len(ids) == 32
@@ -48,7 +49,7 @@ def test_real_tokenizer_truncation_keeps_the_question_at_the_end(encoder: Encode
     assert decoded.endswith("answer in one word.")
 
 
-def test_embeddings_are_normalised_and_order_preserving(encoder: Encoder) -> None:
+def test_embeddings_are_normalised_and_order_preserving(encoder: MiniLMEncoder) -> None:
     texts = ["Write a poem about the sea.", "What is 2+2?", "List three primes."]
     batch = encoder.encode(texts)
     assert batch.shape == (3, EMBEDDING_DIM)
@@ -58,8 +59,6 @@ def test_embeddings_are_normalised_and_order_preserving(encoder: Encoder) -> Non
 
 
 def test_length_chunks_group_similar_lengths_within_the_budget() -> None:
-    from services.predictor.encoder import length_chunks
-
     lengths = [5, 200, 6, 7, 190, 8]
     chunks = length_chunks(lengths, max_rows=64, token_budget=400)
     assert sorted(i for c in chunks for i in c) == list(range(6))
@@ -69,7 +68,7 @@ def test_length_chunks_group_similar_lengths_within_the_budget() -> None:
     assert length_chunks(lengths, max_rows=2, token_budget=10_000)[0] == [0, 2]
 
 
-def test_traced_forward_equals_eager_on_a_padded_batch(encoder: Encoder) -> None:
+def test_traced_forward_equals_eager_on_a_padded_batch(encoder: MiniLMEncoder) -> None:
     import torch
 
     texts = ["Hi.", "Write a long story about a lighthouse keeper and a storm at sea."]

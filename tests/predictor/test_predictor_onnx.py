@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.predictor import onnx_backend
-from services.predictor.encoder import Encoder, resolve_backend
+from services.predictor.features import onnx_export
+from services.predictor.features.minilm import MiniLMEncoder
+from services.predictor.features.minilm_backends import resolve_backend
 
-pytestmark = pytest.mark.skipif(not onnx_backend.available(), reason="onnxruntime not installed")
+pytestmark = pytest.mark.skipif(not onnx_export.available(), reason="onnxruntime not installed")
 
 TEXTS = [
     "What is 2+2?",
@@ -21,17 +22,17 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def torch_fp32() -> Encoder:
+def torch_fp32() -> MiniLMEncoder:
     # Eager fp32: the reference the graph was exported from.
-    return Encoder(max_tokens=64, precision="fp32", threads=2, jit=False)
+    return MiniLMEncoder(max_tokens=64, precision="fp32", threads=2, jit=False)
 
 
 @pytest.fixture(scope="module")
-def fast() -> Encoder:
-    return Encoder(max_tokens=64, threads=2, backend="onnx")
+def fast() -> MiniLMEncoder:
+    return MiniLMEncoder(max_tokens=64, threads=2, backend="onnx")
 
 
-def test_onnx_features_match_torch_fp32(torch_fp32: Encoder, fast: Encoder) -> None:
+def test_onnx_features_match_torch_fp32(torch_fp32: MiniLMEncoder, fast: MiniLMEncoder) -> None:
     ref_emb, ref_feat = torch_fp32.encode_features(TEXTS)
     emb, feat = fast.encode_features(TEXTS)
     assert feat.shape == ref_feat.shape == (len(TEXTS), fast.feature_dim)
@@ -40,17 +41,17 @@ def test_onnx_features_match_torch_fp32(torch_fp32: Encoder, fast: Encoder) -> N
     np.testing.assert_allclose(emb, ref_emb, atol=1e-4, rtol=0)
 
 
-def test_onnx_features_match_the_bf16_features_heads_were_trained_on(fast: Encoder) -> None:
-    if Encoder(max_tokens=64, threads=2, jit=False).precision != "bf16":
+def test_onnx_features_match_the_bf16_features_heads_were_trained_on(fast: MiniLMEncoder) -> None:
+    if MiniLMEncoder(max_tokens=64, threads=2, jit=False).precision != "bf16":
         pytest.skip("CPU without bf16: training features were fp32, covered above")
-    bf16 = Encoder(max_tokens=64, precision="bf16", threads=2)
+    bf16 = MiniLMEncoder(max_tokens=64, precision="bf16", threads=2)
     _, ref = bf16.encode_features(TEXTS)
     _, feat = fast.encode_features(TEXTS)
     # bf16 keeps 8 bits of mantissa: differences are bf16 rounding, not a different model.
     assert np.abs(feat - ref).max() <= 2e-2 * np.abs(ref).max()
 
 
-def test_parallel_chunks_keep_input_order(fast: Encoder) -> None:
+def test_parallel_chunks_keep_input_order(fast: MiniLMEncoder) -> None:
     texts = [f"Question {i}: " + "why " * (i * 7 % 40) + "?" for i in range(24)]
     _, together = fast.encode_features(texts)
     one_by_one = np.concatenate([fast.encode_features([t])[1] for t in texts])
@@ -58,9 +59,9 @@ def test_parallel_chunks_keep_input_order(fast: Encoder) -> None:
 
 
 def test_hybrid_matches_torch_on_batches_and_onnx_on_one_prompt(
-    torch_fp32: Encoder, fast: Encoder
+    torch_fp32: MiniLMEncoder, fast: MiniLMEncoder
 ) -> None:
-    hybrid = Encoder(max_tokens=64, threads=2, backend="hybrid")
+    hybrid = MiniLMEncoder(max_tokens=64, threads=2, backend="hybrid")
     texts = [f"Question {i}: " + "why " * (i * 5 % 50) + "?" for i in range(16)]
     _, batch = hybrid.encode_features(texts, batch_size=4)  # several chunks: the torch engine
     _, ref = torch_fp32.encode_features(texts)
@@ -72,10 +73,10 @@ def test_hybrid_matches_torch_on_batches_and_onnx_on_one_prompt(
     assert hybrid.cache_tag.startswith("hybrid-")
 
 
-def test_graph_is_cached_by_weights(fast: Encoder) -> None:
+def test_graph_is_cached_by_weights(fast: MiniLMEncoder) -> None:
     file = fast._onnx.file
     mtime = file.stat().st_mtime_ns
-    again = Encoder(max_tokens=64, threads=1, backend="onnx")
+    again = MiniLMEncoder(max_tokens=64, threads=1, backend="onnx")
     assert again._onnx.file == file
     assert file.stat().st_mtime_ns == mtime  # not exported a second time
     assert "onnx" in again.cache_tag and fast.cache_tag == again.cache_tag
@@ -84,7 +85,7 @@ def test_graph_is_cached_by_weights(fast: Encoder) -> None:
 def test_int8_gives_a_prompt_the_same_features_alone_and_in_any_batch() -> None:
     # Dynamic quantisation scales activations by the whole input: batched runs would
     # make a prompt's prediction depend on its batch-mates. Each prompt runs alone.
-    int8 = Encoder(max_tokens=64, threads=2, backend="onnx-int8")
+    int8 = MiniLMEncoder(max_tokens=64, threads=2, backend="onnx-int8")
     texts = [f"Question {i}: " + "why " * (i * 7 % 40) + "?" for i in range(12)] + TEXTS
     emb, together = int8.encode_features(texts, batch_size=64)
     for i in (0, 5, len(texts) - 1):
@@ -99,8 +100,8 @@ def test_int8_gives_a_prompt_the_same_features_alone_and_in_any_batch() -> None:
 def test_int8_features_stay_near_the_bf16_training_features() -> None:
     # Loose on purpose: int8 weights move features a few percent; the model card gives
     # the held-out tau both ways. This catches a broken graph (wrong layer, no pooling).
-    int8 = Encoder(max_tokens=64, threads=2, backend="onnx-int8")
-    ref_encoder = Encoder(max_tokens=64, threads=2, jit=False)
+    int8 = MiniLMEncoder(max_tokens=64, threads=2, backend="onnx-int8")
+    ref_encoder = MiniLMEncoder(max_tokens=64, threads=2, jit=False)
     _, ref = ref_encoder.encode_features(TEXTS)
     _, feat = int8.encode_features(TEXTS)
     relative = np.linalg.norm(feat - ref, axis=1) / np.linalg.norm(ref, axis=1)

@@ -14,10 +14,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hidden_data import shared_data_hidden
 
 from services.predictor.config import PredictorConfig
-from services.predictor.encoder import resolve_backend
-from services.predictor.heads import REPO_HEADS_DIR
+from services.predictor.features.minilm_backends import resolve_backend
+from services.predictor.heads import SHIPPED_HEADS_DIR
 from services.predictor.service import SERVICE_NAME, PredictorServer
-from services.worker.triton_embedded import free_port
+from shortline.common.net import free_port
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ async def stub(address: str) -> AsyncIterator[predictor_pb2_grpc.PredictorServic
 
 
 def card(target: str) -> dict:  # type: ignore[type-arg]
-    return json.loads((REPO_HEADS_DIR / target / "card.json").read_text())
+    return json.loads((SHIPPED_HEADS_DIR / target / "card.json").read_text())
 
 
 async def test_predict_returns_one_result_per_prompt_in_order(
@@ -120,7 +120,7 @@ async def test_list_models_names_every_shipped_target(
     stub: predictor_pb2_grpc.PredictorServiceStub,
 ) -> None:
     response = await stub.ListModels(predictor_pb2.ListModelsRequest())
-    shipped = sorted(p.parent.name for p in REPO_HEADS_DIR.glob("*/card.json"))
+    shipped = sorted(p.parent.name for p in SHIPPED_HEADS_DIR.glob("*/card.json"))
     assert [m.target_model for m in response.models] == shipped
     assert "MiniLM" in response.encoder
     llama = next(m for m in response.models if m.target_model == TARGET)

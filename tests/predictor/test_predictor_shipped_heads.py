@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from services.predictor import offline, sources
-from services.predictor.encoder import Encoder, cached_features
-from services.predictor.evaluation import evaluate_split
-from services.predictor.heads import REPO_HEADS_DIR, load_target
+from services.predictor import offline
+from services.predictor.features.minilm import MiniLMEncoder
+from services.predictor.heads import SHIPPED_HEADS_DIR, load_target
+from services.predictor.training import sources
+from services.predictor.training.evaluation import evaluate_split
+from services.predictor.training.feature_cache import cached_features
 from shortline.common import paths
 
 SHIPPED = [
@@ -24,10 +26,10 @@ SHIPPED = [
 
 def test_every_required_target_is_shipped_small_and_complete() -> None:
     assert set(SHIPPED) <= set(offline.available_targets())
-    total = sum(f.stat().st_size for f in REPO_HEADS_DIR.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in SHIPPED_HEADS_DIR.rglob("*") if f.is_file())
     assert total < 4_000_000
     for target in SHIPPED:
-        folder = REPO_HEADS_DIR / target
+        folder = SHIPPED_HEADS_DIR / target
         card = json.loads((folder / "card.json").read_text())
         assert card["target_model"] == target
         assert set(card["heads"]) == {"reg", "cls", "rank"}
@@ -45,15 +47,17 @@ def test_every_required_target_is_shipped_small_and_complete() -> None:
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return Encoder(threads=2)
+def encoder() -> MiniLMEncoder:
+    return MiniLMEncoder(threads=2)
 
 
 @pytest.mark.parametrize("target", SHIPPED)
-def test_heads_beat_the_mean_baseline_on_the_test_split(target: str, encoder: Encoder) -> None:
+def test_heads_beat_the_mean_baseline_on_the_test_split(
+    target: str, encoder: MiniLMEncoder
+) -> None:
     if not paths.alpaca_eval_outputs(target).exists():
         pytest.skip(f"shared data absent: no {paths.alpaca_eval_outputs(target)}")
-    loaded = load_target(REPO_HEADS_DIR / target)
+    loaded = load_target(SHIPPED_HEADS_DIR / target)
     data = sources.from_alpaca(target)
     _, features = cached_features(encoder, data.instructions)
     result = evaluate_split(data, features, loaded.heads, loaded.boundaries, "test")

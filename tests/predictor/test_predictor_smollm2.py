@@ -20,21 +20,22 @@ import pytest
 import pytest_asyncio
 from hidden_data import shared_data_hidden
 
-from services.predictor import smollm2_onnx
 from services.predictor.config import PredictorConfig
-from services.predictor.core import PredictorCore, Query, feature_extractor
-from services.predictor.heads import REPO_HEADS_DIR, load_all
-from services.predictor.service import PredictorServer
-from services.predictor.smollm2_features import (
+from services.predictor.core import PredictorCore, Query
+from services.predictor.features import smollm2_onnx
+from services.predictor.features.registry import kind_of
+from services.predictor.features.smollm2 import (
     EXTRACTOR_NAME,
     MAX_PROMPT_TOKENS,
     SmolLM2Features,
-    truncate_head_tail,
+    truncate,
 )
-from services.worker.triton_embedded import free_port
+from services.predictor.heads import SHIPPED_HEADS_DIR, SMOLLM2_HEADS_DIR, load_all
+from services.predictor.service import PredictorServer
+from shortline.common.net import free_port
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
-SMOL_HEADS_DIR = REPO_HEADS_DIR.parent / "heads_smollm2"
+SMOL_HEADS_DIR = SMOLLM2_HEADS_DIR
 TARGET = "Meta-Llama-3-8B-Instruct"
 # The targets the MiniLM heads ship for; each has a SmolLM2 head too.
 SHIPPED = sorted(
@@ -48,9 +49,9 @@ PROMPTS = [
 
 
 def test_truncate_keeps_head_and_tail() -> None:
-    assert truncate_head_tail(list(range(10)), 254) == list(range(10))
+    assert truncate(list(range(10)), 254) == list(range(10))
     ids = list(range(300))
-    out = truncate_head_tail(ids, MAX_PROMPT_TOKENS)
+    out = truncate(ids, MAX_PROMPT_TOKENS)
     assert len(out) == 254
     assert out[:127] == list(range(127))
     assert out[127:] == list(range(173, 300))
@@ -58,17 +59,17 @@ def test_truncate_keeps_head_and_tail() -> None:
 
 def test_shipped_card_names_its_extractor_and_minilm_cards_need_none() -> None:
     smol = load_all(SMOL_HEADS_DIR)
-    assert sorted(smol) == SHIPPED == sorted(load_all(REPO_HEADS_DIR))
+    assert sorted(smol) == SHIPPED == sorted(load_all(SHIPPED_HEADS_DIR))
     for name, target in smol.items():
         card = target.card
-        assert feature_extractor(card) == EXTRACTOR_NAME
+        assert kind_of(card) == EXTRACTOR_NAME
         assert card["features"]["layers"] == [20]
         assert card["features"]["max_prompt_tokens"] == MAX_PROMPT_TOKENS
         # Trained on the features they are served on.
         assert card["features"]["backend"] == "onnx-int8"
         assert sum(p.stat().st_size for p in (SMOL_HEADS_DIR / name).iterdir()) < 1_000_000
-    for target in load_all(REPO_HEADS_DIR).values():
-        assert feature_extractor(target.card) == "minilm"
+    for target in load_all(SHIPPED_HEADS_DIR).values():
+        assert kind_of(target.card) == "minilm"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_prefix_cache_matches_the_full_run(
     extractor: SmolLM2Features, full: SmolLM2Features
 ) -> None:
     """The reused template-prefix KV gives the features of running every token."""
-    assert len(extractor._prefix) > 10
+    assert len(extractor.prefix) > 10
     # In fp32 (the training recipe) the two differ by float rounding only.
     reused = SmolLM2Features(threads=1, precision="fp32")
     a, b = reused.encode_features(PROMPTS), full.encode_features(PROMPTS)
@@ -129,7 +130,7 @@ def test_suffix_module_and_smoothing_compute_the_full_run(
     import torch
 
     ref = full.encode_features(PROMPTS)
-    prefix = extractor._prefix
+    prefix = extractor.prefix
     ids = [full.prompt_ids(p) for p in PROMPTS]
     calibration = [full.prompt_ids(p) for p in smollm2_onnx.CALIBRATION_PROMPTS[:4]]
     smooth = smollm2_onnx.smoothed(full.model, (20,), prefix, calibration)
@@ -167,7 +168,8 @@ def test_cards_without_a_backend_keep_torch_features(tmp_path: Path) -> None:
     del card["features"]["backend"]
     (folder / "card.json").write_text(json.dumps(card))
     core = PredictorCore(tmp_path, threads=1)
-    (extractor,) = core._smol.values()
+    extractor = core.extractor_of(TARGET)
+    assert isinstance(extractor, SmolLM2Features)
     assert extractor.backend == "torch"
     assert "torch" in core.encoder_name
     result = core.predict(Query(TARGET, PROMPTS))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from services.predictor.evaluation import bucket_of, evaluate
-from services.predictor.heads import bucket_boundaries, bucket_medians
-from services.predictor.training import (
+from services.predictor.training.buckets import bucket_boundaries, bucket_medians, bucket_of
+from services.predictor.training.evaluation import evaluate
+from services.predictor.training.fit import (
     TrainOptions,
     classification_loss,
     fit_head,

@@ -7,14 +7,10 @@ import pytest
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.clock import VirtualClock
+from services.scheduler.core.interface import Assign, QueueFullError, Stop
 from services.scheduler.core.job import IllegalTransitionError, Job, JobState
 from services.scheduler.core.policies import PolicyError, PreemptionRule, make_policy
-from services.scheduler.core.scheduler import (
-    Assign,
-    QueueFullError,
-    SchedulerCore,
-    Stop,
-)
+from services.scheduler.core.scheduler import SchedulerCore
 
 
 def core_with(

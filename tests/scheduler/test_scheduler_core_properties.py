@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.clock import VirtualClock
+from services.scheduler.core.interface import Assign, Stop
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.policies import PreemptionRule, make_policy
 from services.scheduler.core.queue import BoundedWaitQueue
-from services.scheduler.core.scheduler import Assign, SchedulerCore, Stop
+from services.scheduler.core.scheduler import SchedulerCore
 
 # "slack:" = ssjf-aging with the JCT-target guard (latest starts) instead of the wait bound.
 POLICIES = [

@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.server import SchedulerServer
-from services.worker.triton_embedded import free_port
+from services.scheduler.service.server import SchedulerServer
+from shortline.common.net import free_port
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 

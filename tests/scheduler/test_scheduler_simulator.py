@@ -105,7 +105,9 @@ def test_aging_bound_caps_the_wait_of_a_long_job_behind_a_stream_of_short_ones()
     )
     bound = 20.0
     ssjf = run(work, "ssjf", BatchingMode.NONE)
-    aging = run(work, "ssjf-aging", BatchingMode.NONE, max_wait_s=bound, aging_rate=0.0)
+    aging = run(
+        work, "ssjf-aging", BatchingMode.NONE, max_wait_s=bound, aging_rate=0.0, jct_target_s=0.0
+    )
     wait = aging.first_dispatch - aging.arrival
     assert (ssjf.first_dispatch - ssjf.arrival)[100] > 2 * bound  # the bound matters here
     assert wait.max() <= bound + float(true.max()) * step

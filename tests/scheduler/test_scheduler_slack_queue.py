@@ -11,14 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.config import SchedulerConfig
+from services.scheduler.config import SchedulerConfig, build_policy
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.clock import VirtualClock
 from services.scheduler.core.job import Job
 from services.scheduler.core.policies import PolicyError, make_policy, predicted_remaining
 from services.scheduler.core.queue import SlackQueue, TokenTime
 from services.scheduler.core.scheduler import SchedulerCore
-from services.scheduler.server import build_policy
 from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.service_model import ServiceModel
 from services.scheduler.sim.workload import Workload, arrival_times
@@ -151,8 +150,8 @@ def test_the_core_learns_seconds_per_predicted_token_from_finished_runs() -> Non
         core.on_finish(d.job.id, "stop", 100)
     assert core.queue.token_time.value == pytest.approx(0.2)
     stats = core.stats()
-    assert stats["token_time_s"] == pytest.approx(0.2)
-    assert stats["late_jobs"] == core.queue.turned_late
+    assert stats.token_time_s == pytest.approx(0.2)
+    assert stats.late_jobs == core.queue.turned_late
 
 
 def test_a_long_job_finishes_by_its_target_behind_a_stream_of_short_ones() -> None:

@@ -11,11 +11,11 @@ import grpc
 import pytest
 
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.server import SchedulerServer
+from services.scheduler.service.server import SchedulerServer
 from services.worker.config import WorkerConfig
-from services.worker.server import WorkerServer
-from services.worker.triton_embedded import free_port
+from services.worker.service.server import WorkerServer
 from shortline.client import AsyncShortlineClient, ClientOptions, ShortlineClient
+from shortline.common.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ async def scheduler_with_worker(triton_url: str, port: int) -> Any:
     )
     await worker.start()
     try:
-        while not scheduler.servicer.workers:
+        while not scheduler.plane.workers:
             await asyncio.sleep(0.02)
         yield scheduler
     finally:

@@ -20,28 +20,13 @@ from pathlib import Path
 import pytest
 from processes import assert_nothing_left, descendants, shm_regions
 
+from services.scheduler.core.policies import DEFAULT_POLICY
 from shortline.client import AsyncShortlineClient, ClientOptions, ShortlineClient
 from shortline.stack import Stack, StackConfig, port_is_free
 
 pytestmark = pytest.mark.slow
 
 LENGTH_MODEL = "Meta-Llama-3-8B-Instruct"
-
-
-def free_ports(n: int) -> list[int]:
-    """Distinct free ports, spread so that base + i ranges do not collide."""
-    sockets = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-            ports.append(sock.getsockname()[1])
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
 
 
 def stack_config(tmp: Path, **overrides: object) -> StackConfig:
@@ -169,7 +154,7 @@ def test_every_service_exposes_prometheus_metrics(stack: Stack) -> None:
         "shortline_semantic_cache_hits_total",
     ):
         assert name in scheduler, f"scheduler metrics lack {name}"
-    assert 'policy="ssjf"' in scheduler
+    assert f'policy="{DEFAULT_POLICY}"' in scheduler
     predictor = scrape(cfg.metrics_base_port + 1)
     assert "shortline_predict_seconds_bucket" in predictor
     assert "shortline_predict_batch_prompts_bucket" in predictor

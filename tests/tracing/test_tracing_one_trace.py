@@ -33,10 +33,10 @@ async def test_a_request_is_one_trace_across_every_service(embedded_triton: Any)
     from services.predictor.config import PredictorConfig
     from services.predictor.service import PredictorServer
     from services.scheduler.config import SchedulerConfig
-    from services.scheduler.server import SchedulerServer
+    from services.scheduler.service.server import SchedulerServer
     from services.worker.config import WorkerConfig
-    from services.worker.server import WorkerServer
-    from services.worker.triton_embedded import free_port
+    from services.worker.service.server import WorkerServer
+    from shortline.common.net import free_port
 
     predictor = PredictorServer(PredictorConfig(port=free_port()))
     await predictor.start()
@@ -63,7 +63,7 @@ async def test_a_request_is_one_trace_across_every_service(embedded_triton: Any)
     await worker.start()
     try:
         for _ in range(200):
-            if scheduler.servicer.workers:
+            if scheduler.plane.workers:
                 break
             await asyncio.sleep(0.05)
         tracer = trace.get_tracer("test-client")

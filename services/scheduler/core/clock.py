@@ -1,8 +1,12 @@
-"""Where the core gets "now": virtual in the simulator, monotonic in the service."""
+"""Where the core gets "now": virtual in the simulator, monotonic in the service.
+
+The core never reads the wall clock itself: the service passes its
+``MonotonicClock`` (``services/scheduler/service/clock.py``) and the simulator
+a :class:`VirtualClock`.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Protocol
 
 
@@ -25,12 +29,3 @@ class VirtualClock:
         if t < self.t:
             raise ValueError(f"virtual time cannot go back from {self.t} to {t}")
         self.t = t
-
-
-class MonotonicClock:
-    """Wall-clock independent seconds; immune to NTP steps."""
-
-    __slots__ = ()
-
-    def now(self) -> float:
-        return time.monotonic()

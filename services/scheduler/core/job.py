@@ -50,6 +50,7 @@ class Job:
 
     __slots__ = (
         "arrival",
+        "attachment",
         "deadline",
         "embedding",
         "entry",
@@ -118,6 +119,9 @@ class Job:
         self.finish: float | None = None
         self.finish_reason = ""
         self.entry: list[Any] | None = None  # the ready-queue entry while queued
+        # The driver's own record of this request (the service's stream state), opaque
+        # to the core: the core's table of live jobs is the one registry of requests.
+        self.attachment: Any = None
 
     def to(self, new: JobState) -> None:
         if new not in _ALLOWED[self.state]:

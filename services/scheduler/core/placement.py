@@ -11,10 +11,11 @@ from typing import Any
 
 
 class WorkerSlots:
-    __slots__ = ("alive", "batch_left", "id", "jobs", "slots", "used")
+    __slots__ = ("alive", "attachment", "batch_left", "id", "jobs", "slots", "used")
 
-    def __init__(self, worker_id: Any, slots: int) -> None:
+    def __init__(self, worker_id: Any, slots: int, attachment: Any = None) -> None:
         self.id = worker_id
+        self.attachment = attachment  # the driver's record of this worker (opaque here)
         self.slots = slots
         self.used = 0
         self.jobs: dict[Any, None] = {}  # job ids running here, insertion ordered

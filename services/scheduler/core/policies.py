@@ -8,6 +8,7 @@ policy's preemption rule, if any.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Self
 
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job
@@ -117,28 +118,65 @@ def _aging_key(rate: float) -> KeyFn:
 # (none 0.95 x and continuous 1.13 x fcfs's p99 JCT; dynamic meets no setting, 1.0 x).
 # The operator's own target, in seconds, is the better setting anywhere else.
 REFERENCE_JCT_TARGET_JOB_TIMES = {"none": 21.0, "dynamic": 31.0, "continuous": 33.0}
+REFERENCE_JCT_TARGET_OTHER_JOB_TIMES = 32.0  # a batching mode not in the table
 REFERENCE_AGING_RATE_PER_JOB_TIME = 5.0
 REFERENCE_SLACK_MARGIN = 1.0
+# The older wait bound W in job times, used only with a JCT target of 0. The benchmark
+# used 30 here and the simulator 26; the benchmark never runs with a JCT target of 0
+# (its targets come from this table or from fcfs's p99), so its W was never read and
+# both now use the simulator's 26.
+REFERENCE_MAX_WAIT_JOB_TIMES = 26.0
+
+# The policy the service and the local stack (``shortline up``) run by default.
+DEFAULT_POLICY = "ssjf-aging"
 
 
 @dataclass(frozen=True)
 class PolicySettings:
-    """Every policy knob in one record, so the service's flags and the benchmark's
-    simulator build a policy the same way (field names match SchedulerConfig's)."""
+    """Every policy knob in one record: the one source of policy defaults.
+
+    The service's flags (``SchedulerConfig``, whose field names match), ``make_policy``'s
+    keyword defaults and the benchmark's simulator all take their defaults from here.
+    Simulations in job times use :meth:`reference` instead (defaults scaled to a load)."""
 
     aging_rate: float = 5.0  # key tokens per second waited
     max_wait_s: float = 60.0  # the older wait bound; used only when jct_target_s is 0
-    jct_target_s: float = 0.0  # ssjf-aging's JCT target D (latest-start guard)
+    jct_target_s: float = 120.0  # ssjf-aging's JCT target D (latest-start guard); 0: max_wait_s
     token_time_s: float = 0.0  # 0: learned from finished runs
     slack_margin: float = REFERENCE_SLACK_MARGIN
-    preempt_factor: float = 2.0
-    preempt_max_fraction: float = 0.1
-    preempt_max_per_job: int = 1
+    preempt_factor: float = PreemptionRule.factor
+    preempt_max_fraction: float = PreemptionRule.max_fraction
+    preempt_max_per_job: int = PreemptionRule.max_per_job
 
     @classmethod
-    def of(cls, source: object) -> PolicySettings:
+    def of(cls, source: object) -> Self:
         """The settings held by any object with the same attribute names (a config)."""
         return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+    @classmethod
+    def reference(
+        cls, seconds_per_job: float, batching: str, key_per_true_token: float = 1.0
+    ) -> Self:
+        """The reference-tuned settings for a load where a worker spends
+        ``seconds_per_job`` per job at capacity (workers / capacity): aging 5 key tokens
+        per job time, JCT target 21 / 31 / 33 job times for none / dynamic / continuous,
+        wait bound 26 job times. ``key_per_true_token`` converts to the units of the keys
+        the scheduler sees (the benchmark's replayed lengths are scaled down)."""
+        return cls(
+            aging_rate=REFERENCE_AGING_RATE_PER_JOB_TIME * key_per_true_token / seconds_per_job,
+            max_wait_s=REFERENCE_MAX_WAIT_JOB_TIMES * seconds_per_job,
+            jct_target_s=REFERENCE_JCT_TARGET_JOB_TIMES.get(
+                batching, REFERENCE_JCT_TARGET_OTHER_JOB_TIMES
+            )
+            * seconds_per_job,
+            token_time_s=0.0,
+            slack_margin=REFERENCE_SLACK_MARGIN,
+        )
+
+    def preemption(self) -> PreemptionRule:
+        return PreemptionRule(
+            self.preempt_factor, self.preempt_max_fraction, self.preempt_max_per_job
+        )
 
     def policy(self, spec: str, *, allow_oracle: bool = False) -> Policy:
         return make_policy(
@@ -148,9 +186,7 @@ class PolicySettings:
             jct_target_s=self.jct_target_s,
             token_time_s=self.token_time_s,
             slack_margin=self.slack_margin,
-            preemption=PreemptionRule(
-                self.preempt_factor, self.preempt_max_fraction, self.preempt_max_per_job
-            ),
+            preemption=self.preemption(),
             allow_oracle=allow_oracle,
         )
 
@@ -166,14 +202,17 @@ class PolicySettings:
         return out
 
 
+DEFAULTS = PolicySettings()
+
+
 def make_policy(
     spec: str,
     *,
-    aging_rate: float = 10.0,
-    max_wait_s: float = 30.0,
-    jct_target_s: float = 0.0,
-    token_time_s: float = 0.0,
-    slack_margin: float = REFERENCE_SLACK_MARGIN,
+    aging_rate: float = DEFAULTS.aging_rate,
+    max_wait_s: float = DEFAULTS.max_wait_s,
+    jct_target_s: float = DEFAULTS.jct_target_s,
+    token_time_s: float = DEFAULTS.token_time_s,
+    slack_margin: float = DEFAULTS.slack_margin,
     preemption: PreemptionRule | None = None,
     allow_oracle: bool = False,
 ) -> Policy:
@@ -186,13 +225,14 @@ def make_policy(
     has passed, or passes within ``slack_margin`` x the next pick's service, goes
     first. With ``jct_target_s == 0``: the older hard bound, a job that has waited
     ``max_wait_s`` goes first. Serving passes ``allow_oracle=False``: ``sjf-oracle``
-    needs true lengths, which only a benchmark knows.
+    needs true lengths, which only a benchmark knows. Defaults: :data:`DEFAULTS`;
+    ``preemption`` defaults to ``DEFAULTS.preemption()`` (the same as ``PreemptionRule()``).
     """
     name = spec.strip()
     preempt = name.endswith(PREEMPT_SUFFIX)
     if preempt:
         name = name[: -len(PREEMPT_SUFFIX)]
-    rule = (preemption or PreemptionRule()) if preempt else None
+    rule = (preemption or DEFAULTS.preemption()) if preempt else None
     if name == "fcfs":
         if rule is not None:
             raise PolicyError("fcfs cannot preempt: it has no notion of a shorter job")

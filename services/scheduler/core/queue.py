@@ -1,4 +1,8 @@
-"""The ready queue: one small interface, three implementations.
+"""The ready queue: one small interface, four implementations.
+
+A queue states what it can do instead of being asked its class: every queue
+answers ``late_jobs`` and ``token_time_s`` (the latest-start guard's counters),
+which only :class:`SlackQueue` moves; the others answer 0.
 
 Removal is lazy everywhere: a removed job's entry is marked dead (its job slot
 set to ``None``) and skipped when it surfaces, so cancel and pop both stay
@@ -31,6 +35,15 @@ class ReadyQueue(Protocol):
     def observe_run(self, job: Job, seconds: float) -> None: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Job]: ...
+    @property
+    def late_jobs(self) -> int:
+        """Jobs whose latest start came while they waited (0 without a latest-start guard)."""
+        ...
+
+    @property
+    def token_time_s(self) -> float:
+        """Seconds per predicted token the guard plans with (0 without one)."""
+        ...
 
 
 def _take(entry: list[Any]) -> Job:
@@ -95,6 +108,14 @@ class FifoQueue:
     def observe_run(self, job: Job, seconds: float) -> None:
         """``job``'s run ended after ``seconds``; only a queue that estimates service uses it."""
 
+    @property
+    def late_jobs(self) -> int:
+        return 0  # no latest-start guard (see SlackQueue)
+
+    @property
+    def token_time_s(self) -> float:
+        return 0.0
+
     def __len__(self) -> int:
         return self._n
 
@@ -144,6 +165,14 @@ class HeapQueue:
 
     def observe_run(self, job: Job, seconds: float) -> None:
         """``job``'s run ended after ``seconds``; only a queue that estimates service uses it."""
+
+    @property
+    def late_jobs(self) -> int:
+        return 0  # no latest-start guard (see SlackQueue)
+
+    @property
+    def token_time_s(self) -> float:
+        return 0.0
 
     def __len__(self) -> int:
         return self._n
@@ -288,6 +317,14 @@ class SlackQueue(_GuardedHeapQueue):
         self.turned_late = 0  # jobs whose latest start came while they waited
         self._slack: list[tuple[float, int, list[Any]]] = []  # (latest start, tick, entry)
         self._late: list[tuple[float, int, int, list[Any]]] = []  # (key, seq, tick, entry)
+
+    @property
+    def late_jobs(self) -> int:
+        return self.turned_late
+
+    @property
+    def token_time_s(self) -> float:
+        return self.token_time.value
 
     def latest_start(self, job: Job) -> float:
         return job.arrival + self._target - self._remaining(job) * self.token_time.value

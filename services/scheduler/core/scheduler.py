@@ -16,16 +16,24 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.fallback import FallbackPredictor
+from services.scheduler.core.interface import (
+    Assign,
+    CoreStats,
+    Decision,
+    DuplicateJobError,
+    QueueFullError,
+    Stop,
+)
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.placement import SlotBoard, WorkerSlots
 from services.scheduler.core.policies import Policy
-from services.scheduler.core.queue import SlackQueue
+from services.scheduler.core.preemption import RunningHeap
 
 QUEUED = JobState.QUEUED
 PREDICTED = JobState.PREDICTED
@@ -39,36 +47,6 @@ SOURCE_PREDICTOR = "predictor"
 SOURCE_CACHE = "cache"
 SOURCE_FALLBACK = "fallback"
 SOURCE_ORACLE = "oracle"
-
-# Running jobs looked at per preemption check beyond those ruled out for good.
-_PREEMPT_SCAN = 8
-
-
-class QueueFullError(Exception):
-    """Admission refused: the service maps it to RESOURCE_EXHAUSTED."""
-
-    def __init__(self, depth: int, limit: int) -> None:
-        super().__init__(f"queue is full: {depth} requests waiting, limit {limit}")
-        self.depth = depth
-        self.limit = limit
-
-
-class DuplicateJobError(ValueError):
-    """A job id that is already live was submitted again."""
-
-
-class Assign(NamedTuple):
-    job: Job
-    worker_id: Any
-
-
-class Stop(NamedTuple):
-    job: Job
-    worker_id: Any
-    preempt: bool  # True: requeue after the stop; False: cancelled for good
-
-
-Decision = Assign | Stop
 
 
 class SchedulerCore:
@@ -110,7 +88,7 @@ class SchedulerCore:
         self._awaiting_prediction = 0
         self._running = 0
         self._preempting: set[Any] = set()
-        self._running_heap: list[tuple[float, int, int, Job]] = []
+        self._running_heap = RunningHeap()
         self._deadlines: list[tuple[float, int, Job]] = []
         self._window_start: float | None = None
         self.submitted = 0
@@ -122,13 +100,17 @@ class SchedulerCore:
 
     # ---- workers -------------------------------------------------------------
 
-    def add_worker(self, worker_id: Any, slots: int) -> None:
-        """Registers a worker (again after a restart: its old jobs are requeued)."""
+    def add_worker(self, worker_id: Any, slots: int, attachment: Any = None) -> None:
+        """Registers a worker (again after a restart: its old jobs are requeued).
+
+        ``attachment`` is the driver's own record of the worker (the service's
+        connection), kept on ``workers[worker_id].attachment`` so that the driver
+        needs no registry of its own."""
         if slots < 1:
             raise ValueError(f"worker slots must be >= 1, got {slots}")
         if worker_id in self._workers:
             self.on_worker_lost(worker_id)
-        w = WorkerSlots(worker_id, self.batching.usable_slots(slots))
+        w = WorkerSlots(worker_id, self.batching.usable_slots(slots), attachment)
         self._workers[worker_id] = w
         self._board.add(w)
 
@@ -281,44 +263,14 @@ class SchedulerCore:
         w.jobs[job.id] = None
         self._running += 1
         if self.policy.preemption is not None:
-            heapq.heappush(
-                self._running_heap,
-                (-self.policy.remaining(job), job.seq, job.run_token, job),
-            )
+            self._running_heap.add(job, self.policy.remaining(job))
         decisions.append(Assign(job, w.id))
 
     def _maybe_preempt(self, decisions: list[Decision]) -> None:
-        rule = self.policy.preemption
         best = self.queue.peek()
-        if rule is None or best is None:
+        if best is None:
             return
-        threshold = self.policy.remaining(best) * rule.factor
-        heap = self._running_heap
-        kept: list[tuple[float, int, int, Job]] = []
-        victim: Job | None = None
-        while heap and len(kept) < _PREEMPT_SCAN:
-            entry = heap[0]
-            neg_rem, _, token, job = entry
-            if job.state is not RUNNING or job.run_token != token:
-                heapq.heappop(heap)
-                continue
-            if -neg_rem <= threshold:
-                break  # remaining keys only shrink: nobody below qualifies either
-            if job.preemptions >= rule.max_per_job:
-                heapq.heappop(heap)
-                continue
-            if self._progress is not None:
-                job.generated = self._progress(job)
-            if job.generated >= rule.max_fraction * job.predicted:
-                heapq.heappop(heap)  # too far along, now and for ever
-                continue
-            heapq.heappop(heap)
-            if self.policy.remaining(job) > threshold:
-                victim = job
-                break
-            kept.append(entry)
-        for entry in kept:
-            heapq.heappush(heap, entry)
+        victim = self._running_heap.victim(self.policy, best, self._progress)
         if victim is not None:
             victim.to(PREEMPTED)
             victim.preemptions += 1
@@ -512,27 +464,24 @@ class SchedulerCore:
     def free_slots(self) -> int:
         return self._board.free
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> CoreStats:
         cache = self.cache
-        queue = self.queue
-        return {
-            "policy": self.policy.name,
-            "batching": self.batching.mode.value,
-            "queue_depth": self.queue_depth,
-            "running": self._running,
-            "submitted": self.submitted,
-            "completed": self.completed,
-            "cancelled": self.cancelled,
-            "failed": self.failed,
-            "preemptions": self.preemptions,
-            "requeued": self.requeued,
-            "predictor_fallbacks": self.fallback.used,
-            "cache_hits": cache.hits if cache else 0,
-            "cache_lookups": cache.lookups if cache else 0,
-            "workers": len(self._workers),
-            "free_slots": self._board.free,
-            # ssjf-aging's guard, for tuning its JCT target: how many jobs reached their
-            # latest start, and the seconds per predicted token it plans with.
-            "late_jobs": queue.turned_late if isinstance(queue, SlackQueue) else 0,
-            "token_time_s": queue.token_time.value if isinstance(queue, SlackQueue) else 0.0,
-        }
+        return CoreStats(
+            policy=self.policy.name,
+            batching=self.batching.mode.value,
+            queue_depth=self.queue_depth,
+            running=self._running,
+            submitted=self.submitted,
+            completed=self.completed,
+            cancelled=self.cancelled,
+            failed=self.failed,
+            preemptions=self.preemptions,
+            requeued=self.requeued,
+            predictor_fallbacks=self.fallback.used,
+            cache_hits=cache.hits if cache else 0,
+            cache_lookups=cache.lookups if cache else 0,
+            workers=len(self._workers),
+            free_slots=self._board.free,
+            late_jobs=self.queue.late_jobs,
+            token_time_s=self.queue.token_time_s,
+        )

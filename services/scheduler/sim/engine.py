@@ -26,9 +26,10 @@ from numpy.typing import NDArray
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.clock import VirtualClock
+from services.scheduler.core.interface import Assign
 from services.scheduler.core.job import Job
 from services.scheduler.core.policies import Policy
-from services.scheduler.core.scheduler import Assign, SchedulerCore
+from services.scheduler.core.scheduler import SchedulerCore
 from services.scheduler.sim.service_model import ServiceModel
 from services.scheduler.sim.workload import Workload
 
@@ -297,6 +298,6 @@ def simulate(
         events=n_events + n_jobs,
         cache_lookups=cache.lookups if cache is not None else 0,
         cache_hits=cache.hits if cache is not None else 0,
-        late_jobs=stats["late_jobs"],
-        token_time_s=stats["token_time_s"],
+        late_jobs=stats.late_jobs,
+        token_time_s=stats.token_time_s,
     )

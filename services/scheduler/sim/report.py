@@ -1,53 +1,37 @@
-"""Summaries of simulation runs: the numbers and the table a person pastes into a note."""
+"""Summaries of simulation runs: the numbers and the table a person pastes into a note.
+
+The statistics themselves (completion summaries, ratios to fcfs) live in
+:mod:`shortline.common.stats`, shared with the live benchmark; this module
+names a simulated run's row and prints the table.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
 from services.scheduler.sim.engine import RunResult
+from shortline.common import stats
+from shortline.common.stats import completion_stats
 
+__all__ = ["SIM_RATIOS", "add_ratios", "completion_stats", "summarize", "table"]
 
-def completion_stats(
-    arrival: NDArray[np.float64],
-    wait: NDArray[np.float64],
-    first_token: NDArray[np.float64],
-    finish: NDArray[np.float64],
-    tokens: NDArray[np.integer],
-) -> dict[str, Any]:
-    """JCT, wait and TTFT summaries and throughput over the finished requests (NaN finish:
-    not finished). The simulator's report and the live benchmark's both use it, so a
-    simulated and a live cell are counted the same way."""
-    done = ~np.isnan(finish)
-    jct = (finish - arrival)[done]
-    w = wait[done]
-    ttft = (first_token - arrival)[done]
-    span = float(np.max(finish[done]) - np.min(arrival)) if done.any() else float("nan")
-    return {
-        "requests": int(done.sum()),
-        "mean_jct_s": float(jct.mean()),
-        "p50_jct_s": float(np.percentile(jct, 50)),
-        "p99_jct_s": float(np.percentile(jct, 99)),
-        "mean_wait_s": float(w.mean()),
-        "p99_wait_s": float(np.percentile(w, 99)),
-        "mean_ttft_s": float(ttft.mean()),
-        "p99_ttft_s": float(np.percentile(ttft, 99)),
-        "throughput_rps": float(done.sum()) / span,
-        "throughput_tps": float(tokens[done].sum()) / span,
-    }
+# The ratios ``shortline simulate`` reports, under the names its JSON has always had.
+SIM_RATIOS = {
+    "mean_jct_s": "mean_jct_vs_fcfs",
+    "p99_jct_s": "p99_jct_vs_fcfs",
+    "throughput_tps": "tps_vs_fcfs",
+}
 
 
 def summarize(r: RunResult) -> dict[str, Any]:
-    stats = completion_stats(
+    summary = completion_stats(
         r.arrival, r.first_dispatch - r.arrival, r.first_token, r.finish, r.tokens
     )
     return {
         "policy": r.policy,
         "batching": r.batching,
-        **stats,
-        "lost": len(r.finish) - stats["requests"],
+        **summary,
+        "lost": len(r.finish) - summary["requests"],
         "preemptions": r.preemptions,
         "cache_hit_rate": r.cache_hits / r.cache_lookups if r.cache_lookups else 0.0,
         "sim_wall_s": r.wall_seconds,
@@ -55,15 +39,8 @@ def summarize(r: RunResult) -> dict[str, Any]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's mean and p99 JCT as a ratio to fcfs in the same batching mode."""
-    base = {row["batching"]: row for row in rows if row["policy"] == "fcfs"}
-    for row in rows:
-        ref = base.get(row["batching"])
-        if ref is None:
-            continue
-        row["mean_jct_vs_fcfs"] = row["mean_jct_s"] / ref["mean_jct_s"]
-        row["p99_jct_vs_fcfs"] = row["p99_jct_s"] / ref["p99_jct_s"]
-        row["tps_vs_fcfs"] = row["throughput_tps"] / ref["throughput_tps"]
+    """Each row's mean and p99 JCT and tokens/s as a ratio to fcfs in the same batching mode."""
+    stats.add_ratios(rows, ("batching",), SIM_RATIOS)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -15,9 +15,9 @@ import numpy as np
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.policies import (
-    REFERENCE_AGING_RATE_PER_JOB_TIME,
-    REFERENCE_JCT_TARGET_JOB_TIMES,
+    DEFAULTS,
     REFERENCE_SLACK_MARGIN,
+    PolicySettings,
     PreemptionRule,
     make_policy,
 )
@@ -26,6 +26,7 @@ from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.report import add_ratios, summarize, table
 from services.scheduler.sim.service_model import ServiceModel, capacity, parse_dynamic_charge
 from shortline.common import paths
+from shortline.common.stats import kendall_tau
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,16 @@ class SimulateConfig:
         default=math.nan,
         metadata={"help": "ssjf-aging wait bound W when jct_target_s is 0 (default 26 job times)"},
     )
-    preempt_factor: float = field(default=2.0, metadata={"help": "preemption key factor"})
-    preempt_max_fraction: float = field(
-        default=0.1, metadata={"help": "preempt only under this fraction of the prediction"}
+    preempt_factor: float = field(
+        default=DEFAULTS.preempt_factor, metadata={"help": "preemption key factor"}
     )
-    preempt_max_per_job: int = field(default=1, metadata={"help": "preemptions per job"})
+    preempt_max_fraction: float = field(
+        default=DEFAULTS.preempt_max_fraction,
+        metadata={"help": "preempt only under this fraction of the prediction"},
+    )
+    preempt_max_per_job: int = field(
+        default=DEFAULTS.preempt_max_per_job, metadata={"help": "preemptions per job"}
+    )
     repeat_share: float = field(
         default=0.0, metadata={"help": "share of requests repeating an earlier prompt"}
     )
@@ -105,7 +111,9 @@ class SimulateConfig:
     out: str = field(default="", metadata={"help": "JSON path (default .run/sim/...)"})
 
 
-def run(cfg: SimulateConfig) -> dict[str, Any]:
+def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dict[str, Any]:
+    """Every policy x batching cell; ``predictor`` serves ``--predictor real`` (injected by
+    the composition root, ``shortline.simulation``: the simulator imports no service)."""
     rng = np.random.default_rng(cfg.seed)
     if cfg.lengths == "alpaca":
         lengths = wl.alpaca_lengths(cfg.target_model, cfg.split)
@@ -113,11 +121,9 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         lengths = wl.trace_lengths(cfg.trace)
     else:
         raise ValueError(f"unknown --lengths {cfg.lengths!r}; use alpaca or trace")
-    predicted, source = wl.predictions_for(cfg.predictor, lengths, cfg.target_model, rng)
-    from scipy.stats import kendalltau
-
+    predicted, source = wl.predictions_for(cfg.predictor, lengths, cfg.target_model, rng, predictor)
     # Over the distinct requests the sequence samples from: the predictor's quality here.
-    tau = float(kendalltau(predicted, lengths.true_tokens).statistic)
+    tau = kendall_tau(predicted, lengths.true_tokens)
     model = ServiceModel(
         cfg.step_a_ms / 1e3,
         cfg.step_b_ms / 1e3,
@@ -148,17 +154,10 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         # Poisson) to keep p99 JCT within 1.1x fcfs while keeping two thirds of ssjf's
         # mean gain.
         per_job = cfg.workers / cap
-        aging_rate = (
-            cfg.aging_rate
-            if not math.isnan(cfg.aging_rate)
-            else REFERENCE_AGING_RATE_PER_JOB_TIME / per_job
-        )
-        max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else 26.0 * per_job
-        jct_target = (
-            cfg.jct_target_s
-            if not math.isnan(cfg.jct_target_s)
-            else REFERENCE_JCT_TARGET_JOB_TIMES.get(mode, 32.0) * per_job
-        )
+        ref = PolicySettings.reference(per_job, mode)
+        aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else ref.aging_rate
+        max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else ref.max_wait_s
+        jct_target = cfg.jct_target_s if not math.isnan(cfg.jct_target_s) else ref.jct_target_s
         cells.append(
             {
                 "batching": mode,
@@ -211,8 +210,8 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
     }
 
 
-def main(cfg: SimulateConfig) -> int:
-    report = run(cfg)
+def main(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> int:
+    report = run(cfg, predictor)
     print(table(report["rows"]))
     print(
         f"lengths {report['lengths']}, predictor {cfg.predictor} "

@@ -16,7 +16,7 @@ steps cost is a property of the engine, set by ``dynamic_charge``:
   batching means where the SSJF paper compares it with continuous batching.
 - ``running``: every step is charged only for the sequences still running,
   ``a + b * running``, slots still freed only when the batch ends. This is
-  what the live stack does: the replay engine (``services/worker/models``)
+  what the live stack does: the replay engine (``services/worker/triton/replay.py``)
   drops a finished sequence before its next step, while the scheduler core
   holds the worker's slots until the batch's last job ends. The simulator run
   beside the live cells, and the capacity that sets their arrival rate, use it.

@@ -6,6 +6,10 @@ inter-arrival gaps, tiled when more requests are asked for, rescaled to the
 target rate) or a Poisson process. Lengths come from alpaca_eval responses
 of a target model (prompt and true output tokens per instruction) or from the
 trace's own GeneratedTokens.
+
+Real predictions come from a :class:`LengthPredictor` the caller injects (the
+composition root, ``shortline.simulation``, adapts the predictor's offline
+API): no service imports another.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,6 +27,18 @@ from numpy.typing import NDArray
 from shortline.common import paths
 
 log = logging.getLogger(__name__)
+
+
+class LengthPredictor(Protocol):
+    """Predicted output tokens per prompt, in process (``--predictor real``)."""
+
+    def predict(self, target_model: str, prompts: list[str], head: str | None) -> np.ndarray:
+        """Predicted tokens (float) per prompt with ``head`` (None: the default head)."""
+        ...
+
+    def fingerprint(self, target_model: str) -> bytes:
+        """Bytes that change when the heads change: part of the on-disk cache key."""
+        ...
 
 
 @dataclass
@@ -123,41 +138,34 @@ def trace_lengths(kind: str) -> LengthSet:
     )
 
 
-def _heads_dir(target_model: str) -> Path:
-    import os
-
-    from services.predictor.heads import REPO_HEADS_DIR
-
-    root = Path(os.environ.get("SHORTLINE_PREDICTOR_HEADS_DIR", str(REPO_HEADS_DIR)))
-    return root / target_model
-
-
-def _real_predictions(target_model: str, prompts: list[str], head: str | None) -> np.ndarray:
+def _real_predictions(
+    predictor: LengthPredictor, target_model: str, prompts: list[str], head: str | None
+) -> np.ndarray:
     """The shipped head's predictions for these prompts, computed once and cached on disk."""
     h = hashlib.sha256(json.dumps([target_model, head, prompts], ensure_ascii=False).encode())
     # Retrained heads invalidate the cache: their files are part of the key.
-    for f in sorted(_heads_dir(target_model).glob("*")):
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    h.update(predictor.fingerprint(target_model))
     digest = h.hexdigest()[:16]
     cache_dir = paths.run_dir() / "sim" / "predictions"
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{target_model}-{head or 'default'}-{digest}.npy"
     if path.is_file():
         return np.load(path)
-    from services.predictor.offline import predict_tokens
-
     log.info("predicting %d prompts for %s (cached at %s)", len(prompts), target_model, path)
-    pred = np.asarray(predict_tokens(target_model, prompts, head=head), dtype=np.float64)
+    pred = np.asarray(predictor.predict(target_model, prompts, head), dtype=np.float64)
     np.save(path, pred)
     return pred
 
 
 def predictions_for(
-    spec: str, lengths: LengthSet, target_model: str, rng: np.random.Generator
+    spec: str,
+    lengths: LengthSet,
+    target_model: str,
+    rng: np.random.Generator,
+    predictor: LengthPredictor | None = None,
 ) -> tuple[NDArray[np.float64], str]:
-    """Per unique request: ``oracle``, ``noisy:SIGMA`` (true * lognormal) or ``real[:head]``."""
+    """Per unique request: ``oracle``, ``noisy:SIGMA`` (true * lognormal) or ``real[:head]``
+    (from ``predictor``, which ``real`` needs)."""
     true = lengths.true_tokens.astype(np.float64)
     if spec == "oracle":
         return true.copy(), "oracle"
@@ -169,8 +177,12 @@ def predictions_for(
             raise ValueError(
                 "--predictor real needs prompt text; the Azure trace has none (use noisy:SIGMA)"
             )
+        if predictor is None:
+            raise ValueError(
+                "--predictor real needs a length predictor: run through shortline.simulation"
+            )
         head = spec.split(":", 1)[1] if ":" in spec else None
-        return _real_predictions(target_model, lengths.prompts, head), "predictor"
+        return _real_predictions(predictor, target_model, lengths.prompts, head), "predictor"
     raise ValueError(f"unknown predictor {spec!r}; use oracle, noisy:SIGMA or real[:HEAD]")
 
 

@@ -1,0 +1,166 @@
+"""``shortline predictor train`` and ``shortline predictor eval``: training's commands.
+
+Registered under ``shortline predictor`` by ``services/predictor/cli.py``.
+Heavy imports (torch, transformers) happen inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from services.predictor.features.minilm_backends import BACKENDS
+from services.predictor.heads import SHIPPED_HEADS_DIR
+
+HEAD_CHOICES = ("reg", "cls", "rank", "all")
+
+
+def register(sub: Any) -> None:
+    """Adds ``train`` and ``eval`` to the ``shortline predictor`` subparsers."""
+    train = sub.add_parser("train", help="train heads for one target model")
+    train.add_argument("--target-model", required=True, help="e.g. Meta-Llama-3-8B-Instruct")
+    train.add_argument("--head", choices=HEAD_CHOICES, default="all", help="head kind (all)")
+    train.add_argument(
+        "--from-log",
+        type=Path,
+        default=None,
+        help="train from the scheduler's SQLite outcome log instead of alpaca_eval",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {SHIPPED_HEADS_DIR}/<target> for alpaca_eval, "
+        ".run/predictor/heads/<target> for --from-log)",
+    )
+    train.add_argument(
+        "--finetune-top-layers",
+        type=int,
+        default=0,
+        help="also train the top N encoder layers (slow; one head kind per run)",
+    )
+    train.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        help="train on a tuned encoder's frozen features (weights.npz of "
+        "python -m services.predictor.training.distill)",
+    )
+    train.add_argument("--hidden", type=int, default=32, help="MLP hidden width (32)")
+    train.add_argument("--seed", type=int, default=20261125, help="random seed")
+    train.add_argument("--max-epochs", type=int, default=200, help="epoch cap (200)")
+    train.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="held-out metrics of a target's heads against baselines")
+    ev.add_argument("--target-model", required=True)
+    ev.add_argument("--heads-dir", type=Path, default=SHIPPED_HEADS_DIR)
+    ev.add_argument("--split", choices=("test", "val"), default="test")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    ev.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="encoder backend (auto: onnx-int8 if onnxruntime is installed, as the service)",
+    )
+    ev.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.predictor.heads import HEAD_KINDS, HeadKindName
+    from services.predictor.training import sources
+    from services.predictor.training.fit import TrainOptions
+    from services.predictor.training.minilm_heads import train_target
+    from shortline.common import paths
+
+    target = args.target_model
+    kinds: tuple[HeadKindName, ...] = HEAD_KINDS if args.head == "all" else (args.head,)
+    if args.finetune_top_layers > 0 and len(kinds) > 1:
+        print(
+            "--finetune-top-layers trains one head kind per run: pass --head reg|cls|rank",
+            file=sys.stderr,
+        )
+        return 2
+    if args.encoder_weights is not None and not args.encoder_weights.is_file():
+        print(f"error: --encoder-weights {args.encoder_weights} is not a file", file=sys.stderr)
+        return 2
+    try:
+        if args.from_log is not None:
+            data = sources.from_outcome_log(args.from_log, target)
+            out = args.out or paths.run_dir() / "predictor" / "heads" / target
+        else:
+            data = sources.from_alpaca(target)
+            out = args.out or SHIPPED_HEADS_DIR / target
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = TrainOptions(hidden=args.hidden, seed=args.seed, max_epochs=args.max_epochs)
+    command = "shortline " + shlex.join(sys.argv[1:])
+    card = train_target(
+        data,
+        kinds,
+        Path(out),
+        options=options,
+        finetune_top_layers=args.finetune_top_layers,
+        encoder_weights=args.encoder_weights,
+        threads=args.threads,
+        progress=not args.no_progress,
+        command=command,
+    )
+    keep = {h["file"] for h in card["heads"].values()}
+    for stale in Path(out).glob("*.npz"):
+        if stale.name not in keep:
+            stale.unlink()
+    summary = {
+        k: {"version": h["version"], "val": h["val_metrics"], "test": h["test_metrics"]}
+        for k, h in card["heads"].items()
+    }
+    print(json.dumps({"out": str(out), "default_head": card["default_head"], "heads": summary}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from services.predictor.features.extractor import ExtractorSettings
+    from services.predictor.features.registry import CardRef, build_one
+    from services.predictor.heads import load_target
+    from services.predictor.training import sources
+    from services.predictor.training.evaluation import evaluate_split, format_table
+
+    folder = args.heads_dir / args.target_model
+    if not (folder / "card.json").is_file():
+        known = sorted(p.name for p in args.heads_dir.glob("*/card.json"))
+        print(
+            f"error: no heads for {args.target_model!r} in {args.heads_dir}; known: "
+            + ", ".join(Path(k).parent.name for k in known),
+            file=sys.stderr,
+        )
+        return 2
+    target = load_target(folder)
+    try:
+        data = sources.from_alpaca(args.target_model)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Features as served (the card's extractor, the service's backend), of the split's
+    # rows only: evaluation reads no other row, and SmolLM2 costs 25-70 ms per prompt.
+    extractor = build_one(
+        CardRef(target.target_model, target.card, target.folder),
+        ExtractorSettings(threads=args.threads, backend=args.backend),
+    )
+    rows = data.indices(args.split)
+    features = np.zeros((len(data.instructions), extractor.feature_dim), dtype=np.float32)
+    features[rows] = extractor.features([data.instructions[i] for i in rows]).features
+    result = evaluate_split(data, features, target.heads, target.boundaries, args.split)
+    result["default_head"] = target.default_head
+    result["head_versions"] = {k: h.version for k, h in target.heads.items()}
+    result["encoder_backend"] = extractor.backend
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0

@@ -1,0 +1,292 @@
+"""The scheduler's data plane: what every front (today the gRPC servicer) calls.
+
+Everything that decides (order, placement, preemption, admission, requeue)
+lives in the core; this module admits requests, applies the core's decisions
+through the worker pool and ends requests through ``results``.
+
+One registry each: a live request's record (``streams.Request``) hangs off the
+core's job (``job.attachment``) and a worker's handle off the core's worker
+(``core.workers[id].attachment``), so the service keeps no table beside the
+core's; a finished record moves to ``results.ResultStore`` for retried ids.
+Of the alternatives (a service table keyed like the core's, kept in step with
+it), this one cannot drift: when the core forgets a job, the service has no
+copy left to forget.
+
+Timers come from the core, not a polling tick: one ``loop.call_later`` handle
+is armed for the earliest of ``core.next_timer()`` (deadlines, the dynamic
+batching window), the next heartbeat expiry, the next result-TTL prune and the
+outcome log's flush, and re-armed after every event that can move them
+(``_pump`` runs after each). The one thing no timer predicts is a guard of
+ssjf-aging (wait bound, latest start) changing which queued job is best, and
+with it whether a preemption pays: for a preempting ssjf-aging, while every
+slot is busy and jobs wait, the timer also fires every ``GUARD_POLL_S`` as the
+old 50 ms tick did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from services.scheduler import metrics
+from services.scheduler.config import SchedulerConfig, build_policy
+from services.scheduler.core.batching import Batching
+from services.scheduler.core.cache import SemanticCache
+from services.scheduler.core.fallback import FallbackPredictor
+from services.scheduler.core.interface import Assign, Decision, Stop
+from services.scheduler.core.job import Job
+from services.scheduler.core.scheduler import SchedulerCore
+from services.scheduler.service.clock import MonotonicClock
+from services.scheduler.service.prediction import PredictorClient
+from services.scheduler.service.results import Results, StatusError, prediction_source
+from services.scheduler.service.streams import Request
+from services.scheduler.service.workers import WorkerPool
+from shortline.common.outcomes import OutcomeLog
+from shortline.common.telemetry import tracer
+from shortline.common.v1 import common_pb2
+from shortline.scheduler.v1 import scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+GUARD_POLL_S = 0.05
+# Never sleep less than this: a timer fires at its time or a hair before it, and a
+# condition checked with ">" (heartbeats) is only true strictly after.
+MIN_DELAY_S = 0.001
+
+
+class SchedulerService:
+    def __init__(self, cfg: SchedulerConfig, outcome_log: OutcomeLog | None = None) -> None:
+        self.cfg = cfg
+        self.clock = MonotonicClock()
+        self.policy = build_policy(cfg)
+        self.core = SchedulerCore(
+            self.policy,
+            Batching.parse(cfg.batching, cfg.slots, cfg.batch_wait_ms / 1e3),
+            self.clock,
+            queue_limit=cfg.queue_limit,
+            cache=SemanticCache(cfg.cache_threshold, cfg.cache_size) if cfg.predictor else None,
+            fallback=FallbackPredictor(cfg.fallback_tokens),
+            cap_at_max_tokens=not cfg.benchmark_mode,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.results = Results(
+            self.clock, self.policy.name, cfg.result_ttl_s, outcome_log, self._spawn_plain
+        )
+        self.workers = WorkerPool(
+            self.core, self.clock, cfg, self._spawn, self._finalize, self._pump
+        )
+        self.predictor = PredictorClient(cfg)
+        self._late_seen = 0  # ssjf-aging's late jobs already counted in Prometheus
+        self._tracer = tracer("shortline.scheduler")
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._started = False
+        policy = self.policy
+        self._guard_polls = policy.preemption is not None and (
+            policy.wait_bound is not None or policy.jct_target is not None
+        )
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = True
+        self._arm()
+
+    async def close(self) -> None:
+        self._started = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.workers.close()
+        await self.predictor.close()
+        if self.results.outcome_log is not None:
+            await asyncio.to_thread(self.results.outcome_log.flush)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], req: Request | None) -> asyncio.Task[Any]:
+        ctx = req.trace_context.copy() if req is not None and req.trace_context else None
+        task = asyncio.create_task(coro, context=ctx)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_plain(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self._spawn(coro, None)
+
+    # ---- timers --------------------------------------------------------------
+
+    def _next_due(self) -> float | None:
+        now = self.clock.now()
+        times = [
+            t
+            for t in (
+                self.core.next_timer(),
+                self.workers.next_expiry(),
+                self.results.next_due(now),
+            )
+            if t is not None
+        ]
+        if (
+            self._guard_polls
+            and len(self.core.queue)
+            and not self.core.free_slots
+            and self.core.running
+        ):
+            times.append(now + GUARD_POLL_S)
+        return min(times) if times else None
+
+    def _arm(self) -> None:
+        """(Re)arms the one timer for the earliest time something is due.
+
+        Only ever moves the wake-up earlier: one that comes too early finds nothing
+        due and re-arms, and a poll that is re-armed on every event still fires."""
+        if not self._started:
+            return
+        due = self._next_due()
+        if due is None:
+            return
+        if self._timer is not None:
+            assert self._timer_at is not None
+            if self._timer_at <= due:
+                return  # an earlier wake-up is armed; it re-arms after it runs
+            self._timer.cancel()
+        self._timer_at = due
+        delay = max(due - self.clock.now(), MIN_DELAY_S)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            now = self.clock.now()
+            self.workers.expire(now)
+            for job, stop in self.core.expire():
+                if stop is not None:
+                    self.workers.stop(stop)
+                if job.attachment is not None:
+                    self._finalize(job.attachment)
+            self.results.on_timer(now)
+            self._pump()
+        except Exception:
+            log.exception("scheduler timer failed")
+        finally:
+            self._arm()
+
+    # ---- requests ------------------------------------------------------------
+
+    def lookup(self, request_id: str) -> Request | None:
+        """The live or recently finished request with this id."""
+        job = self.core.get(request_id)
+        if job is not None and job.attachment is not None:
+            req: Request = job.attachment
+            return req
+        return self.results.store.get(request_id)
+
+    def admit(
+        self,
+        request: scheduler_pb2.GenerateRequest,
+        remaining: float | None,
+    ) -> Request:
+        """Queues a new request (awaiting its prediction); raises QueueFullError."""
+        now = self.clock.now()
+        job = Job(
+            request.request_id,
+            arrival=now,
+            model=request.model,
+            length_model=request.length_model or self.cfg.default_length_model,
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            true_tokens=request.max_tokens if self.policy.uses_truth else None,
+            deadline=now + remaining if remaining is not None else None,
+        )
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        req = Request(request.request_id, job, sampling)
+        job.attachment = req
+        self.core.submit(job)  # QueueFullError: nothing was kept
+        # Work done for this request later (prediction, runs on workers) joins the
+        # caller's trace, whichever event happens to trigger it.
+        req.trace_context = contextvars.copy_context()
+        self._spawn(self._predict(req), req)
+        self._arm()
+        return req
+
+    async def _predict(self, req: Request) -> None:
+        job = req.job
+        cache = self.core.cache
+        got = await self.predictor.predict(job, want_embedding=cache is not None)
+        lookups = cache.lookups if cache else 0
+        hits = cache.hits if cache else 0
+        if self.core.on_prediction(job.id, got.tokens, "predictor", got.embedding) is None:
+            return  # cancelled while we were predicting
+        if cache is not None:
+            metrics.CACHE_LOOKUPS.inc(cache.lookups - lookups)
+            metrics.CACHE_HITS.inc(cache.hits - hits)
+        req.accepted = scheduler_pb2.Accepted(
+            request_id=req.id,
+            predicted_tokens=job.predicted,
+            prediction_source=prediction_source(job),
+            queue_position=self.core.position(job),
+        )
+        if job.first_dispatch is None and req.final is None:
+            req.queue_span = self._tracer.start_span("scheduler.queue")
+            req.queue_span.set_attribute("shortline.request_id", req.id)
+            req.queue_span.set_attribute("shortline.queue_position", req.accepted.queue_position)
+            req.queue_span.set_attribute("shortline.predicted_tokens", job.predicted)
+        req.ready.set()
+        self._pump()
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        stop = self.core.on_cancel(req.id, reason)
+        if stop is not None:
+            self.workers.stop(stop)
+        if req.job.terminal:
+            self._finalize(req)
+        self._pump()
+
+    def disconnected(self, req: Request) -> None:
+        """Every client stream of an unfinished request went away (after the grace)."""
+        log.info("request %s: every client stream went away; cancelling", req.id)
+        self.cancel(req, "disconnected")
+
+    def _finalize(self, req: Request, error: StatusError | None = None) -> None:
+        self.results.finalize(req, error)
+
+    # ---- dispatch ------------------------------------------------------------
+
+    def _pump(self) -> None:
+        for decision in self.core.dispatch():
+            self._apply(decision)
+        metrics.QUEUE_DEPTH.set(self.core.queue_depth)
+        metrics.RUNNING_JOBS.set(self.core.running)
+        queue = self.core.queue
+        late = queue.late_jobs
+        if late > self._late_seen:
+            metrics.AGING_LATE_JOBS.inc(late - self._late_seen)
+            self._late_seen = late
+        metrics.AGING_TOKEN_TIME.set(queue.token_time_s)
+        self._arm()
+
+    def _apply(self, decision: Decision) -> None:
+        if isinstance(decision, Assign):
+            job = decision.job
+            req: Request = job.attachment
+            if req.tokens >= job.max_tokens:
+                # Preempted right at its last token: nothing left to run.
+                self.core.on_finish(job.id, "length", req.tokens)
+                self._finalize(req)
+                return
+            self.workers.start(req, decision.worker_id)
+        else:
+            assert isinstance(decision, Stop)
+            if decision.preempt:
+                metrics.PREEMPTIONS.inc()
+            self.workers.stop(decision)

@@ -1,0 +1,207 @@
+"""How a request ends: its GenerateResult (or status), metrics and outcome-log row.
+
+``Results.finalize`` runs once per request, whatever ended it (finished,
+cancelled, deadline, failed). The finished record stays in :class:`ResultStore`
+for ``result_ttl_s`` so that a retried ``request_id`` gets the same result
+instead of running again; the outcome log (``shortline.common.outcomes``) is
+what the predictor later learns output lengths from. Rows are flushed off the
+event loop when the log says a batch is due, and otherwise at most
+``FLUSH_AFTER_S`` after they were appended (the loop's timer asks
+:meth:`Results.next_due`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from services.scheduler import metrics
+from services.scheduler.core.clock import Clock
+from services.scheduler.core.job import Job, JobState
+from services.scheduler.service.streams import Request
+from shortline.common.outcomes import Outcome, OutcomeLog
+from shortline.common.v1 import common_pb2
+from shortline.scheduler.v1 import scheduler_pb2
+
+FLUSH_AFTER_S = 1.0
+# A finished record still streaming to a client when its TTL passed is looked at again
+# this much later.
+PRUNE_RECHECK_S = 1.0
+
+SOURCES = {
+    "predictor": scheduler_pb2.PREDICTION_SOURCE_PREDICTOR,
+    "cache": scheduler_pb2.PREDICTION_SOURCE_CACHE,
+    "fallback": scheduler_pb2.PREDICTION_SOURCE_FALLBACK,
+    "oracle": scheduler_pb2.PREDICTION_SOURCE_ORACLE,
+}
+_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+    "deadline": common_pb2.FINISH_REASON_DEADLINE_EXCEEDED,
+    "disconnected": common_pb2.FINISH_REASON_CANCELLED,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+
+StatusError = tuple[grpc.StatusCode, str]
+
+
+def prediction_source(job: Job) -> scheduler_pb2.PredictionSource.ValueType:
+    return SOURCES.get(job.prediction_source, scheduler_pb2.PREDICTION_SOURCE_UNSPECIFIED)
+
+
+class ResultStore:
+    """Finished requests by id, oldest first, kept ``ttl_s`` for retried ids."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._done: dict[str, Request] = {}  # insertion order = finishing order
+
+    def add(self, req: Request) -> None:
+        self._done[req.id] = req
+
+    def get(self, request_id: str) -> Request | None:
+        return self._done.get(request_id)
+
+    def prune(self, now: float) -> None:
+        """Drops records older than the TTL that no client stream still reads."""
+        for rid, r in list(self._done.items()):
+            assert r.finished_at is not None
+            if now - r.finished_at <= self.ttl_s:
+                break
+            if not r.subscribers:
+                del self._done[rid]
+
+    def next_due(self, now: float) -> float | None:
+        first = next(iter(self._done.values()), None)
+        if first is None or first.finished_at is None:
+            return None
+        due = first.finished_at + self.ttl_s
+        return due if due > now else now + PRUNE_RECHECK_S
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+
+class Results:
+    def __init__(
+        self,
+        clock: Clock,
+        policy_name: str,
+        ttl_s: float,
+        outcome_log: OutcomeLog | None,
+        spawn: Callable[[Any], Any],
+    ) -> None:
+        self.clock = clock
+        self.policy_name = policy_name
+        self.store = ResultStore(ttl_s)
+        self.outcome_log = outcome_log
+        self._spawn = spawn
+        self._flush_due: float | None = None
+
+    def finalize(self, req: Request, error: StatusError | None = None) -> None:
+        """Ends ``req`` once: its final message to every stream, metrics, outcome row."""
+        if req.final is not None:
+            return
+        job = req.job
+        now = self.clock.now()
+        req.finished_at = now
+        req.end_queue_span(left_queue_without_running=True)
+        req.cancel_disconnect_timer()
+
+        def since(t: float | None) -> float:
+            return t - job.arrival if t is not None else math.nan
+
+        reason = job.finish_reason or ("error" if error else "stop")
+        if error is not None:
+            req.final = error
+        elif job.finish_reason == "deadline":
+            req.final = (grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.id}: deadline exceeded")
+        else:
+            req.final = scheduler_pb2.GenerateResponse(
+                result=scheduler_pb2.GenerateResult(
+                    request_id=req.id,
+                    finish_reason=_REASONS.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+                    queue_wait_seconds=max(0.0, since(job.first_dispatch)) or 0.0,
+                    time_to_first_token_seconds=since(job.first_token)
+                    if job.first_token is not None
+                    else 0.0,
+                    completion_seconds=since(job.finish or now),
+                    predicted_tokens=job.predicted if not math.isnan(job.predicted) else 0.0,
+                    actual_tokens=req.tokens,
+                    preemptions=job.preemptions,
+                    prediction_source=prediction_source(job),
+                    worker_id=req.worker_id,
+                )
+            )
+        req.ready.set()
+        req.broadcast(req.final)
+        self.store.add(req)
+        self._observe(req, reason, now, since)
+        self._log(req, reason, now, since)
+
+    def _observe(
+        self, req: Request, reason: str, now: float, since: Callable[[float | None], float]
+    ) -> None:
+        job = req.job
+        labels = (self.policy_name, job.model)
+        if job.first_dispatch is not None:
+            metrics.QUEUE_WAIT.labels(*labels).observe(job.first_dispatch - job.arrival)
+        if job.first_token is not None:
+            metrics.TTFT.labels(*labels).observe(job.first_token - job.arrival)
+        if job.state is JobState.DONE:
+            metrics.COMPLETION.labels(*labels).observe(since(job.finish or now))
+            if not math.isnan(job.predicted):
+                metrics.PREDICTION_ABS_ERROR.labels(job.length_model).observe(
+                    abs(job.predicted - req.tokens)
+                )
+        metrics.REQUESTS.labels(job.model, reason).inc()
+
+    def _log(
+        self, req: Request, reason: str, now: float, since: Callable[[float | None], float]
+    ) -> None:
+        if self.outcome_log is None:
+            return
+        job = req.job
+        due = self.outcome_log.append(
+            Outcome(
+                ts=time.time(),
+                request_id=req.id,
+                model=job.model,
+                length_model=job.length_model,
+                prompt=job.prompt,
+                predicted_tokens=job.predicted,
+                actual_tokens=req.tokens,
+                queue_wait_s=since(job.first_dispatch),
+                ttft_s=since(job.first_token),
+                completion_s=since(job.finish or now),
+                preemptions=job.preemptions,
+                finish_reason=reason,
+                prediction_source=job.prediction_source,
+            )
+        )
+        if due:
+            self.flush()
+        elif self._flush_due is None:
+            self._flush_due = now + FLUSH_AFTER_S
+
+    def flush(self) -> None:
+        """Commits the buffered rows off the event loop."""
+        self._flush_due = None
+        if self.outcome_log is not None:
+            self._spawn(asyncio.to_thread(self.outcome_log.flush))
+
+    def on_timer(self, now: float) -> None:
+        self.store.prune(now)
+        if self._flush_due is not None and now >= self._flush_due:
+            self.flush()
+
+    def next_due(self, now: float) -> float | None:
+        """When :meth:`on_timer` has work: a record's TTL or a buffered row's flush."""
+        times = [t for t in (self.store.next_due(now), self._flush_due) if t is not None]
+        return min(times) if times else None

@@ -1,0 +1,69 @@
+"""The scheduler's gRPC server (with health and reflection) and ``serve()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.service.dataplane import SchedulerService
+from services.scheduler.service.servicer import SchedulerServicer
+from shortline.common import grpc_server, paths, prometheus
+from shortline.common.outcomes import OutcomeLog
+from shortline.common.telemetry import setup_tracing
+from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+
+class SchedulerServer:
+    """The servicer inside a gRPC server with health and reflection."""
+
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        log_path = Path(cfg.outcome_log) if cfg.outcome_log else paths.run_dir() / "outcomes.sqlite"
+        self.outcome_log = OutcomeLog(log_path)
+        self.servicer = SchedulerServicer(cfg, self.outcome_log)
+        self.address = f"{cfg.host}:{cfg.port}"
+        self.server, self.health = grpc_server.build_server(
+            lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.servicer, s),
+            [SERVICE_NAME],
+            self.address,
+        )
+
+    @property
+    def plane(self) -> SchedulerService:
+        """The data plane: the core, the worker pool, the requests."""
+        return self.servicer.plane
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.plane.start()
+        await grpc_server.set_serving(self.health, [SERVICE_NAME], True)
+        log.info(
+            "scheduler on %s: policy %s, batching %s, queue limit %d, predictor %s, log %s",
+            self.address,
+            self.cfg.policy,
+            self.cfg.batching,
+            self.cfg.queue_limit,
+            self.cfg.predictor or "none (fallback only)",
+            self.outcome_log.path,
+        )
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await grpc_server.set_serving(self.health, [SERVICE_NAME], False)
+        await self.server.stop(grace_s)
+        await self.plane.close()
+        await asyncio.to_thread(self.outcome_log.close)
+
+
+async def serve(cfg: SchedulerConfig) -> None:
+    setup_tracing("scheduler")
+    prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
+    server = SchedulerServer(cfg)
+    await server.start()
+    await grpc_server.run_until_signal(server.server, on_stop=server.plane.close)
+    await asyncio.to_thread(server.outcome_log.close)

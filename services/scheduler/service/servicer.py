@@ -1,0 +1,133 @@
+"""The gRPC servicer: protobuf in, a call into the data plane, protobuf out.
+
+Stateless: every request, job and worker lives in the data plane
+(``dataplane.SchedulerService``) and the core under it. A status error is
+aborted here, with the message the data plane or ``validation`` gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.core.interface import QueueFullError
+from services.scheduler.service.dataplane import SchedulerService
+from services.scheduler.service.streams import follow
+from services.scheduler.service.validation import validate, validate_registration
+from shortline.common.outcomes import OutcomeLog
+from shortline.common.telemetry import tracer
+from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, cfg: SchedulerConfig, outcome_log: OutcomeLog | None = None) -> None:
+        self.cfg = cfg
+        self.plane = SchedulerService(cfg, outcome_log)
+        self._tracer = tracer("shortline.scheduler")
+
+    async def Generate(
+        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        problem = validate(request)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        plane = self.plane
+        with self._tracer.start_as_current_span("scheduler.generate") as span:
+            span.set_attribute("shortline.request_id", request.request_id)
+            req = plane.lookup(request.request_id)
+            if req is None:
+                unserved = plane.workers.unserved(request.model)
+                if unserved is not None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, unserved)
+                try:
+                    req = plane.admit(request, context.time_remaining())
+                except QueueFullError as exc:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    raise  # abort raises; this line is never reached
+            else:
+                span.set_attribute("shortline.attached", True)
+            async for item in follow(req, self.cfg.disconnect_grace_s, plane.disconnected):
+                if isinstance(item, tuple):
+                    code, message = item
+                    await context.abort(code, message)
+                if item.HasField("result"):
+                    r = item.result
+                    span.set_attribute("shortline.predicted_tokens", r.predicted_tokens)
+                    span.set_attribute("shortline.actual_tokens", r.actual_tokens)
+                    span.set_attribute("shortline.preemptions", r.preemptions)
+                    span.set_attribute("shortline.queue_wait_s", r.queue_wait_seconds)
+                yield item
+
+    async def Cancel(
+        self, request: scheduler_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.CancelResponse:
+        req = self.plane.lookup(request.request_id)
+        if req is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"request_id {request.request_id!r} is not known"
+            )
+        assert req is not None
+        if not req.job.terminal:
+            self.plane.cancel(req, "cancelled")
+        return scheduler_pb2.CancelResponse(
+            state=scheduler_pb2.RequestState.ValueType(int(req.job.state))
+        )
+
+    async def GetStats(
+        self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetStatsResponse:
+        s = self.plane.core.stats()
+        now = self.plane.clock.now()
+        pool = self.plane.workers
+        return scheduler_pb2.GetStatsResponse(
+            policy=s.policy,
+            batching=s.batching,
+            queue_depth=s.queue_depth,
+            running=s.running,
+            completed=s.completed,
+            cancelled=s.cancelled,
+            failed=s.failed,
+            preemptions=s.preemptions,
+            predictor_fallbacks=s.predictor_fallbacks,
+            cache_hits=s.cache_hits,
+            cache_lookups=s.cache_lookups,
+            late_jobs=s.late_jobs,
+            token_time_seconds=s.token_time_s,
+            workers=[
+                scheduler_pb2.WorkerStatus(
+                    worker_id=w.id,
+                    address=w.address,
+                    slots_total=w.slots,
+                    slots_used=pool.slots_used(w.id),
+                    alive=True,
+                    seconds_since_heartbeat=now - w.last_seen,
+                    models=sorted(w.models),
+                )
+                for w in pool
+            ],
+        )
+
+    async def RegisterWorker(
+        self, request: scheduler_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.RegisterWorkerResponse:
+        problem = validate_registration(request)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        mismatch = self.plane.workers.mismatch(request.worker_id, list(request.models))
+        if mismatch is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+        self.plane.workers.register(
+            request.worker_id, request.address, request.slots, list(request.models)
+        )
+        return scheduler_pb2.RegisterWorkerResponse(
+            heartbeat_interval_seconds=self.cfg.heartbeat_interval_s
+        )
+
+    async def Heartbeat(
+        self, request: scheduler_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.HeartbeatResponse:
+        return scheduler_pb2.HeartbeatResponse(
+            known=self.plane.workers.heartbeat(request.worker_id)
+        )

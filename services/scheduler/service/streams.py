@@ -1,0 +1,135 @@
+"""A request's record on the service side and the client streams that follow it.
+
+A request's text is accumulated here as the worker streams it, so a job
+resumed on another worker (after a preemption or a lost worker) continues from
+exactly what the client already has (``resume_text``/``resume_tokens``), and
+the client sees one stream. A retried ``request_id`` attaches to the same
+record: :func:`follow` replays the text so far, then the live deltas, with no
+await between the snapshot and the live part. When the last stream of an
+unfinished request goes away, the request is cancelled after
+``disconnect_grace_s`` unless a stream comes back (a client retrying).
+
+The record hangs off the core's job (``job.attachment``) while the job is live:
+the core's table of jobs is the one registry of requests; finished records are
+kept by ``results.ResultStore`` for retried ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+
+from services.scheduler.core.job import Job
+from shortline.common.v1 import common_pb2
+from shortline.scheduler.v1 import scheduler_pb2
+
+# What a stream ends with: a GenerateResponse carrying the result, or a
+# (grpc.StatusCode, message) pair the servicer aborts with.
+Final = Any
+
+
+@dataclass(eq=False)
+class Request:
+    """The service's side of a job: the streamed text and the client streams."""
+
+    id: str
+    job: Job
+    sampling: common_pb2.SamplingParams
+    text: str = ""
+    tokens: int = 0
+    subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    accepted: scheduler_pb2.Accepted | None = None
+    final: Final = None  # GenerateResponse (result) or (StatusCode, message)
+    finished_at: float | None = None
+    worker_id: str = ""
+    disconnect_timer: asyncio.TimerHandle | None = None
+    trace_context: contextvars.Context | None = None
+    # Open from the moment the job is queued with its prediction until its
+    # first dispatch, so a trace shows the time spent waiting.
+    queue_span: trace.Span | None = None
+
+    def end_queue_span(self, **attributes: Any) -> None:
+        if self.queue_span is None:
+            return
+        for name, value in attributes.items():
+            self.queue_span.set_attribute(f"shortline.{name}", value)
+        self.queue_span.end()
+        self.queue_span = None
+
+    def broadcast(self, item: Any) -> None:
+        for q in self.subscribers:
+            q.put_nowait(item)
+
+    def add_text(self, text: str, tokens: int) -> None:
+        """A delta from the worker: kept for resumes and late streams, sent to the live ones."""
+        self.text += text
+        self.tokens += tokens
+        self.broadcast(
+            scheduler_pb2.GenerateResponse(delta=scheduler_pb2.TextDelta(text=text, tokens=tokens))
+        )
+
+    def cancel_disconnect_timer(self) -> None:
+        if self.disconnect_timer is not None:
+            self.disconnect_timer.cancel()
+            self.disconnect_timer = None
+
+
+async def follow(
+    req: Request, grace_s: float, on_disconnect: Callable[[Request], None]
+) -> AsyncIterator[Any]:
+    """One client stream: Accepted, the text so far, live deltas, the result.
+
+    When the last stream of an unfinished request ends, ``on_disconnect(req)`` runs
+    ``grace_s`` later unless another stream has attached by then.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    req.cancel_disconnect_timer()
+    req.subscribers.add(queue)
+    try:
+        if not req.ready.is_set() and req.final is None:
+            await req.ready.wait()
+        if isinstance(req.final, tuple) and req.accepted is None:
+            yield req.final
+            return
+        # No await between the snapshot and the live deltas that follow it.
+        text, tokens = req.text, req.tokens
+        while not queue.empty():
+            queue.get_nowait()
+        if req.accepted is not None:
+            yield scheduler_pb2.GenerateResponse(accepted=req.accepted)
+        if text:
+            yield scheduler_pb2.GenerateResponse(
+                delta=scheduler_pb2.TextDelta(text=text, tokens=tokens)
+            )
+        if req.final is not None:
+            # Finished before or while we caught up: the snapshot is the whole text.
+            text_now = req.text[len(text) :]
+            if text_now:
+                yield scheduler_pb2.GenerateResponse(
+                    delta=scheduler_pb2.TextDelta(text=text_now, tokens=req.tokens - tokens)
+                )
+            yield req.final
+            return
+        while True:
+            item = await queue.get()
+            yield item
+            if isinstance(item, tuple) or item.HasField("result"):
+                return
+    finally:
+        req.subscribers.discard(queue)
+        if not req.subscribers and req.final is None:
+            loop = asyncio.get_running_loop()
+            req.disconnect_timer = loop.call_later(grace_s, _disconnected, req, on_disconnect)
+
+
+def _disconnected(req: Request, on_disconnect: Callable[[Request], None]) -> None:
+    req.disconnect_timer = None
+    if req.subscribers or req.final is not None:
+        return
+    on_disconnect(req)

@@ -1,0 +1,310 @@
+"""The worker pool: handles, runs on workers, stops, heartbeat expiry.
+
+A worker's handle (its channel, stub, last heartbeat and running streams)
+hangs off the core's record of the worker (``core.workers[id].attachment``):
+the core's table of workers is the one registry of workers. A run is one
+``Execute`` stream; its deltas go to the request's record
+(``streams.Request``) and its end to the core. A run that breaks with
+UNAVAILABLE or CANCELLED means the worker is gone: its jobs are requeued and
+resume elsewhere from the text the client already has. A worker that misses
+``MISSED_HEARTBEATS`` heartbeats in a row is treated the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from services.scheduler import metrics
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.core.clock import Clock
+from services.scheduler.core.interface import Stop
+from services.scheduler.core.job import JobState
+from services.scheduler.core.scheduler import SchedulerCore
+from services.scheduler.service.results import StatusError
+from services.scheduler.service.streams import Request
+from shortline.common.telemetry import tracer
+from shortline.common.v1 import common_pb2
+from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MISSED_HEARTBEATS = 3
+
+Spawn = Callable[[Coroutine[Any, Any, Any], Request | None], "asyncio.Task[Any]"]
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    id: str
+    address: str
+    slots: int
+    models: frozenset[str]
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerServiceAsyncStub
+    last_seen: float
+    runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        core: SchedulerCore,
+        clock: Clock,
+        cfg: SchedulerConfig,
+        spawn: Spawn,
+        finalize: Callable[[Request, StatusError | None], None],
+        pump: Callable[[], None],
+    ) -> None:
+        self.core = core
+        self.clock = clock
+        self.cfg = cfg
+        self._spawn = spawn
+        self._finalize = finalize
+        self._pump = pump
+        self._tracer = tracer("shortline.scheduler")
+
+    # ---- the registry (the core's) -------------------------------------------
+
+    def get(self, worker_id: str) -> WorkerHandle | None:
+        w = self.core.workers.get(worker_id)
+        return None if w is None else w.attachment
+
+    def __iter__(self) -> Iterator[WorkerHandle]:
+        return (w.attachment for w in list(self.core.workers.values()))
+
+    def __len__(self) -> int:
+        return len(self.core.workers)
+
+    def __contains__(self, worker_id: str) -> bool:
+        return worker_id in self.core.workers
+
+    def slots_used(self, worker_id: str) -> int:
+        w = self.core.workers.get(worker_id)
+        return w.used if w is not None else 0
+
+    def unserved(self, model: str) -> str | None:
+        """Why no worker serves ``model`` (NOT_FOUND's message); None when one does or
+        no worker has joined yet."""
+        handles = list(self)
+        if not handles or any(model in w.models for w in handles):
+            return None
+        served = sorted({m for w in handles for m in w.models})
+        return f"model {model!r} is not served by any worker (served: {', '.join(served)})"
+
+    def mismatch(self, worker_id: str, models: list[str]) -> str | None:
+        """Why a joining worker does not fit this pool (FAILED_PRECONDITION's message)."""
+        pool = {w.models for w in self if w.id != worker_id}
+        if not pool or frozenset(models) in pool:
+            return None
+        # Placement does not look at models: one scheduler serves one model pool.
+        served = ", ".join(sorted(next(iter(pool))))
+        return (
+            f"worker {worker_id} serves models [{', '.join(sorted(models))}]"
+            f" but this scheduler's pool serves [{served}]; run one scheduler per model pool"
+        )
+
+    # ---- membership ----------------------------------------------------------
+
+    def register(self, worker_id: str, address: str, slots: int, models: list[str]) -> None:
+        if worker_id in self:
+            # Registered again (restarted): whatever it ran before is gone.
+            self.lost(worker_id)
+        channel = grpc.aio.insecure_channel(address)
+        handle = WorkerHandle(
+            id=worker_id,
+            address=address,
+            slots=slots,
+            models=frozenset(models),
+            channel=channel,
+            stub=worker_pb2_grpc.WorkerServiceStub(channel),
+            last_seen=self.clock.now(),
+        )
+        self.core.add_worker(worker_id, slots, handle)
+        metrics.WORKERS_ALIVE.set(len(self))
+        log.info(
+            "worker %s joined: %s, %d slots, models %s",
+            worker_id,
+            address,
+            slots,
+            ", ".join(models),
+        )
+        self._pump()
+
+    def heartbeat(self, worker_id: str) -> bool:
+        worker = self.get(worker_id)
+        if worker is None:
+            return False
+        worker.last_seen = self.clock.now()
+        return True
+
+    @property
+    def _limit(self) -> float:
+        return MISSED_HEARTBEATS * self.cfg.heartbeat_interval_s
+
+    def expire(self, now: float) -> None:
+        """Declares lost every worker silent for more than MISSED_HEARTBEATS intervals."""
+        limit = self._limit
+        for w in list(self):
+            if now - w.last_seen > limit:
+                log.warning("worker %s missed %d heartbeats", w.id, MISSED_HEARTBEATS)
+                self.lost(w.id)
+
+    def next_expiry(self) -> float | None:
+        """When the quietest worker would be declared lost (a heartbeat moves it later)."""
+        seen = [w.last_seen for w in self]
+        return min(seen) + self._limit if seen else None
+
+    def lost(self, worker_id: str) -> None:
+        worker = self.get(worker_id)
+        if worker is None:
+            return
+        on_it = [job.attachment for j in list(worker.runs) if (job := self.core.get(j)) is not None]
+        requeued = self.core.on_worker_lost(worker_id)
+        for task in worker.runs.values():
+            task.cancel()
+        worker.runs.clear()
+        self._spawn(worker.channel.close(None), None)
+        metrics.WORKERS_ALIVE.set(len(self))
+        log.warning(
+            "worker %s lost: %d running jobs requeued to resume elsewhere", worker_id, len(requeued)
+        )
+        for req in on_it:
+            if req.job.state is JobState.FAILED:
+                self._finalize(
+                    req, (grpc.StatusCode.UNAVAILABLE, f"request {req.id}: workers kept failing")
+                )
+        self._pump()
+
+    async def close(self) -> None:
+        for w in list(self):
+            await w.channel.close(None)
+
+    # ---- runs ----------------------------------------------------------------
+
+    def start(self, req: Request, worker_id: str) -> None:
+        """Runs ``req``'s job on the worker (the core assigned it), from its text so far."""
+        job = req.job
+        worker = self.get(worker_id)
+        assert worker is not None
+        key = f"{job.id}.{job.run_token}"
+        req.end_queue_span(queue_depth_at_dispatch=self.core.queue_depth, worker_id=worker.id)
+        worker.runs[job.id] = self._spawn(self._run(req, worker, job.run_token, key), req)
+
+    def stop(self, stop: Stop) -> None:
+        worker = self.get(stop.worker_id)
+        if worker is None:
+            return
+        key = f"{stop.job.id}.{stop.job.run_token}"
+        self._spawn(self._send_stop(worker, key, stop.preempt), stop.job.attachment)
+
+    async def _send_stop(self, worker: WorkerHandle, key: str, preempt: bool) -> None:
+        try:
+            if preempt:
+                await worker.stub.Preempt(worker_pb2.PreemptRequest(job_id=key), timeout=10.0)
+            else:
+                await worker.stub.Cancel(worker_pb2.CancelRequest(job_id=key), timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            # NOT_FOUND: it ended on its own; its Execute stream says how.
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("stopping %s on %s: %s", key, worker.id, exc.code().name)
+
+    async def _run(self, req: Request, worker: WorkerHandle, token: int, key: str) -> None:
+        job = req.job
+        reason: int | None = None
+
+        def current() -> bool:
+            return job.run_token == token and job.worker == worker.id
+
+        span = self._tracer.start_span("scheduler.run")
+        span.set_attribute("shortline.request_id", req.id)
+        span.set_attribute("shortline.model", job.model)
+        span.set_attribute("shortline.target_model", job.length_model)
+        if req.accepted is not None:
+            span.set_attribute("shortline.queue_position", req.accepted.queue_position)
+        span.set_attribute("shortline.preemptions", job.preemptions)
+        span.set_attribute("shortline.worker_id", worker.id)
+        span.set_attribute("shortline.resume_tokens", req.tokens)
+        span.set_attribute("shortline.predicted_tokens", job.predicted)
+        token_ctx = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            call = worker.stub.Execute(
+                worker_pb2.ExecuteRequest(
+                    job_id=key,
+                    model=job.model,
+                    prompt=job.prompt,
+                    max_tokens=job.max_tokens - req.tokens,
+                    sampling=req.sampling,
+                    resume_text=req.text,
+                    resume_tokens=req.tokens,
+                )
+            )
+            async for msg in call:
+                if not current():
+                    call.cancel()
+                    return
+                if msg.HasField("delta"):
+                    d = msg.delta
+                    if job.state is JobState.CANCELLED:
+                        continue
+                    req.add_text(d.text, d.tokens)
+                    self.core.on_progress(job.id, req.tokens)
+                    metrics.GENERATED_TOKENS.labels(job.model).inc(d.tokens)
+                else:
+                    reason = msg.result.finish_reason
+                    req.worker_id = msg.result.worker_id or worker.id
+        except asyncio.CancelledError:
+            return  # the worker was declared lost; the core has requeued the job
+        except grpc.aio.AioRpcError as exc:
+            if not current():
+                return
+            self._run_broke(req, worker, exc)
+            self._pump()
+            return
+        finally:
+            if worker.runs.get(job.id) is asyncio.current_task():
+                del worker.runs[job.id]
+            span.set_attribute("shortline.tokens", req.tokens)
+            span.end()
+            otel_context.detach(token_ctx)
+        if current():
+            self._run_ended(req, reason)
+        self._pump()
+
+    def _run_broke(self, req: Request, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> None:
+        job = req.job
+        code = exc.code()
+        log.warning("job %s on %s: %s %s", job.id, worker.id, code.name, exc.details())
+        worker.runs.pop(job.id, None)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            self.lost(worker.id)
+            return
+        retry = code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        self.core.on_run_failed(job.id, req.tokens, retry=retry)
+        if job.terminal:
+            self._finalize(req, (code, f"request {job.id}: {exc.details()}"))
+
+    def _run_ended(self, req: Request, reason: int | None) -> None:
+        job = req.job
+        finished = reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+        if job.state is JobState.CANCELLED:
+            self.core.on_stopped(job.id, req.tokens)
+        elif finished:
+            # Also when a preemption arrived too late: the job is simply done.
+            name = "length" if reason == common_pb2.FINISH_REASON_LENGTH else "stop"
+            self.core.on_finish(job.id, name, req.tokens)
+            self._finalize(req, None)
+        elif job.state is JobState.PREEMPTED:
+            self.core.on_stopped(job.id, req.tokens)
+        else:
+            # Stopped without being asked (worker shutting down, error): resume elsewhere.
+            self.core.on_run_failed(job.id, req.tokens)
+            if job.terminal:
+                self._finalize(req, (grpc.StatusCode.UNAVAILABLE, f"request {job.id} failed"))

@@ -1,0 +1,96 @@
+"""Joining a scheduler: RegisterWorker, then Heartbeat at the interval it asks for.
+
+The worker keeps serving when the scheduler is down and registers again when
+a heartbeat says the scheduler does not know it (e.g. after a restart).
+
+This module knows nothing of the server that runs it: it is given the
+worker's fixed :class:`Membership` and a callable that returns its current
+:class:`WorkerStatus` at each heartbeat.
+
+Usage::
+
+    status = lambda: WorkerStatus(slots_used=slots.used, serving=serving)
+    task = asyncio.create_task(
+        keep_registered("sched:50051", Membership("w1", "w1:50071", 8, ("replay",)), status)
+    )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What RegisterWorker announces; fixed for the worker's life."""
+
+    worker_id: str
+    address: str
+    slots: int
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What each Heartbeat reports."""
+
+    slots_used: int
+    serving: bool
+
+
+async def keep_registered(
+    scheduler: str, membership: Membership, status: Callable[[], WorkerStatus]
+) -> None:
+    async with grpc.aio.insecure_channel(scheduler) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        registered = False
+        interval = RETRY_S
+        warned = False
+        while True:
+            try:
+                if not registered:
+                    reply = await stub.RegisterWorker(
+                        scheduler_pb2.RegisterWorkerRequest(
+                            worker_id=membership.worker_id,
+                            address=membership.address,
+                            slots=membership.slots,
+                            models=list(membership.models),
+                        ),
+                        timeout=5.0,
+                    )
+                    interval = reply.heartbeat_interval_seconds or RETRY_S
+                    registered = True
+                    warned = False
+                    log.info("registered with scheduler %s as %s", scheduler, membership.worker_id)
+                else:
+                    now = status()
+                    beat = await stub.Heartbeat(
+                        scheduler_pb2.HeartbeatRequest(
+                            worker_id=membership.worker_id,
+                            slots_used=now.slots_used,
+                            serving=now.serving,
+                        ),
+                        timeout=max(1.0, interval),
+                    )
+                    if not beat.known:
+                        log.info("scheduler %s forgot this worker; registering again", scheduler)
+                        registered = False
+                        continue
+            except grpc.aio.AioRpcError as exc:
+                if not warned:
+                    log.warning("scheduler %s: %s (will keep trying)", scheduler, exc.code().name)
+                    warned = True
+                registered = False
+                interval = RETRY_S
+            await asyncio.sleep(interval)

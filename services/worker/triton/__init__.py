@@ -1,0 +1,1 @@
+"""The embedded Triton server and the Python-backend models that run inside it."""

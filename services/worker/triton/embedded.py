@@ -1,0 +1,236 @@
+"""A real Triton Inference Server on 127.0.0.1, from the ``nvidia-pytriton`` wheel.
+
+The wheel ships the ``tritonserver`` binary and the Python-backend stubs. We
+do not use PyTriton's ``Triton.bind`` proxy: its inference callables never
+learn that a client cancelled a stream, so a preempted sequence would keep
+decoding in the shared batch. Instead each model is an ordinary Python-backend
+model (``services.worker.triton.python_model``), the same structure as
+Triton's vLLM backend, and cancellation reaches it within a decoding step.
+
+Two pitfalls are handled here: the stub links ``libpython3.11`` dynamically
+and would pick the system's copy, so ``LD_LIBRARY_PATH`` starts with this
+interpreter's ``LIBDIR``; and the server runs in its own process group, so
+that stopping it (SIGINT, then SIGKILL to the group after a grace period)
+leaves no stub behind, and its shared-memory regions (named with our own
+prefix) are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from services.worker.config import TritonServeConfig
+from services.worker.triton.repository import model_params, write_model
+from shortline.common.net import free_port
+from shortline.common.paths import REPO_ROOT, run_dir
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+
+
+def _pytriton_dist() -> tuple[Path, Path]:
+    """(tritonserver folder, bundled shared libraries) inside the nvidia-pytriton wheel."""
+    import pytriton
+
+    root = Path(pytriton.__file__).resolve().parent
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def _set_parent_death_signal() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the process that started us
+
+
+class EmbeddedTriton:
+    """Starts ``tritonserver`` hosting the embedded models; a context manager."""
+
+    def __init__(self, config: TritonServeConfig | None = None) -> None:
+        self.config = config or TritonServeConfig()
+        self.grpc_port = self.config.grpc_port or free_port(self.config.host)
+        self.http_port = self.config.http_port or free_port(self.config.host)
+        self.models = [m.strip() for m in self.config.models.split(",") if m.strip()]
+        for name in self.models:
+            model_params(name, self.config)  # fails early on an unknown name
+        self.workspace: Path | None = None
+        self.log_path: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._shm_prefix = f"shortline{os.getpid()}x{secrets.token_hex(4)}"
+
+    @property
+    def _local_host(self) -> str:
+        return "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._local_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._local_host}:{self.http_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _prepare(self) -> list[str]:
+        base = run_dir() / "triton"
+        base.mkdir(parents=True, exist_ok=True)
+        ws = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+        ws.mkdir()
+        self.workspace = ws
+        dist, _ = _pytriton_dist()
+        backend = ws / "backends" / "python"
+        backend.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(dist / "backends" / "python" / name, backend / name)
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        shutil.copy2(stub, backend / "triton_python_backend_stub")
+        repo = ws / "models"
+        for name in self.models:
+            write_model(repo, name, self.config, REPO_ROOT)
+        self.log_path = ws / "tritonserver.log"
+        return [
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={repo}",
+            f"--backend-directory={ws / 'backends'}",
+            f"--cache-directory={dist / 'caches'}",
+            f"--grpc-address={self.config.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.config.host}",
+            f"--http-port={self.http_port}",
+            *self._metrics_args(),
+            "--exit-timeout-secs=5",
+            "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            "--backend-config=python,shm-default-byte-size=4194304",
+            "--backend-config=python,shm-growth-byte-size=1048576",
+        ]
+
+    def _metrics_args(self) -> list[str]:
+        if not self.config.metrics_port:
+            return ["--allow-metrics=false"]
+        return [
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            f"--metrics-address={self.config.host}",
+            f"--metrics-port={self.config.metrics_port}",
+        ]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        _, libs = _pytriton_dist()
+        # The stub must load this interpreter's libpython, not the system's.
+        libdir = str(sysconfig.get_config_var("LIBDIR") or "")
+        parts = [libdir, env.get("LD_LIBRARY_PATH", ""), str(libs)]
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in parts if p)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def start(self) -> EmbeddedTriton:
+        args = self._prepare()
+        assert self.log_path is not None
+        log.info("starting Triton on grpc %s, http %s", self.grpc_url, self.http_url)
+        with open(self.log_path, "wb") as out:
+            self._proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                cwd=self.workspace,
+                start_new_session=True,
+                preexec_fn=_set_parent_death_signal,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Triton ready on %s with %s", self.grpc_url, ", ".join(self.models))
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with {self._proc.returncode}:\n{self.log_tail()}"
+                )
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=1.0) as resp,
+            ):
+                if resp.status == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"Triton not ready after {self.config.startup_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stops the server and its stubs, waits for them, removes shared memory and workspace."""
+        proc = self._proc
+        clean = True
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop in %.0f s; killing it", grace_s)
+            clean = proc.returncode == 0
+            # The stubs share the server's process group; nothing of it may survive.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            self._proc = None
+        for leftover in SHM_DIR.glob(f"{self._shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        if self.workspace is not None and self.workspace.exists():
+            if clean:
+                shutil.rmtree(self.workspace, ignore_errors=True)
+            else:  # keep the server log for a post-mortem
+                shutil.rmtree(self.workspace / "backends", ignore_errors=True)
+                shutil.rmtree(self.workspace / "models", ignore_errors=True)
+                log.warning("Triton did not exit cleanly; its log: %s", self.log_path)
+
+    def __enter__(self) -> EmbeddedTriton:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

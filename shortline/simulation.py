@@ -1,0 +1,56 @@
+"""``shortline simulate``, wired with the real length predictor (the composition root).
+
+The simulator (``services.scheduler.sim``) imports no other service: it takes a
+:class:`~services.scheduler.sim.workload.LengthPredictor`. This module adapts
+the predictor's in-process API (``services.predictor.offline``) to it and
+registers the ``shortline simulate`` subcommand with the simulator's flags.
+
+    from shortline.simulation import real_predictor
+    predicted, _ = wl.predictions_for("real", lengths, model, rng, real_predictor())
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+
+from services.predictor.offline import heads_dir, predict_tokens
+from services.scheduler.sim.runner import SimulateConfig, main
+from services.scheduler.sim.workload import LengthPredictor
+from shortline.common.config import add_arguments, from_args
+
+
+class OfflinePredictor:
+    """The shipped heads, run in process (``services.predictor.offline``)."""
+
+    def predict(self, target_model: str, prompts: list[str], head: str | None) -> np.ndarray:
+        return predict_tokens(target_model, prompts, head=head)
+
+    def fingerprint(self, target_model: str) -> bytes:
+        # The names and bytes of the target's head files: a retrained head changes them.
+        # The same bytes the simulator hashed before the predictor was injected, so the
+        # predictions already cached on disk stay valid.
+        out = bytearray()
+        for f in sorted((heads_dir() / target_model).glob("*")):
+            if f.is_file():
+                out += f.name.encode()
+                out += f.read_bytes()
+        return bytes(out)
+
+
+def real_predictor() -> LengthPredictor:
+    return OfflinePredictor()
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    return main(from_args(SimulateConfig, args, "simulate"), real_predictor())
+
+
+def register(subparsers: Any) -> None:
+    sim = subparsers.add_parser(
+        "simulate", help="discrete-event simulation of the scheduling policies"
+    )
+    add_arguments(sim, SimulateConfig, "simulate")
+    sim.set_defaults(func=_simulate)
