@@ -24,8 +24,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from services.predictor.features.extractor import BuildContext, Card, FeatureBatch
-from services.predictor.features.minilm import MiniLMEncoder, build_encoder
-from services.predictor.features.minilm_backends import ENCODER_NAME
+from services.predictor.features.minilm import MiniLMFeatures, build_encoder
 
 KIND = "minilm-tuned"
 
@@ -35,30 +34,11 @@ def weights_path(card: Card, folder: Path) -> Path:
     return (folder / str(card["encoder"]["layers_file"])).resolve()
 
 
-class TunedMiniLMFeatures:
+class TunedMiniLMFeatures(MiniLMFeatures):
     """MiniLM's multi-layer features under tuned weights; no sentence embedding."""
-
-    def __init__(self, encoder: MiniLMEncoder, batch_rows: int) -> None:
-        self.encoder = encoder
-        self.batch_rows = batch_rows
-
-    @property
-    def name(self) -> str:
-        return ENCODER_NAME
-
-    @property
-    def backend(self) -> str:
-        return self.encoder.backend
-
-    @property
-    def feature_dim(self) -> int:
-        return self.encoder.feature_dim
 
     def features(self, texts: Sequence[str]) -> FeatureBatch:
         return FeatureBatch(self.encoder.encode_features(texts, self.batch_rows)[1], None)
-
-    def warm_up(self) -> None:
-        self.encoder.encode(["warm up the encoder"])
 
 
 class TunedKind:

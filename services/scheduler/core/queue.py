@@ -53,7 +53,23 @@ def _take(entry: list[Any]) -> Job:
     return job
 
 
-class FifoQueue:
+class _NoServiceEstimate:
+    """What a queue without the latest-start guard answers: it learns nothing from runs
+    and counts no late jobs (SlackQueue overrides all three)."""
+
+    def observe_run(self, job: Job, seconds: float) -> None:
+        """``job``'s run ended after ``seconds``; only a queue that estimates service uses it."""
+
+    @property
+    def late_jobs(self) -> int:
+        return 0
+
+    @property
+    def token_time_s(self) -> float:
+        return 0.0
+
+
+class FifoQueue(_NoServiceEstimate):
     """Arrival order (``job.seq``), whatever order predictions and requeues come in.
 
     Pushes are almost always the newest job (O(1) append); an older one (a late
@@ -105,17 +121,6 @@ class FifoQueue:
         self._n -= 1
         return True
 
-    def observe_run(self, job: Job, seconds: float) -> None:
-        """``job``'s run ended after ``seconds``; only a queue that estimates service uses it."""
-
-    @property
-    def late_jobs(self) -> int:
-        return 0  # no latest-start guard (see SlackQueue)
-
-    @property
-    def token_time_s(self) -> float:
-        return 0.0
-
     def __len__(self) -> int:
         return self._n
 
@@ -123,7 +128,7 @@ class FifoQueue:
         return (e[3] for e in self._dq if e[3] is not None)
 
 
-class HeapQueue:
+class HeapQueue(_NoServiceEstimate):
     """Smallest ``key(job)`` first (computed once at push); ties by arrival order."""
 
     def __init__(self, key: KeyFn) -> None:
@@ -162,17 +167,6 @@ class HeapQueue:
         if self._n == 0:
             self._heap.clear()
         return True
-
-    def observe_run(self, job: Job, seconds: float) -> None:
-        """``job``'s run ended after ``seconds``; only a queue that estimates service uses it."""
-
-    @property
-    def late_jobs(self) -> int:
-        return 0  # no latest-start guard (see SlackQueue)
-
-    @property
-    def token_time_s(self) -> float:
-        return 0.0
 
     def __len__(self) -> int:
         return self._n
