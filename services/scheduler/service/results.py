@@ -70,12 +70,15 @@ class ResultStore:
 
     def prune(self, now: float) -> None:
         """Drops records older than the TTL that no client stream still reads."""
-        for rid, r in list(self._done.items()):
+        stale = []
+        for rid, r in self._done.items():  # oldest first: stop at the first fresh one
             assert r.finished_at is not None
             if now - r.finished_at <= self.ttl_s:
                 break
             if not r.subscribers:
-                del self._done[rid]
+                stale.append(rid)
+        for rid in stale:
+            del self._done[rid]
 
     def next_due(self, now: float) -> float | None:
         first = next(iter(self._done.values()), None)

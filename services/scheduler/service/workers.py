@@ -25,9 +25,8 @@ from opentelemetry import trace
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.clock import Clock
-from services.scheduler.core.interface import Stop
+from services.scheduler.core.interface import SchedulerInterface, Stop
 from services.scheduler.core.job import JobState
-from services.scheduler.core.scheduler import SchedulerCore
 from services.scheduler.service.results import StatusError
 from services.scheduler.service.streams import Request
 from shortline.common.telemetry import tracer
@@ -56,7 +55,7 @@ class WorkerHandle:
 class WorkerPool:
     def __init__(
         self,
-        core: SchedulerCore,
+        core: SchedulerInterface,
         clock: Clock,
         cfg: SchedulerConfig,
         spawn: Spawn,
