@@ -36,6 +36,9 @@ class StackConfig:
     scheduler_port: int = dataclasses.field(
         default=50051, metadata={"help": "scheduler gRPC port (the address clients use)"}
     )
+    scheduler_internal_port: int = dataclasses.field(
+        default=50052, metadata={"help": "scheduler's internal port (workers register there)"}
+    )
     predictor_port: int = dataclasses.field(default=50061, metadata={"help": "predictor gRPC port"})
     worker_base_port: int = dataclasses.field(
         default=50071, metadata={"help": "first worker's gRPC port; worker i uses base + i"}
@@ -104,6 +107,7 @@ def port_is_free(host: str, port: int) -> bool:
 def all_ports(cfg: StackConfig) -> dict[str, int]:
     ports = {
         "scheduler": cfg.scheduler_port,
+        "scheduler internal": cfg.scheduler_internal_port,
         "predictor": cfg.predictor_port,
         "triton grpc": cfg.triton_grpc_port,
         "triton http": cfg.triton_http_port,
@@ -176,6 +180,8 @@ def plan(cfg: StackConfig) -> list[Child]:
                 "serve",
                 "--port",
                 str(cfg.scheduler_port),
+                "--internal-port",
+                str(cfg.scheduler_internal_port),
                 "--predictor",
                 f"{h}:{cfg.predictor_port}",
                 "--policy",
@@ -204,7 +210,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                     "--slots",
                     str(cfg.slots),
                     "--scheduler",
-                    f"{h}:{cfg.scheduler_port}",
+                    f"{h}:{cfg.scheduler_internal_port}",
                     "--worker-id",
                     f"worker-{i + 1}",
                     "--metrics-port",

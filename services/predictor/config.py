@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.predictor.heads import SHIPPED_HEADS_DIR
+from shortline.common.tls import TlsSettings
 
 
 @dataclass(frozen=True)
-class PredictorConfig:
+class PredictorConfig(TlsSettings):
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=50061, metadata={"help": "gRPC port"})
     heads_dir: str = field(

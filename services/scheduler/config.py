@@ -9,12 +9,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.scheduler.core.policies import DEFAULT_POLICY, DEFAULTS, Policy, PolicySettings
+from shortline.common.tls import TlsSettings
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    port: int = field(default=50051, metadata={"help": "gRPC listen port"})
-    host: str = field(default="0.0.0.0", metadata={"help": "listen address"})
+class SchedulerConfig(TlsSettings):
+    port: int = field(default=50051, metadata={"help": "public (client) gRPC port"})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "public listen address (and metrics'); 0.0.0.0 needs --tokens-file"},
+    )
+    internal_port: int = field(
+        default=50052,
+        metadata={"help": "internal gRPC port: worker registration, heartbeats, operator stats "
+            "(0 picks a free one)"},
+    )
+    internal_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "internal listen address (give workers' network; use --tls-ca there)"},
+    )
+    tokens_file: str = field(
+        default="",
+        metadata={
+            "help": "TOML file of bearer tokens -> tenants (and allowed models), re-read on "
+            "change; empty: no authentication, loopback only"
+        },
+    )
+    worker_identities: str = field(
+        default="",
+        metadata={
+            "help": "with mutual TLS: comma-separated certificate names allowed to register "
+            "as workers (empty: any name from the CA except the scheduler's and predictor's)"
+        },
+    )
+    max_prompt_bytes: int = field(
+        default=262144,
+        metadata={"help": "largest prompt accepted (UTF-8 bytes); messages above ~4x are cut off"},
+    )
     predictor: str = field(
         default="", metadata={"help": "predictor HOST:PORT (empty: fallback predictions only)"}
     )
@@ -77,6 +108,19 @@ class SchedulerConfig:
     outcome_log: str = field(
         default="", metadata={"help": "SQLite outcome log path (default .run/outcomes.sqlite)"}
     )
+    outcome_log_prompts: str = field(
+        default="text",
+        metadata={
+            "help": "what the outcome log keeps of a prompt: text, or digest (SHA-256 and the "
+            "predictor's embedding; retraining then uses the embeddings)"
+        },
+    )
+    outcome_log_max_rows: int = field(
+        default=200_000, metadata={"help": "outcome log retention: newest rows kept (0: all)"}
+    )
+    outcome_log_max_age_days: float = field(
+        default=30.0, metadata={"help": "outcome log retention: rows older are deleted (0: keep)"}
+    )
     benchmark_mode: bool = field(
         default=False,
         metadata={
@@ -112,6 +156,13 @@ class SchedulerConfig:
     fallback_tokens: float = field(
         default=256.0, metadata={"help": "fallback prediction before any observation"}
     )
+
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest gRPC message the public port reads: a prompt up to 4x the limit still
+        gets INVALID_ARGUMENT naming the limit; above that gRPC refuses it unread."""
+        return max(4 * self.max_prompt_bytes + 65536, 1 << 20)
 
 
 def build_policy(cfg: SchedulerConfig) -> Policy:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shortline.common.tls import TlsSettings
+
 SMOLLM2 = "smollm2-135m-instruct"
 REPLAY = "replay"
 
@@ -47,7 +49,7 @@ class TritonServeConfig:
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(TlsSettings):
     """One worker: a Triton endpoint, K slots, optionally a scheduler to join."""
 
     triton: str = field(default="", metadata={"help": "Triton gRPC address HOST:PORT"})
@@ -63,7 +65,17 @@ class WorkerConfig:
     worker_id: str = field(
         default="", metadata={"help": "worker id (default worker-<host>-<port>)"}
     )
-    scheduler: str = field(default="", metadata={"help": "scheduler HOST:PORT to register with"})
+    scheduler: str = field(
+        default="",
+        metadata={"help": "scheduler's internal HOST:PORT to register with (its --internal-port)"},
+    )
+    scheduler_identity: str = field(
+        default="scheduler",
+        metadata={
+            "help": "with mutual TLS: certificate name(s), comma-separated, allowed to call "
+            "Execute, Cancel and Preempt"
+        },
+    )
     models: str = field(
         default=f"{SMOLLM2}=smollm2:4096,{REPLAY}=raw:65536",
         metadata={

@@ -51,6 +51,7 @@ def started_stack(cfg: BenchConfig, out: Path) -> Iterator[Stack]:
             break
     scfg = StackConfig(
         scheduler_port=p[0],
+        scheduler_internal_port=p[5],
         predictor_port=p[1],
         worker_base_port=base + 2 + cfg.workers,
         triton_grpc_port=p[2],

@@ -21,6 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
+# gRPC's own default (4 MiB); services that take user text set a smaller one.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 
 class PortInUseError(RuntimeError):
     """The listen address is taken; the message names it."""
@@ -32,8 +35,14 @@ def build_server(
     address: str,
     *,
     max_workers_streams: int = 1000,
+    credentials: grpc.ServerCredentials | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, AioHealthServicer]:
     """Creates the server with health and reflection, bound to ``address``.
+
+    With ``credentials`` (``tls.server_credentials``) the port speaks TLS only;
+    a message above ``max_message_bytes`` is refused by gRPC with
+    RESOURCE_EXHAUSTED before any servicer sees it.
 
     ``service_names`` are the fully qualified services (``DESCRIPTOR.services_by_name[...]
     .full_name``). Health answers NOT_FOUND for them until :func:`set_serving` is awaited:
@@ -43,6 +52,8 @@ def build_server(
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", max_workers_streams),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
         ]
     )
     add_servicers(server)
@@ -51,7 +62,10 @@ def build_server(
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise PortInUseError(f"cannot listen on {address}: address already in use") from exc
     if port == 0:

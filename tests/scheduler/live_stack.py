@@ -70,6 +70,7 @@ async def stack(
     config = SchedulerConfig(
         host="127.0.0.1",
         port=free_port(),
+        internal_port=0,
         heartbeat_interval_s=0.2,
         outcome_log=str(tmp_path / "outcomes.sqlite"),
         disconnect_grace_s=0.5,
@@ -85,7 +86,7 @@ async def stack(
                 WorkerConfig(
                     triton=triton_url,
                     slots=slots,
-                    scheduler=server.address,
+                    scheduler=server.internal_address,
                     worker_id=f"w{i}",
                     health_poll_s=0.5,
                 ),

@@ -8,15 +8,15 @@ import pytest
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.server import SchedulerServer
 from shortline.common.net import free_port
-from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 
 async def test_worker_with_other_models_is_refused_with_a_clear_status() -> None:
-    server = SchedulerServer(SchedulerConfig(host="127.0.0.1", port=free_port()))
+    server = SchedulerServer(SchedulerConfig(host="127.0.0.1", port=free_port(), internal_port=0))
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        async with grpc.aio.insecure_channel(server.internal_address) as channel:
+            stub = internal_pb2_grpc.SchedulerInternalServiceStub(channel)
             await stub.RegisterWorker(
                 scheduler_pb2.RegisterWorkerRequest(
                     worker_id="a", address="127.0.0.1:1", slots=2, models=["replay", "smollm2"]

@@ -23,14 +23,14 @@ pytestmark = pytest.mark.slow
 @contextlib.asynccontextmanager
 async def scheduler_with_worker(triton_url: str, port: int) -> Any:
     scheduler = SchedulerServer(
-        SchedulerConfig(host="127.0.0.1", port=port, heartbeat_interval_s=0.2)
+        SchedulerConfig(host="127.0.0.1", port=port, internal_port=0, heartbeat_interval_s=0.2)
     )
     await scheduler.start()
     worker = WorkerServer(
         WorkerConfig(
             triton=triton_url,
             slots=2,
-            scheduler=scheduler.address,
+            scheduler=scheduler.internal_address,
             worker_id="sdk",
             health_poll_s=0.5,
         ),

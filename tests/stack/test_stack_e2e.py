@@ -36,6 +36,7 @@ def stack_config(tmp: Path, **overrides: object) -> StackConfig:
         base = 20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000
         cfg = StackConfig(
             scheduler_port=base,
+            scheduler_internal_port=base + 5,
             predictor_port=base + 1,
             triton_grpc_port=base + 2,
             triton_http_port=base + 3,

@@ -44,6 +44,7 @@ async def test_a_request_is_one_trace_across_every_service(embedded_triton: Any)
         SchedulerConfig(
             host="127.0.0.1",
             port=free_port(),
+            internal_port=0,
             predictor=f"127.0.0.1:{predictor.cfg.port}",
             predictor_timeout_ms=5000,
             heartbeat_interval_s=0.2,
@@ -54,7 +55,7 @@ async def test_a_request_is_one_trace_across_every_service(embedded_triton: Any)
         WorkerConfig(
             triton=embedded_triton.grpc_url,
             slots=2,
-            scheduler=scheduler.address,
+            scheduler=scheduler.internal_address,
             worker_id="traced",
             health_poll_s=0.5,
         ),

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.dataplane import SchedulerService
-from services.scheduler.service.servicer import SchedulerServicer
+from services.scheduler.service.internal import SchedulerInternalServicer
+from services.scheduler.service.servicer import INTERNAL_SERVICE_NAME, SchedulerServicer
 from shortline.common import grpc_server, paths, prometheus
+from shortline.common.net import free_port
 from shortline.common.outcomes import OutcomeLog
 from shortline.common.telemetry import setup_tracing
-from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].ful
 
 
 class SchedulerServer:
-    """The servicer inside a gRPC server with health and reflection."""
+    """Two gRPC servers (health and reflection on each) over one data plane: the
+    public API on ``address``, the internal one on ``internal_address``."""
 
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
@@ -32,6 +35,17 @@ class SchedulerServer:
             lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.servicer, s),
             [SERVICE_NAME],
             self.address,
+            max_message_bytes=cfg.max_message_bytes,
+        )
+        self.internal = SchedulerInternalServicer(cfg, self.servicer.plane)
+        internal_port = cfg.internal_port or free_port(cfg.internal_host)
+        self.internal_address = f"{cfg.internal_host}:{internal_port}"
+        self.internal_server, self.internal_health = grpc_server.build_server(
+            lambda s: internal_pb2_grpc.add_SchedulerInternalServiceServicer_to_server(
+                self.internal, s
+            ),
+            [INTERNAL_SERVICE_NAME],
+            self.internal_address,
         )
 
     @property
@@ -40,12 +54,15 @@ class SchedulerServer:
         return self.servicer.plane
 
     async def start(self) -> None:
+        await self.internal_server.start()
         await self.server.start()
         self.plane.start()
+        await grpc_server.set_serving(self.internal_health, [INTERNAL_SERVICE_NAME], True)
         await grpc_server.set_serving(self.health, [SERVICE_NAME], True)
         log.info(
-            "scheduler on %s: policy %s, batching %s, queue limit %d, predictor %s, log %s",
+            "scheduler on %s (internal %s): policy %s, batching %s, queue limit %d, predictor %s, log %s",
             self.address,
+            self.internal_address,
             self.cfg.policy,
             self.cfg.batching,
             self.cfg.queue_limit,
@@ -55,7 +72,9 @@ class SchedulerServer:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await grpc_server.set_serving(self.health, [SERVICE_NAME], False)
+        await grpc_server.set_serving(self.internal_health, [INTERNAL_SERVICE_NAME], False)
         await self.server.stop(grace_s)
+        await self.internal_server.stop(grace_s)
         await self.plane.close()
         await asyncio.to_thread(self.outcome_log.close)
 
@@ -65,5 +84,10 @@ async def serve(cfg: SchedulerConfig) -> None:
     prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
     server = SchedulerServer(cfg)
     await server.start()
-    await grpc_server.run_until_signal(server.server, on_stop=server.plane.close)
+
+    async def on_stop() -> None:
+        await server.internal_server.stop(1.0)
+        await server.plane.close()
+
+    await grpc_server.run_until_signal(server.server, on_stop=on_stop)
     await asyncio.to_thread(server.outcome_log.close)

@@ -15,10 +15,14 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.interface import QueueFullError
 from services.scheduler.service.dataplane import SchedulerService
 from services.scheduler.service.streams import follow
-from services.scheduler.service.validation import validate, validate_registration
+from services.scheduler.service.validation import validate
 from shortline.common.outcomes import OutcomeLog
 from shortline.common.telemetry import tracer
-from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shortline.scheduler.v1 import internal_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+INTERNAL_SERVICE_NAME = internal_pb2.DESCRIPTOR.services_by_name[
+    "SchedulerInternalService"
+].full_name
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -78,56 +82,58 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def GetStats(
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetStatsResponse:
-        s = self.plane.core.stats()
-        now = self.plane.clock.now()
-        pool = self.plane.workers
-        return scheduler_pb2.GetStatsResponse(
-            policy=s.policy,
-            batching=s.batching,
-            queue_depth=s.queue_depth,
-            running=s.running,
-            completed=s.completed,
-            cancelled=s.cancelled,
-            failed=s.failed,
-            preemptions=s.preemptions,
-            predictor_fallbacks=s.predictor_fallbacks,
-            cache_hits=s.cache_hits,
-            cache_lookups=s.cache_lookups,
-            late_jobs=s.late_jobs,
-            token_time_seconds=s.token_time_s,
-            workers=[
-                scheduler_pb2.WorkerStatus(
-                    worker_id=w.id,
-                    address=w.address,
-                    slots_total=w.slots,
-                    slots_used=pool.slots_used(w.id),
-                    alive=True,
-                    seconds_since_heartbeat=now - w.last_seen,
-                    models=sorted(w.models),
-                )
-                for w in pool
-            ],
-        )
+        return stats_response(self.plane, with_addresses=False)
 
     async def RegisterWorker(
         self, request: scheduler_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RegisterWorkerResponse:
-        problem = validate_registration(request)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        mismatch = self.plane.workers.mismatch(request.worker_id, list(request.models))
-        if mismatch is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
-        self.plane.workers.register(
-            request.worker_id, request.address, request.slots, list(request.models)
-        )
-        return scheduler_pb2.RegisterWorkerResponse(
-            heartbeat_interval_seconds=self.cfg.heartbeat_interval_s
-        )
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, self._moved("RegisterWorker"))
+        raise AssertionError("abort raises")
 
     async def Heartbeat(
         self, request: scheduler_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.HeartbeatResponse:
-        return scheduler_pb2.HeartbeatResponse(
-            known=self.plane.workers.heartbeat(request.worker_id)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, self._moved("Heartbeat"))
+        raise AssertionError("abort raises")
+
+    def _moved(self, rpc: str) -> str:
+        return (
+            f"{rpc} moved to {INTERNAL_SERVICE_NAME} on the scheduler's internal port "
+            f"({self.cfg.internal_host}:{self.cfg.internal_port}); upgrade the worker"
         )
+
+
+def stats_response(
+    plane: SchedulerService, *, with_addresses: bool
+) -> scheduler_pb2.GetStatsResponse:
+    """GetStats' answer; worker addresses only for the internal port's callers."""
+    s = plane.core.stats()
+    now = plane.clock.now()
+    pool = plane.workers
+    return scheduler_pb2.GetStatsResponse(
+        policy=s.policy,
+        batching=s.batching,
+        queue_depth=s.queue_depth,
+        running=s.running,
+        completed=s.completed,
+        cancelled=s.cancelled,
+        failed=s.failed,
+        preemptions=s.preemptions,
+        predictor_fallbacks=s.predictor_fallbacks,
+        cache_hits=s.cache_hits,
+        cache_lookups=s.cache_lookups,
+        late_jobs=s.late_jobs,
+        token_time_seconds=s.token_time_s,
+        workers=[
+            scheduler_pb2.WorkerStatus(
+                worker_id=w.id,
+                address=w.address if with_addresses else "",
+                slots_total=w.slots,
+                slots_used=pool.slots_used(w.id),
+                alive=True,
+                seconds_since_heartbeat=now - w.last_seen,
+                models=sorted(w.models),
+            )
+            for w in pool
+        ],
+    )

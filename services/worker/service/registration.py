@@ -1,4 +1,4 @@
-"""Joining a scheduler: RegisterWorker, then Heartbeat at the interval it asks for.
+"""Joining a scheduler (its internal port): RegisterWorker, then Heartbeat at the interval it asks for.
 
 The worker keeps serving when the scheduler is down and registers again when
 a heartbeat says the scheduler does not know it (e.g. after a restart).
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def keep_registered(
     scheduler: str, membership: Membership, status: Callable[[], WorkerStatus]
 ) -> None:
     async with grpc.aio.insecure_channel(scheduler) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        stub = internal_pb2_grpc.SchedulerInternalServiceStub(channel)
         registered = False
         interval = RETRY_S
         warned = False

@@ -20,10 +20,10 @@ from services.worker.config import WorkerConfig
 from services.worker.service.registration import Membership, WorkerStatus, keep_registered
 from services.worker.service.server import WorkerServer
 from shortline.common.net import free_port
-from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 
-class RecordingScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
+class RecordingScheduler(internal_pb2_grpc.SchedulerInternalServiceServicer):
     def __init__(self) -> None:
         self.registrations: list[scheduler_pb2.RegisterWorkerRequest] = []
         self.heartbeats: list[scheduler_pb2.HeartbeatRequest] = []
@@ -41,7 +41,7 @@ class RecordingScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 async def _start_scheduler(port: int, servicer: RecordingScheduler) -> grpc.aio.Server:
     server = grpc.aio.server()
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    internal_pb2_grpc.add_SchedulerInternalServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server
