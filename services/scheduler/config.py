@@ -21,8 +21,10 @@ class SchedulerConfig(TlsSettings):
     )
     internal_port: int = field(
         default=50052,
-        metadata={"help": "internal gRPC port: worker registration, heartbeats, operator stats "
-            "(0 picks a free one)"},
+        metadata={
+            "help": "internal gRPC port: worker registration, heartbeats, operator stats "
+            "(0 picks a free one)"
+        },
     )
     internal_host: str = field(
         default="127.0.0.1",
@@ -156,7 +158,6 @@ class SchedulerConfig(TlsSettings):
     fallback_tokens: float = field(
         default=256.0, metadata={"help": "fallback prediction before any observation"}
     )
-
 
     @property
     def max_message_bytes(self) -> int:

@@ -97,9 +97,7 @@ def load(settings: TlsSettings) -> TlsMaterial:
     )
 
 
-def server_credentials(
-    material: TlsMaterial, *, internal: bool
-) -> grpc.ServerCredentials | None:
+def server_credentials(material: TlsMaterial, *, internal: bool) -> grpc.ServerCredentials | None:
     """Credentials for a listener; None when TLS is off.
 
     ``internal`` listeners require a client certificate from the CA when one is

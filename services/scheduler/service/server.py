@@ -60,7 +60,8 @@ class SchedulerServer:
         await grpc_server.set_serving(self.internal_health, [INTERNAL_SERVICE_NAME], True)
         await grpc_server.set_serving(self.health, [SERVICE_NAME], True)
         log.info(
-            "scheduler on %s (internal %s): policy %s, batching %s, queue limit %d, predictor %s, log %s",
+            "scheduler on %s (internal %s): policy %s, batching %s, queue limit %d, "
+            "predictor %s, log %s",
             self.address,
             self.internal_address,
             self.cfg.policy,

@@ -1,4 +1,5 @@
-"""Joining a scheduler (its internal port): RegisterWorker, then Heartbeat at the interval it asks for.
+"""Joining a scheduler on its internal port: RegisterWorker, then Heartbeat at the
+interval it asks for.
 
 The worker keeps serving when the scheduler is down and registers again when
 a heartbeat says the scheduler does not know it (e.g. after a restart).
