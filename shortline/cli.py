@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.scheduler.cli",
     "shortline.simulation",
     "shortline.commands",
+    "shortline.certs",
 )
 
 
@@ -49,7 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    code = args.func(args)
+    from shortline.common.tls import TlsConfigError
+
+    try:
+        code = args.func(args)
+    except TlsConfigError as exc:
+        # A wrong TLS file is the operator's to fix: one line naming it, not a traceback.
+        print(f"shortline {args.command}: {exc}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

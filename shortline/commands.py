@@ -34,11 +34,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens")
     gen.add_argument("--length-model", default="", help="whose lengths the predictor predicts")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    gen.add_argument("--token", default=None, help="bearer token")
+    _client_flags(gen)
     gen.set_defaults(func=_generate)
 
     stats = sub.add_parser("stats", help="print the scheduler's queue and worker state")
     stats.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler address")
+    _client_flags(stats)
     stats.set_defaults(func=_stats)
 
     health = sub.add_parser(
@@ -46,6 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     health.add_argument("address", help="HOST:PORT of any Shortline service")
     health.add_argument("--timeout", type=float, default=2.0)
+    health.add_argument("--tls-ca", default="", help="PEM CA: check over TLS, verified by it")
+    health.add_argument(
+        "--tls-cert", default="", help="PEM certificate to present (services with mutual TLS)"
+    )
+    health.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     health.set_defaults(func=_health)
 
     from shortline.benchmark.config import BenchConfig
@@ -61,8 +67,48 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.set_defaults(func=_bench)
 
 
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS with the system's roots (--ca implies TLS)"
+    )
+    parser.add_argument(
+        "--ca",
+        default=None,
+        metavar="FILE",
+        help="PEM CA that signed the scheduler's certificate (turns TLS on)",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="bearer token (prefer --token-file or SHORTLINE_TOKEN: flags show in `ps`)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the bearer token (default: $SHORTLINE_TOKEN, $SHORTLINE_TOKEN_FILE)",
+    )
+
+
+def _client_options(args: argparse.Namespace, **options: Any) -> Any:
+    """The SDK's options from the client flags; SystemExit naming an unreadable file."""
+    from shortline.client import ClientConfigError, ClientOptions
+
+    try:
+        return ClientOptions.from_files(
+            args.scheduler,
+            ca_file=args.ca,
+            token_file=args.token_file,
+            token=args.token,
+            tls=args.tls,
+            **options,
+        )
+    except ClientConfigError as exc:
+        raise SystemExit(f"shortline {args.command}: {exc}") from exc
+
+
 def _up(args: argparse.Namespace) -> int:
-    from shortline.stack import Stack, StackConfig, StackError
+    from shortline.stack import Stack, StackConfig, StackError, check_ports
 
     cfg = from_args(StackConfig, args, "stack")
     stack = Stack(cfg)
@@ -73,15 +119,25 @@ def _up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"starting {len(stack.children)} services; logs in {stack.log_dir}", flush=True)
     try:
+        check_ports(cfg)  # before writing anything
+        for path in stack.prepare_credentials():
+            print(f"wrote {path}", flush=True)
+        print(f"starting {len(stack.children)} services; logs in {stack.log_dir}", flush=True)
         stack.start()
     except StackError as exc:
         print(f"shortline up: {exc}", file=sys.stderr)
         return 1
+    flags = ""
+    if cfg.tls:
+        flags = f" --ca {cfg.certs_path() / 'ca.pem'}"
+        token = cfg.token_path()
+        if token is not None and token.exists():
+            flags += f" --token-file {token}"
+            print(f"TLS and mutual TLS on; the token of tenant dev is in {token}", flush=True)
     print(
         f"Shortline is serving. Scheduler: {stack.scheduler_address}\n"
-        f"Try: shortline generate --scheduler {stack.scheduler_address} "
+        f"Try: shortline generate --scheduler {stack.scheduler_address}{flags} "
         '"Give me three tips for a good night\'s sleep." --max-tokens 64\n'
         "Ctrl-C stops everything.",
         flush=True,
@@ -102,10 +158,9 @@ def _up(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from shortline.client import ClientOptions, ShortlineClient
+    from shortline.client import ShortlineClient
 
-    options = ClientOptions(target=args.scheduler, token=args.token)
-    with ShortlineClient(options) as client:
+    with ShortlineClient(_client_options(args)) as client:
         stream = client.generate(
             args.prompt,
             model=args.model,
@@ -144,9 +199,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import grpc
 
-    from shortline.client import ClientOptions, ShortlineClient
+    from shortline.client import ShortlineClient
 
-    with ShortlineClient(ClientOptions(target=args.scheduler, timeout_seconds=5)) as client:
+    with ShortlineClient(_client_options(args, timeout_seconds=5)) as client:
         try:
             s = client.stats()
         except grpc.RpcError as exc:
@@ -189,9 +244,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    from shortline.common import tls
     from shortline.stack import grpc_serving
 
-    if grpc_serving(args.address, timeout=args.timeout):
+    material = tls.client_material(args.tls_ca, args.tls_cert, args.tls_key)
+    if grpc_serving(args.address, timeout=args.timeout, material=material):
         print("SERVING")
         return 0
     print(f"{args.address} is not SERVING", file=sys.stderr)

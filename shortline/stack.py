@@ -5,6 +5,12 @@ own session (so a terminal's Ctrl-C reaches only the launcher, which then
 stops them in order), waits until every health check says SERVING, and on
 SIGINT or SIGTERM stops them in reverse order, escalating to SIGKILL after a
 grace period so no process is left behind and every port is released.
+
+With ``tls`` (``shortline up --tls``) every listener speaks TLS and the
+services call each other with mutual TLS: the launcher makes a development CA
+and one certificate per service in ``certs_dir`` (``shortline certs``) and a
+tokens file with one token for tenant ``dev``, whose clear text goes to
+``token`` beside it (mode 0600; printed as a path, never as the token).
 """
 
 from __future__ import annotations
@@ -19,11 +25,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.scheduler.core.policies import DEFAULT_POLICY
+from shortline.common import tls as tls_mod
+
+if TYPE_CHECKING:
+    from shortline.client import ClientOptions
+
+# The launcher's own certificate: its health checks reach services with mutual TLS.
+LAUNCHER = "launcher"
 
 
 class StackError(RuntimeError):
@@ -83,6 +97,36 @@ class StackConfig:
     triton_models: str = dataclasses.field(
         default="", metadata={"help": "models Triton loads, comma-separated (default: all)"}
     )
+    tls: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "TLS on every listener, mutual TLS between services, a token for clients "
+            "(certificates and token made if missing)"
+        },
+    )
+    certs_dir: str = dataclasses.field(
+        default="", metadata={"help": "with --tls: CA and certificates (default .run/certs)"}
+    )
+    tokens_file: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "scheduler's tokens file (with --tls default .run/tokens.toml, made with "
+            "one token for tenant dev, written to `token` beside it)"
+        },
+    )
+
+    def certs_path(self) -> Path:
+        return Path(self.certs_dir) if self.certs_dir else _run_dir() / "certs"
+
+    def tokens_path(self) -> Path | None:
+        if self.tokens_file:
+            return Path(self.tokens_file)
+        return _run_dir() / "tokens.toml" if self.tls else None
+
+    def token_path(self) -> Path | None:
+        """Where the development token is in clear (beside the tokens file)."""
+        tokens = self.tokens_path()
+        return None if tokens is None else tokens.with_name("token")
 
 
 @dataclasses.dataclass
@@ -134,10 +178,18 @@ def check_ports(cfg: StackConfig) -> None:
             )
 
 
+def _tls_args(cfg: StackConfig, identity: str) -> list[str]:
+    """A service's own certificate and the CA, with ``tls``."""
+    d = cfg.certs_path()
+    pem, key, ca = (str(d / n) for n in (f"{identity}.pem", f"{identity}.key", "ca.pem"))
+    return ["--tls-cert", pem, "--tls-key", key, "--tls-ca", ca] if cfg.tls else []
+
+
 def plan(cfg: StackConfig) -> list[Child]:
     """The children, in start order."""
     exe = [sys.executable, "-m", "shortline.cli"]
     h = cfg.host
+    tokens = cfg.tokens_path()
     children = [
         Child(
             "triton",
@@ -169,6 +221,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                 str(cfg.predictor_port),
                 "--metrics-port",
                 str(cfg.metrics_base_port + 1),
+                *_tls_args(cfg, "predictor"),
             ],
             f"{h}:{cfg.predictor_port}",
         ),
@@ -190,6 +243,8 @@ def plan(cfg: StackConfig) -> list[Child]:
                 cfg.batching,
                 "--metrics-port",
                 str(cfg.metrics_base_port),
+                *_tls_args(cfg, "scheduler"),
+                *(["--tokens-file", str(tokens)] if tokens is not None else []),
                 *cfg.extra_scheduler_args.split(),
             ],
             f"{h}:{cfg.scheduler_port}",
@@ -215,6 +270,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                     f"worker-{i + 1}",
                     "--metrics-port",
                     str(cfg.metrics_base_port + 2 + i),
+                    *_tls_args(cfg, f"worker-{i + 1}"),
                 ],
                 f"{h}:{cfg.worker_base_port + i}",
             )
@@ -222,9 +278,17 @@ def plan(cfg: StackConfig) -> list[Child]:
     return children
 
 
-def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+def grpc_serving(
+    address: str, timeout: float = 1.0, material: tls_mod.TlsMaterial | None = None
+) -> bool:
+    """The service's gRPC health check says SERVING; over TLS with ``material`` (its CA,
+    and a certificate for services with mutual TLS)."""
+    creds = tls_mod.channel_credentials(material or tls_mod.TlsMaterial())
     try:
-        with grpc.insecure_channel(address) as channel:
+        channel = (
+            grpc.insecure_channel(address) if creds is None else grpc.secure_channel(address, creds)
+        )
+        with channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
             )
@@ -254,13 +318,47 @@ class Stack:
         self.children = plan(cfg)
         self.log_dir = Path(cfg.log_dir) if cfg.log_dir else _default_log_dir()
         self._stopping = False
+        self._health_tls: tls_mod.TlsMaterial | None = None
 
     @property
     def scheduler_address(self) -> str:
         return f"{self.cfg.host}:{self.cfg.scheduler_port}"
 
+    def client_options(self, **options: Any) -> ClientOptions:
+        """The SDK's options for this stack's scheduler: its CA and token with ``tls``."""
+        from shortline.client import ClientOptions
+
+        token = self.cfg.token_path()
+        return ClientOptions.from_files(
+            self.scheduler_address,
+            ca_file=self.cfg.certs_path() / "ca.pem" if self.cfg.tls else None,
+            token_file=token if token is not None and token.exists() else None,
+            **options,
+        )
+
+    def prepare_credentials(self) -> list[Path]:
+        """With ``tls``: the certificates and the development token, made where missing
+        (an expiring certificate is issued again); returns the files written."""
+        if not self.cfg.tls:
+            return []
+        from shortline import certs
+
+        d, tokens, token = self.cfg.certs_path(), self.cfg.tokens_path(), self.cfg.token_path()
+        assert tokens is not None and token is not None
+        try:
+            names = certs.identities(self.cfg.workers, [LAUNCHER])
+            written = certs.dev_credentials(d, names, tokens, token)
+        except certs.CertsError as exc:
+            raise StackError(str(exc)) from exc
+        self._health_tls = tls_mod.client_material(
+            str(d / "ca.pem"), str(d / f"{LAUNCHER}.pem"), str(d / f"{LAUNCHER}.key")
+        )
+        return written
+
     def start(self) -> None:
         check_ports(self.cfg)
+        if self.cfg.tls and self._health_tls is None:
+            self.prepare_credentials()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -277,9 +375,10 @@ class Stack:
                     start_new_session=True,
                 )
                 log.close()
-                if child.name == "triton":
-                    # Workers report NOT_SERVING until Triton is ready; waiting
-                    # here keeps their logs free of start-up noise.
+                if child.name in ("triton", "predictor"):
+                    # Workers report NOT_SERVING until Triton is ready, and a scheduler
+                    # that finds no predictor at start (it lists its heads) predicts by
+                    # fallback until its channel's reconnect backoff ends: wait for both.
                     self._wait_for([child])
             self._wait_for(self.children)
         except BaseException:
@@ -300,7 +399,7 @@ class Stack:
                 ok = (
                     triton_ready(self.cfg.host, self.cfg.triton_grpc_port)
                     if child.health_address is None
-                    else grpc_serving(child.health_address)
+                    else grpc_serving(child.health_address, material=self._health_tls)
                 )
                 if ok:
                     pending.remove(child)
@@ -385,7 +484,11 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _default_log_dir() -> Path:
+def _run_dir() -> Path:
     from shortline.common.paths import run_dir
 
-    return run_dir() / "logs"
+    return run_dir()
+
+
+def _default_log_dir() -> Path:
+    return _run_dir() / "logs"

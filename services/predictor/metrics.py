@@ -14,6 +14,7 @@ PREDICT_BATCH = Histogram(
     "Prompts encoded per forward pass",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+# target_model: only targets with a head (the service maps others to "other").
 PREDICTED_PROMPTS = Counter(
     "shortline_predicted_prompts_total", "Prompts predicted", ["target_model"]
 )

@@ -33,7 +33,8 @@ from services.predictor.core import (
     UnknownHeadError,
     UnknownTargetError,
 )
-from shortline.common import grpc_server, prometheus
+from shortline.common import grpc_server, prometheus, tls
+from shortline.common.labels import bounded
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc}")
             span.set_attribute("shortline.head_version", result.head_version)
         metrics.PREDICT_SECONDS.observe(time.perf_counter() - started)
-        metrics.PREDICTED_PROMPTS.labels(request.target_model).inc(len(query.prompts))
+        target = bounded(request.target_model, self.core.targets)
+        metrics.PREDICTED_PROMPTS.labels(target).inc(len(query.prompts))
         response = predictor_pb2.PredictResponse(
             target_model=result.target_model,
             head=KIND_TO_ENUM[result.head],
@@ -222,6 +224,8 @@ class PredictorServer:
 
     def __init__(self, cfg: PredictorConfig, core: PredictorCore | None = None) -> None:
         self.cfg = cfg
+        # Read before the encoder loads: a bad file fails in a second, naming it.
+        self.tls = tls.load(cfg)
         self.core = core
         self.batcher: MicroBatcher | None = None
         self.server: grpc.aio.Server | None = None
@@ -258,6 +262,8 @@ class PredictorServer:
             lambda s: predictor_pb2_grpc.add_PredictorServiceServicer_to_server(servicer, s),
             [SERVICE_NAME],
             self.cfg.address,
+            # With --tls-ca only the CA's certificates (the scheduler's) connect.
+            credentials=tls.server_credentials(self.tls, internal=True),
         )
         self.server, self._health = server, health
         await server.start()
@@ -270,6 +276,7 @@ class PredictorServer:
             core.encoder.backend,
             core.encoder.precision,
         )
+        log.info("TLS %s", tls.describe(self.tls))
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         if self._health is not None:

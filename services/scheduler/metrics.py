@@ -1,12 +1,21 @@
 """Prometheus metrics of the scheduler, declared once.
 
 Histograms of latencies carry ``policy`` and ``model`` labels so one dashboard
-compares schedules.
+compares schedules. Label values come from names the scheduler knows, never
+straight from a request: ``model`` from the models its workers serve
+(``MODELS``), ``model`` of the length metrics from the predictor's heads and
+the default length model (``LENGTH_MODELS``); anything else is ``other``.
+Both sets are process-wide, like the registry the series live in.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from shortline.common.labels import KnownNames
+
+MODELS = KnownNames()
+LENGTH_MODELS = KnownNames()
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a worker, labelled by worker id."""
+"""Prometheus metrics of a worker, labelled by worker id (and ``model``: only a model
+it serves, anything else ``other``, so no request adds a series)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,10 @@ after the formatted prompt, so that the model continues its own answer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from shortline.common.limits import ModelLimits
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -34,6 +37,15 @@ class ModelSpec:
     name: str
     prompt_format: str
     max_tokens: int
+
+
+def model_limits(models: Mapping[str, ModelSpec], max_prompt_chars: int) -> tuple[ModelLimits, ...]:
+    """What the worker advertises at registration, per served model: its max_tokens,
+    the worker's prompt limit and the shared sampling ranges."""
+    return tuple(
+        ModelLimits(spec.name, max_tokens=spec.max_tokens, max_prompt_chars=max_prompt_chars)
+        for spec in sorted(models.values(), key=lambda spec: spec.name)
+    )
 
 
 def format_prompt(prompt_format: str, prompt: str, resume_text: str = "") -> str:

@@ -3,18 +3,17 @@
 The worker validates the same limits before it calls Triton, so that a bad
 request fails with INVALID_ARGUMENT naming the field instead of a Triton error.
 Both sides use this module: the servicer (``service/servicer.py``) validates,
-the embedded models (``triton/python_model.py``) parse.
+the embedded models (``triton/python_model.py``) parse. The ranges are
+``shortline.common.limits``' (the scheduler checks the same ones at admission).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
+from shortline.common import limits
 
 
 @dataclass(frozen=True)
@@ -36,23 +35,17 @@ def validate(params: SamplingParams, max_tokens_limit: int) -> None:
     """Raises ValueError whose message names the offending field."""
     if not 1 <= params.max_tokens <= max_tokens_limit:
         raise ValueError(f"max_tokens must be 1..{max_tokens_limit}, got {params.max_tokens}")
-    if not (math.isfinite(params.temperature) and 0.0 <= params.temperature <= 100.0):
-        raise ValueError(f"temperature must be 0..100 (0 is greedy), got {params.temperature}")
-    if not (math.isfinite(params.top_p) and 0.0 < params.top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < -1:
-        raise ValueError(f"top_k must be -1, 0 (both disable it) or positive, got {params.top_k}")
-    if not (math.isfinite(params.repetition_penalty) and 0.0 < params.repetition_penalty <= 10.0):
-        raise ValueError(f"repetition_penalty must be in (0, 10], got {params.repetition_penalty}")
-    if len(params.stop) > MAX_STOP_STRINGS:
-        raise ValueError(
-            f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(params.stop)}"
-        )
-    for s in params.stop:
-        if not 1 <= len(s) <= MAX_STOP_LENGTH:
-            raise ValueError(f"stop strings must be 1..{MAX_STOP_LENGTH} characters, got {s!r}")
-    if params.seed is not None and not 0 <= params.seed < 2**63:
-        raise ValueError(f"seed must be 0..2**63-1, got {params.seed}")
+    problem = limits.check_sampling(
+        limits.ModelLimits(""),
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+        stop=params.stop,
+        seed=params.seed,
+    )
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _typed(obj: dict[str, Any], key: str, kind: type, default: Any) -> Any:

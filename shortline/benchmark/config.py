@@ -20,6 +20,18 @@ class BenchConfig:
     address: str = field(
         default="", metadata={"help": "scheduler HOST:PORT of a running stack (default: start one)"}
     )
+    tls: bool = field(
+        default=False,
+        metadata={
+            "help": "the stack it starts runs with TLS, mutual TLS and a token (`up --tls`); "
+            "with --address: reach it over TLS"
+        },
+    )
+    ca: str = field(default="", metadata={"help": "with --address: PEM CA of its scheduler"})
+    token_file: str = field(
+        default="",
+        metadata={"help": "with --address: file holding a bearer token (or SHORTLINE_TOKEN)"},
+    )
     target_model: str = field(
         default="Meta-Llama-3-8B-Instruct",
         metadata={"help": "alpaca_eval model whose prompts and true lengths are replayed"},

@@ -9,6 +9,7 @@ the request's scheduled arrival to the end of its stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ async def _stream_one(
 
 
 async def run_cell(
-    address: str,
+    server: ClientOptions,
     work: BenchWorkload,
     *,
     length_model: str,
@@ -104,8 +105,7 @@ async def run_cell(
 
         bar = tqdm(total=n, desc=progress_desc, unit="req", leave=False)
     loop = asyncio.get_running_loop()
-    options = ClientOptions(target=address, retries=3)
-    async with AsyncShortlineClient(options) as client:
+    async with AsyncShortlineClient(dataclasses.replace(server, retries=3)) as client:
         t0 = loop.time() + 0.2
         arrivals = work.arrivals
 
@@ -156,11 +156,11 @@ async def run_cell(
     return LiveCell(times, seen, actual, predicted, sources, lag, errors, wall)
 
 
-async def wait_for_workers(address: str, workers: int, timeout_s: float = 60.0) -> None:
+async def wait_for_workers(server: ClientOptions, workers: int, timeout_s: float = 60.0) -> None:
     """Until the scheduler knows ``workers`` live workers (they re-register after a restart)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with AsyncShortlineClient(ClientOptions(target=address, timeout_seconds=5)) as client:
+    async with AsyncShortlineClient(dataclasses.replace(server, timeout_seconds=5)) as client:
         while True:
             try:
                 stats = await client.stats()
@@ -169,19 +169,21 @@ async def wait_for_workers(address: str, workers: int, timeout_s: float = 60.0) 
             except grpc.aio.AioRpcError:
                 pass
             if loop.time() > deadline:
-                raise TimeoutError(f"{workers} workers did not register with {address} in time")
+                raise TimeoutError(
+                    f"{workers} workers did not register with {server.target} in time"
+                )
             await asyncio.sleep(0.2)
 
 
-async def guard_stats(address: str) -> tuple[int, float]:
+async def guard_stats(server: ClientOptions) -> tuple[int, float]:
     """ssjf-aging's guard after a cell: (jobs that reached their latest start, token time s)."""
-    async with AsyncShortlineClient(ClientOptions(target=address, timeout_seconds=5)) as client:
+    async with AsyncShortlineClient(dataclasses.replace(server, timeout_seconds=5)) as client:
         stats = await client.stats()
     return int(stats.late_jobs), float(stats.token_time_seconds)
 
 
 async def measure_step_times(
-    address: str, *, length_model: str, batch: int, tokens: int = 120, repeats: int = 2
+    server: ClientOptions, *, length_model: str, batch: int, tokens: int = 120, repeats: int = 2
 ) -> StepTimes:
     """Per-token time alone and with ``batch`` concurrent requests; fits ``a + b * batch``.
 
@@ -190,7 +192,7 @@ async def measure_step_times(
     minus one, is the step the client really sees, pipeline included.
     """
     loop = asyncio.get_running_loop()
-    async with AsyncShortlineClient(ClientOptions(target=address)) as client:
+    async with AsyncShortlineClient(server) as client:
 
         async def per_token(tag: str) -> float:
             t0 = loop.time()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -66,6 +67,9 @@ def started_stack(cfg: BenchConfig, out: Path) -> Iterator[Stack]:
         replay_step_b_ms=cfg.step_b_ms,
         triton_models="replay",
         log_dir=str(scratch_dir(out) / "logs"),
+        tls=cfg.tls,
+        certs_dir=str(scratch_dir(out) / "certs") if cfg.tls else "",
+        tokens_file=str(scratch_dir(out) / "tokens.toml") if cfg.tls else "",
     )
     stack = Stack(scfg)
     stack.start()
@@ -98,9 +102,22 @@ def _scheduler_args(cfg: BenchConfig, params: PolicyParams, out: Path) -> str:
     )
 
 
-async def running_setup(address: str) -> tuple[str, str]:
-    """(policy, batching) of the scheduler at ``address``."""
-    async with AsyncShortlineClient(ClientOptions(target=address, timeout_seconds=5)) as client:
+def client_options(cfg: BenchConfig, stack: Stack | None) -> ClientOptions:
+    """How the benchmark reaches the scheduler: the stack it started (its CA and token
+    with --tls), or --address with --tls / --ca / --token-file."""
+    if stack is not None:
+        return stack.client_options()
+    return ClientOptions.from_files(
+        cfg.address,
+        ca_file=cfg.ca or None,
+        token_file=cfg.token_file or None,
+        tls=cfg.tls,
+    )
+
+
+async def running_setup(server: ClientOptions) -> tuple[str, str]:
+    """(policy, batching) of the scheduler ``server`` reaches."""
+    async with AsyncShortlineClient(dataclasses.replace(server, timeout_seconds=5)) as client:
         stats = await client.stats()
     return str(stats.policy), str(stats.batching)
 
@@ -110,7 +127,7 @@ def live_cells(
     pool: bw.LengthPool,
     model: ServiceModel,
     stack: Stack | None,
-    address: str,
+    server: ClientOptions,
     out: Path,
     progress: bool,
 ) -> tuple[
@@ -158,10 +175,10 @@ def live_cells(
                 cell = f"{mode}-{rho:g}-{policy}"
                 if stack is not None:
                     stack.restart_scheduler(policy, mode, _scheduler_args(cfg, cell_params, out))
-                    asyncio.run(live.wait_for_workers(address, cfg.workers))
+                    asyncio.run(live.wait_for_workers(server, cfg.workers))
                 got = asyncio.run(
                     live.run_cell(
-                        address,
+                        server,
                         work,
                         length_model=cfg.target_model,
                         cell_id=f"{cell}-{int(time.time())}",
@@ -196,7 +213,7 @@ def live_cells(
                     ),
                     wall_s=got.wall_s,
                 )
-                late, token_time = asyncio.run(live.guard_stats(address))
+                late, token_time = asyncio.run(live.guard_stats(server))
                 row.update(late_jobs=late, token_time_s=token_time)
                 live_rows.append(row)
                 jct = got.times.finish - got.times.arrival

@@ -25,7 +25,13 @@ from shortline.benchmark import live
 from shortline.benchmark import workload as bw
 from shortline.benchmark.calibration import as_live, live_vs_sim, simulate_live_cells
 from shortline.benchmark.config import LIVE_CACHE_SIZE, BenchConfig
-from shortline.benchmark.live_sweep import live_cells, running_setup, scratch_dir, started_stack
+from shortline.benchmark.live_sweep import (
+    client_options,
+    live_cells,
+    running_setup,
+    scratch_dir,
+    started_stack,
+)
 from shortline.benchmark.report import markdown, targets, write
 from shortline.benchmark.simulated import (
     aging_sweep,
@@ -93,20 +99,19 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.live:
         with contextlib.ExitStack() as es:
             stack = None
-            address = cfg.address
-            if not address:
+            if not cfg.address:
                 print(f"starting the stack (logs in {scratch_dir(out) / 'logs'})", flush=True)
                 stack = es.enter_context(started_stack(cfg, out))
-                address = stack.scheduler_address
-            asyncio.run(live.wait_for_workers(address, cfg.workers))
+            server = client_options(cfg, stack)
+            asyncio.run(live.wait_for_workers(server, cfg.workers))
             if stack is None:
                 # A running stack keeps its own policy and batching: one cell per load.
-                running = asyncio.run(running_setup(address))
+                running = asyncio.run(running_setup(server))
                 cfg = dataclasses.replace(cfg, policies=running[0], batching=running[1])
                 result["config"] = dataclasses.asdict(cfg)
             probe_batch = cfg.slots if cfg.modes() == ["continuous"] or stack else 1
             steps = asyncio.run(
-                live.measure_step_times(address, length_model=cfg.target_model, batch=probe_batch)
+                live.measure_step_times(server, length_model=cfg.target_model, batch=probe_batch)
             )
             if probe_batch == 1:
                 # One sequence at a time cannot separate a from b: take b as configured.
@@ -120,7 +125,7 @@ def run(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 flush=True,
             )
             live_rows, cells, cdfs, caps = live_cells(
-                cfg, pool, as_live(model), stack, address, out, progress
+                cfg, pool, as_live(model), stack, server, out, progress
             )
             result["capacity"] = caps
         sim_rows, fit = simulate_live_cells(cfg, cells, model)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
+from typing import Any
 
 from shortline.common.v1 import common_pb2
 from shortline.scheduler.v1 import scheduler_pb2
@@ -14,7 +17,8 @@ class ClientOptions:
 
     ``token`` is sent as ``authorization: Bearer <token>`` metadata on every
     call; with ``tls`` the channel is secure (``root_certificates`` in PEM, or
-    the system's roots when None).
+    the system's roots when None). :meth:`from_files` reads both from files
+    and the environment.
     """
 
     target: str = "127.0.0.1:50051"
@@ -26,6 +30,50 @@ class ClientOptions:
     # Attempts after an UNAVAILABLE failure, with the same request id.
     retries: int = 3
     backoff_seconds: float = 0.2
+
+    @classmethod
+    def from_files(
+        cls,
+        target: str = "127.0.0.1:50051",
+        *,
+        ca_file: str | Path | None = None,
+        token_file: str | Path | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        **options: Any,
+    ) -> ClientOptions:
+        """Options with the CA and the token read from files.
+
+        ``ca_file`` (PEM) turns TLS on and verifies the scheduler against it. The
+        token is the first of: ``token``, the contents of ``token_file``, the
+        ``SHORTLINE_TOKEN`` variable, the file named by ``SHORTLINE_TOKEN_FILE``.
+        Raises :class:`ClientConfigError` naming a file that cannot be read."""
+        roots = _read(ca_file, "CA file") if ca_file else None
+        if token is None and token_file:
+            token = _read(token_file, "token file").decode().strip()
+        if token is None and os.environ.get("SHORTLINE_TOKEN"):
+            token = os.environ["SHORTLINE_TOKEN"].strip()
+        if token is None and os.environ.get("SHORTLINE_TOKEN_FILE"):
+            path = os.environ["SHORTLINE_TOKEN_FILE"]
+            token = _read(path, "SHORTLINE_TOKEN_FILE").decode().strip()
+        return cls(
+            target=target,
+            tls=tls or roots is not None,
+            root_certificates=roots,
+            token=token or None,
+            **options,
+        )
+
+
+class ClientConfigError(ValueError):
+    """A CA or token file given to the client cannot be read; the message names it."""
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 @dataclasses.dataclass(frozen=True)

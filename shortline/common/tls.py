@@ -18,13 +18,15 @@ id to it and workers accept jobs only from the scheduler's.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
+if TYPE_CHECKING:  # grpc is imported where used: `shortline --help` and `certs` need none
+    import grpc
 
 
 class TlsConfigError(ValueError):
@@ -69,6 +71,15 @@ class TlsMaterial:
     def enabled(self) -> bool:
         return self.cert is not None
 
+    @property
+    def mutual(self) -> bool:
+        return self.cert is not None and self.ca is not None
+
+    @property
+    def identity(self) -> str | None:
+        """This service's name: its certificate's common name (None without TLS)."""
+        return None if self.cert is None else common_name(self.cert)
+
 
 def _read(path: str, what: str) -> bytes:
     try:
@@ -80,8 +91,44 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
+def _check(settings: TlsSettings, cert: bytes, key: bytes, ca: bytes | None) -> None:
+    """Fails at start, naming the file, for what would otherwise fail every handshake."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert)
+    except ValueError as exc:
+        raise TlsConfigError(
+            f"--tls-cert {settings.tls_cert!r} is not a certificate: {exc}"
+        ) from exc
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise TlsConfigError(
+            f"--tls-key {settings.tls_key!r} is not an unencrypted private key: {exc}"
+        ) from exc
+    if private.public_key() != certificate.public_key():
+        raise TlsConfigError(
+            f"--tls-key {settings.tls_key!r} is not the key of --tls-cert {settings.tls_cert!r}"
+        )
+    now = datetime.datetime.now(datetime.UTC)
+    if certificate.not_valid_after_utc < now:
+        raise TlsConfigError(
+            f"--tls-cert {settings.tls_cert!r} expired on "
+            f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        )
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError as exc:
+            raise TlsConfigError(
+                f"--tls-ca {settings.tls_ca!r} holds no certificate: {exc}"
+            ) from exc
+
+
 def load(settings: TlsSettings) -> TlsMaterial:
-    """Reads the files; raises TlsConfigError naming what is wrong."""
+    """Reads and checks the files; raises TlsConfigError naming what is wrong."""
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise TlsConfigError("--tls-cert and --tls-key must be given together")
     if settings.tls_ca and not settings.tls_cert:
@@ -90,11 +137,48 @@ def load(settings: TlsSettings) -> TlsMaterial:
         )
     if not settings.tls_cert:
         return TlsMaterial()
-    return TlsMaterial(
-        cert=_read(settings.tls_cert, "--tls-cert"),
-        key=_read(settings.tls_key, "--tls-key"),
-        ca=_read(settings.tls_ca, "--tls-ca") if settings.tls_ca else None,
+    cert = _read(settings.tls_cert, "--tls-cert")
+    key = _read(settings.tls_key, "--tls-key")
+    ca = _read(settings.tls_ca, "--tls-ca") if settings.tls_ca else None
+    _check(settings, cert, key, ca)
+    return TlsMaterial(cert=cert, key=key, ca=ca)
+
+
+def client_material(ca: str, cert: str = "", key: str = "") -> TlsMaterial:
+    """For a tool calling a service (health checks, the launcher): the CA that verifies
+    the service and, for a service with mutual TLS, a certificate to present."""
+    if bool(cert) != bool(key):
+        raise TlsConfigError("--tls-cert and --tls-key must be given together")
+    if cert:
+        return load(TlsSettings(tls_cert=cert, tls_key=key, tls_ca=ca))
+    return TlsMaterial(ca=_read(ca, "--tls-ca") if ca else None)
+
+
+def describe(material: TlsMaterial) -> str:
+    """For the start-up log: whether and how this service's listeners use TLS."""
+    if not material.enabled:
+        return "off (plaintext)"
+    mode = "mutual TLS on internal listeners" if material.mutual else "no client certificates"
+    return f"on, as {material.identity!r}; {mode}"
+
+
+def common_name(cert_pem: bytes) -> str:
+    """The subject common name of a PEM certificate ("" when it has none)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    names = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
     )
+    if not names:
+        return ""
+    value = names[0].value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_names(text: str) -> frozenset[str]:
+    """A comma-separated list of certificate names (blanks dropped)."""
+    return frozenset(n.strip() for n in text.split(",") if n.strip())
 
 
 def server_credentials(material: TlsMaterial, *, internal: bool) -> grpc.ServerCredentials | None:
@@ -104,6 +188,8 @@ def server_credentials(material: TlsMaterial, *, internal: bool) -> grpc.ServerC
     configured; public ones never do."""
     if material.cert is None or material.key is None:
         return None
+    import grpc
+
     require = internal and material.ca is not None
     return grpc.ssl_server_credentials(
         [(material.key, material.cert)],
@@ -116,9 +202,11 @@ def channel_credentials(material: TlsMaterial) -> grpc.ChannelCredentials | None
     """Credentials for calling another service; None when TLS is off.
 
     The server is verified against the CA (the system's roots without one); the
-    service's own certificate is presented for mutual TLS."""
-    if material.cert is None:
+    service's own certificate, when there is one, is presented for mutual TLS."""
+    if material.cert is None and material.ca is None:
         return None
+    import grpc
+
     return grpc.ssl_channel_credentials(
         root_certificates=material.ca,
         private_key=material.key,
@@ -132,6 +220,8 @@ def aio_channel(
     options: Sequence[tuple[str, Any]] | None = None,
 ) -> grpc.aio.Channel:
     """A channel to another service: TLS when this service has a certificate."""
+    import grpc
+
     creds = channel_credentials(material)
     if creds is None:
         return grpc.aio.insecure_channel(target, options=options)

@@ -31,8 +31,15 @@ class Stack:
     workers: list[Any] = field(default_factory=list)
 
     async def generate(
-        self, request_id: str, max_tokens: int, prompt: str = "go", **kw: Any
+        self,
+        request_id: str,
+        max_tokens: int,
+        prompt: str = "go",
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        **kw: Any,
     ) -> tuple[list[scheduler_pb2.GenerateResponse], str]:
+        """One whole Generate stream; ``metadata`` carries e.g. the bearer token."""
         msgs = []
         call = self.stub.Generate(
             scheduler_pb2.GenerateRequest(
@@ -44,6 +51,7 @@ class Stack:
                 **kw,
             ),
             timeout=60,
+            metadata=metadata,
         )
         async for msg in call:
             msgs.append(msg)

@@ -211,3 +211,16 @@ def test_prediction_is_capped_at_max_tokens_unless_benchmark_mode_turns_it_off(c
     assert isinstance(first, Assign)
     assert first.job.id == ("long-predicted" if cap else "short-predicted")
     assert first.job.predicted == (20.0 if cap else 300.0)
+
+
+def test_fallback_keeps_a_bounded_number_of_model_windows() -> None:
+    from services.scheduler.core.fallback import FallbackPredictor
+
+    fb = FallbackPredictor(default_tokens=100.0, window=5, max_models=3)
+    for model, tokens in (("a", 10), ("b", 20), ("c", 30), ("a", 10)):
+        fb.observe(model, tokens)
+    for i in range(50):  # client-chosen names: only the 3 most recent stay
+        fb.observe(f"junk-{i}", 1)
+    assert fb.predict("a") == 100.0  # evicted: back to the default
+    assert fb.predict("junk-49") == 1.0
+    assert len(fb._models) == 3

@@ -13,7 +13,7 @@ import pytest
 from live_stack import replay_text, stack, wait_for
 
 from shortline.common.v1 import common_pb2
-from shortline.scheduler.v1 import scheduler_pb2
+from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +110,12 @@ async def test_a_worker_that_misses_three_heartbeats_is_dead_and_its_job_moves(
         silent = WorkerServer(WorkerConfig(triton=url, slots=1, worker_id="silent"), url)
         await silent.start()
         try:
-            await s.stub.RegisterWorker(
-                scheduler_pb2.RegisterWorkerRequest(
-                    worker_id="silent", address=silent.address, slots=1, models=["replay"]
+            async with grpc.aio.insecure_channel(s.scheduler.internal_address) as channel:
+                await internal_pb2_grpc.SchedulerInternalServiceStub(channel).RegisterWorker(
+                    scheduler_pb2.RegisterWorkerRequest(
+                        worker_id="silent", address=silent.address, slots=1, models=["replay"]
+                    )
                 )
-            )
             call = s.stub.Generate(
                 scheduler_pb2.GenerateRequest(
                     request_id="mover", model="replay", prompt="go", max_tokens=300
@@ -128,7 +129,10 @@ async def test_a_worker_that_misses_three_heartbeats_is_dead_and_its_job_moves(
                 await wait_for(lambda: "silent" not in s.scheduler.plane.workers)
                 healthy = WorkerServer(
                     WorkerConfig(
-                        triton=url, slots=1, scheduler=s.scheduler.address, worker_id="ok"
+                        triton=url,
+                        slots=1,
+                        scheduler=s.scheduler.internal_address,
+                        worker_id="ok",
                     ),
                     url,
                 )

@@ -109,3 +109,31 @@ async def test_sync_client_streams_cancels_and_honours_deadlines(embedded_triton
     assert outcome["cancel_state"] == "cancelled"
     assert outcome["cancelled"].finish_reason == "cancelled"
     assert outcome["deadline"] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_options_from_files_read_the_ca_and_the_token(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shortline.client import ClientConfigError
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    monkeypatch.delenv("SHORTLINE_TOKEN", raising=False)
+    monkeypatch.delenv("SHORTLINE_TOKEN_FILE", raising=False)
+
+    plain = ClientOptions.from_files("h:1")
+    assert (plain.tls, plain.root_certificates, plain.token) == (False, None, None)
+    options = ClientOptions.from_files("h:1", ca_file=ca, token_file=token_file, retries=5)
+    assert options.tls and options.root_certificates == ca.read_bytes()
+    assert options.token == "from-file" and options.retries == 5
+    # Precedence: the token given, its file, SHORTLINE_TOKEN, SHORTLINE_TOKEN_FILE.
+    monkeypatch.setenv("SHORTLINE_TOKEN_FILE", str(token_file))
+    assert ClientOptions.from_files("h:1").token == "from-file"
+    monkeypatch.setenv("SHORTLINE_TOKEN", "from-env")
+    assert ClientOptions.from_files("h:1").token == "from-env"
+    assert ClientOptions.from_files("h:1", token_file=token_file).token == "from-file"
+    assert ClientOptions.from_files("h:1", token="given", token_file=token_file).token == "given"
+    with pytest.raises(ClientConfigError, match="cannot read CA file"):
+        ClientOptions.from_files("h:1", ca_file=tmp_path / "missing.pem")

@@ -174,6 +174,7 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         "shortline.cli",
         "up",
         f"--scheduler-port={cfg.scheduler_port}",
+        f"--scheduler-internal-port={cfg.scheduler_internal_port}",
         f"--predictor-port={cfg.predictor_port}",
         f"--triton-grpc-port={cfg.triton_grpc_port}",
         f"--triton-http-port={cfg.triton_http_port}",
@@ -205,7 +206,13 @@ def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
     assert_nothing_left(children, shm_before)
-    ports = [cfg.scheduler_port, cfg.predictor_port, cfg.triton_grpc_port, cfg.worker_base_port]
+    ports = [
+        cfg.scheduler_port,
+        cfg.scheduler_internal_port,
+        cfg.predictor_port,
+        cfg.triton_grpc_port,
+        cfg.worker_base_port,
+    ]
     assert all(port_is_free("127.0.0.1", p) for p in ports)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from services.predictor.features.distilled import KIND as TUNED
 from services.predictor.features.distilled import TunedKind
+from services.predictor.features.embedding import KIND as EMBEDDING
+from services.predictor.features.embedding import EmbeddingKind
 from services.predictor.features.extractor import (
     BuildContext,
     Card,
@@ -31,7 +33,13 @@ from services.predictor.features.smollm2 import EXTRACTOR_NAME as SMOLLM2
 from services.predictor.features.smollm2 import SmolLM2Kind
 
 _STOCK_KIND = StockKind()
-KINDS: dict[str, FeatureKind] = {STOCK: _STOCK_KIND, TUNED: TunedKind(), SMOLLM2: SmolLM2Kind()}
+KINDS: dict[str, FeatureKind] = {
+    STOCK: _STOCK_KIND,
+    TUNED: TunedKind(),
+    SMOLLM2: SmolLM2Kind(),
+    # Heads retrained from a digest outcome log (embeddings only, no prompt text).
+    EMBEDDING: EmbeddingKind(),
+}
 
 
 def kind_of(card: Card) -> str:

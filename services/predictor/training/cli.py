@@ -15,6 +15,7 @@ from typing import Any
 
 from services.predictor.features.minilm_backends import BACKENDS
 from services.predictor.heads import SHIPPED_HEADS_DIR
+from services.predictor.training.sources import LOG_INPUTS
 
 HEAD_CHOICES = ("reg", "cls", "rank", "all")
 
@@ -28,7 +29,23 @@ def register(sub: Any) -> None:
         "--from-log",
         type=Path,
         default=None,
-        help="train from the scheduler's SQLite outcome log instead of alpaca_eval",
+        help="train from the scheduler's SQLite outcome log instead of alpaca_eval: its "
+        "finished (stop, length) rows whose length_model is --target-model. Rows with the "
+        "prompt's text (--outcome-log-prompts text) train as alpaca_eval does. Digest rows "
+        "(--outcome-log-prompts digest) keep no text: they train only through the 384-d "
+        "all-MiniLM-L6-v2 embedding the predictor returned, so the scheduler must have had "
+        "a --predictor with the stock encoder; rows without text or embedding (no predictor, "
+        "or it failed) are skipped and counted",
+    )
+    train.add_argument(
+        "--log-input",
+        choices=LOG_INPUTS,
+        default="auto",
+        help="with --from-log: fit the heads on the text's multi-layer features (text: "
+        "digest rows skipped), or on the sentence embedding (embedding: stored for digest "
+        "rows, computed for text rows; such heads have feature kind minilm-embedding and "
+        "take no --encoder-weights or --finetune-top-layers); auto: text unless some "
+        "usable row has no text (auto)",
     )
     train.add_argument(
         "--out",
@@ -92,27 +109,28 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.from_log is not None:
-            data = sources.from_outcome_log(args.from_log, target)
+            data = sources.from_outcome_log(args.from_log, target, args.log_input)
             out = args.out or paths.run_dir() / "predictor" / "heads" / target
+            print(f"training from {data.source}", file=sys.stderr)
         else:
             data = sources.from_alpaca(target)
             out = args.out or SHIPPED_HEADS_DIR / target
+        options = TrainOptions(hidden=args.hidden, seed=args.seed, max_epochs=args.max_epochs)
+        command = "shortline " + shlex.join(sys.argv[1:])
+        card = train_target(
+            data,
+            kinds,
+            Path(out),
+            options=options,
+            finetune_top_layers=args.finetune_top_layers,
+            encoder_weights=args.encoder_weights,
+            threads=args.threads,
+            progress=not args.no_progress,
+            command=command,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    options = TrainOptions(hidden=args.hidden, seed=args.seed, max_epochs=args.max_epochs)
-    command = "shortline " + shlex.join(sys.argv[1:])
-    card = train_target(
-        data,
-        kinds,
-        Path(out),
-        options=options,
-        finetune_top_layers=args.finetune_top_layers,
-        encoder_weights=args.encoder_weights,
-        threads=args.threads,
-        progress=not args.no_progress,
-        command=command,
-    )
     keep = {h["file"] for h in card["heads"].values()}
     for stale in Path(out).glob("*.npz"):
         if stale.name not in keep:
@@ -121,7 +139,17 @@ def _train(args: argparse.Namespace) -> int:
         k: {"version": h["version"], "val": h["val_metrics"], "test": h["test_metrics"]}
         for k, h in card["heads"].items()
     }
-    print(json.dumps({"out": str(out), "default_head": card["default_head"], "heads": summary}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "default_head": card["default_head"],
+                "heads": summary,
+                "rows": {"used": len(data.instructions), "skipped": data.skipped},
+                "head_input": "embedding" if data.embeddings is not None else "features",
+            }
+        )
+    )
     return 0
 
 

@@ -21,8 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from services.predictor.features.embedding import KIND as EMBEDDING_FEATURE_KIND
 from services.predictor.features.minilm import MiniLMEncoder
-from services.predictor.features.minilm_backends import ENCODER_NAME
+from services.predictor.features.minilm_backends import (
+    DEFAULT_FEATURE_LAYERS,
+    DEFAULT_MAX_TOKENS,
+    ENCODER_NAME,
+)
 from services.predictor.heads import BUCKET_PERCENTILES, HEAD_KIND_LONG, Head, HeadKindName
 from services.predictor.training.buckets import bucket_boundaries, bucket_medians
 from services.predictor.training.evaluation import evaluate, evaluate_split
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CARD_SCHEMA = 1
 ENCODER_LAYERS_FILE = "encoder_top_layers.pt"
+# Feature kind of heads fitted on the 384-d sentence embedding (a digest outcome log).
+EMBEDDING_KIND = EMBEDDING_FEATURE_KIND
 
 
 def head_version(kind: str, head: Head) -> str:
@@ -80,9 +87,19 @@ def train_target(
     medians = bucket_medians(data.tokens[train_idx], boundaries)
     if encoder_weights is not None and finetune_top_layers > 0:
         raise ValueError("--encoder-weights and --finetune-top-layers do not combine")
-    encoder = MiniLMEncoder(threads=threads, tuned_weights=encoder_weights)
+    on_embeddings = data.embeddings is not None
+    if on_embeddings and (encoder_weights is not None or finetune_top_layers > 0):
+        raise ValueError(
+            "heads fitted on logged embeddings take the stock encoder's sentence embedding: "
+            "--encoder-weights and --finetune-top-layers do not apply (use --log-input text)"
+        )
     start = time.perf_counter()
-    _, features_np = cached_features(encoder, data.instructions)
+    encoder: MiniLMEncoder | None = None
+    if on_embeddings:
+        features_np = _embedding_inputs(data, threads)
+    else:
+        encoder = MiniLMEncoder(threads=threads, tuned_weights=encoder_weights)
+        _, features_np = cached_features(encoder, data.instructions)
     embed_seconds = time.perf_counter() - start
     # Inputs are standardised with train statistics while training; the map is
     # folded into each head's first layer when it is saved.
@@ -94,6 +111,7 @@ def train_target(
 
     extra_params: list[Any] = []
     if finetune_top_layers > 0:
+        assert encoder is not None
         layers = encoder.model.encoder.layer
         n = min(finetune_top_layers, len(layers))
         for p in encoder.model.parameters():
@@ -148,6 +166,7 @@ def train_target(
         bar.update(options.max_epochs - info["epochs_run"])
         if finetune_top_layers > 0:
             # Heads of a fine-tuned run see the tuned encoder's features.
+            assert encoder is not None
             encoder.model.eval()
             features_np = encoder.encode_features(data.instructions)[1]
         fold_standardization(head, feat_mean, feat_std)
@@ -178,6 +197,7 @@ def train_target(
         }
     bar.close()
     if finetune_top_layers > 0:
+        assert encoder is not None
         torch.save(
             {
                 k: v
@@ -207,27 +227,10 @@ def train_target(
         ],
         "default_head": default,
         "default_head_rule": "best Kendall's tau on the val split",
-        "encoder": {
-            "name": ENCODER_NAME,
-            "pooling": "mean over tokens, L2-normalised (the 384-d embedding in responses)",
-            "feature_layers": list(encoder.feature_layers),
-            "head_input": (
-                "concatenated mean-pooled hidden states of feature_layers "
-                f"({features_np.shape[1]}-d; standardisation folded into the first layer)"
-            ),
-            "max_tokens": encoder.max_tokens,
-            "truncation": "[CLS] + head and tail of the prompt + [SEP]",
-            "finetuned_top_layers": finetune_top_layers,
-            **({"layers_file": ENCODER_LAYERS_FILE} if finetune_top_layers else {}),
-            **(
-                {
-                    "layers_file": os.path.relpath(encoder_weights, out_dir),
-                    "weights_sha256": hashlib.sha256(encoder_weights.read_bytes()).hexdigest(),
-                }
-                if encoder_weights is not None
-                else {}
-            ),
-        },
+        "encoder": _encoder_section(
+            encoder, features_np.shape[1], finetune_top_layers, encoder_weights, out_dir
+        ),
+        **({"features": {"extractor": EMBEDDING_KIND}} if on_embeddings else {}),
         "tokenizer": dataset.TOKENIZER_NAME,
         "data_source": data.source,
         "split": {
@@ -259,3 +262,63 @@ def train_target(
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def _embedding_inputs(data: TrainingData, threads: int | None) -> np.ndarray:
+    """The heads' input when fitting on sentence embeddings: the logged ones, and for
+    rows that kept only their text, the stock encoder's (loaded only for those)."""
+    assert data.embeddings is not None
+    inputs = data.embeddings.astype(np.float32, copy=True)
+    missing = np.flatnonzero(np.isnan(inputs).any(axis=1))
+    if len(missing):
+        encoder = MiniLMEncoder(threads=threads)
+        emb, _ = cached_features(encoder, [data.instructions[i] for i in missing])
+        inputs[missing] = emb
+    return inputs
+
+
+def _encoder_section(
+    encoder: MiniLMEncoder | None,
+    input_dim: int,
+    finetune_top_layers: int,
+    encoder_weights: Path | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The card's ``encoder`` section: what computes the heads' input."""
+    if encoder is None:  # fitted on sentence embeddings
+        return {
+            "name": ENCODER_NAME,
+            "pooling": "mean over tokens, L2-normalised (the 384-d embedding in responses)",
+            # The folder's MiniLM settings must agree across cards; these heads read none
+            # of the layers' features.
+            "feature_layers": list(DEFAULT_FEATURE_LAYERS),
+            "head_input": (
+                f"the {input_dim}-d L2-normalised sentence embedding the predictor returns "
+                "(logged by the scheduler in digest mode); standardisation folded into the "
+                "first layer"
+            ),
+            "max_tokens": DEFAULT_MAX_TOKENS,
+            "truncation": "[CLS] + head and tail of the prompt + [SEP]",
+            "finetuned_top_layers": 0,
+        }
+    return {
+        "name": ENCODER_NAME,
+        "pooling": "mean over tokens, L2-normalised (the 384-d embedding in responses)",
+        "feature_layers": list(encoder.feature_layers),
+        "head_input": (
+            "concatenated mean-pooled hidden states of feature_layers "
+            f"({input_dim}-d; standardisation folded into the first layer)"
+        ),
+        "max_tokens": encoder.max_tokens,
+        "truncation": "[CLS] + head and tail of the prompt + [SEP]",
+        "finetuned_top_layers": finetune_top_layers,
+        **({"layers_file": ENCODER_LAYERS_FILE} if finetune_top_layers else {}),
+        **(
+            {
+                "layers_file": os.path.relpath(encoder_weights, out_dir),
+                "weights_sha256": hashlib.sha256(encoder_weights.read_bytes()).hexdigest(),
+            }
+            if encoder_weights is not None
+            else {}
+        ),
+    }

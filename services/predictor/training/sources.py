@@ -3,16 +3,24 @@
 Both become the same :class:`TrainingData` (prompt, true output tokens, prompt
 tokens, split), so the heads are trained and evaluated by one code path
 whether they learn from public data or from the operator's own traffic.
+
+An outcome log written with ``--outcome-log-prompts digest`` keeps no text: its
+rows carry the predictor's 384-d sentence embedding instead, and heads for such
+a log are fitted on that embedding (``TrainingData.embeddings``) rather than on
+the encoder's multi-layer features, which need the text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from services.predictor.features.minilm_backends import EMBEDDING_DIM
 from shortline.common import dataset, outcomes, paths
+
+LOG_INPUTS = ("auto", "text", "embedding")
 
 
 @dataclass
@@ -20,9 +28,16 @@ class TrainingData:
     target_model: str
     source: str
     instructions: list[str]
+    """Each row's prompt text; for a row known only by its digest, ``sha256:<hex>``."""
     tokens: np.ndarray
     prompt_tokens: np.ndarray
     splits: np.ndarray
+    embeddings: np.ndarray | None = None
+    """(n, 384) float32 sentence embeddings the heads take instead of the encoder's
+    multi-layer features (training from a digest outcome log); a NaN row is to be
+    encoded from its text. None: features from the text, as for alpaca_eval."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Finished rows left out, by reason."""
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -51,26 +66,98 @@ def from_alpaca(target_model: str) -> TrainingData:
     )
 
 
-def from_outcome_log(path: Path, target_model: str) -> TrainingData:
+def from_outcome_log(path: Path, target_model: str, log_input: str = "auto") -> TrainingData:
     """Rows of the scheduler's SQLite outcome log for ``target_model`` that finished.
 
     Only ``stop`` and ``length`` rows carry a real length (a cancelled or failed
     request says nothing about how long the answer would have been).
+
+    ``log_input``: ``text`` fits on the prompts' text (rows without it are
+    skipped); ``embedding`` fits on the 384-d sentence embeddings, the stored
+    ones of digest rows and those of text rows computed again; ``auto`` is
+    ``text`` when every usable row has its text, else ``embedding``. Rows with
+    neither text nor an embedding (digest mode without a predictor, or the
+    predictor failed) are skipped and counted.
     """
-    rows = outcomes.read_lengths(path, target_model)
+    if log_input not in LOG_INPUTS:
+        raise ValueError(f"log input must be one of {', '.join(LOG_INPUTS)}, got {log_input!r}")
+    rows = outcomes.read_rows(path, target_model)
     if not rows:
         raise ValueError(
             f"outcome log {path} has no finished rows with length_model = {target_model!r}"
         )
-    instructions = [str(r[0]) for r in rows]
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    usable: list[outcomes.LoggedRow] = []
+    for r in rows:
+        if r.embedding is not None and r.embedding.shape != (EMBEDDING_DIM,):
+            # Another encoder's vector: the heads could not be served on it.
+            r = replace(r, embedding=None)
+            skip(f"embedding not {EMBEDDING_DIM}-d")
+        if r.prompt is None and r.embedding is None:
+            skip("no text and no embedding")
+        else:
+            usable.append(r)
+    if log_input == "auto":
+        log_input = "text" if all(r.prompt is not None for r in usable) else "embedding"
+    if log_input == "text":
+        kept = [r for r in usable if r.prompt is not None]
+        for _ in range(len(usable) - len(kept)):
+            skip("no text (digest row; use --log-input embedding)")
+        usable = kept
+    if not usable:
+        raise ValueError(
+            f"outcome log {path}: none of its {len(rows)} finished rows for {target_model!r} "
+            f"can train a head ({_describe(skipped)}); digest rows need the predictor's "
+            "embedding, which the scheduler stores only when a predictor answered"
+        )
+    tokens = np.array([r.actual_tokens for r in usable], dtype=np.float64)
+    if log_input == "text":
+        instructions = [str(r.prompt) for r in usable]
+        return TrainingData(
+            target_model=target_model,
+            source=_source(path, len(usable), "text", skipped),
+            instructions=instructions,
+            tokens=tokens,
+            prompt_tokens=np.array(dataset.count_tokens(instructions), dtype=np.float64),
+            splits=np.array([dataset.split_of(i) for i in instructions]),
+            skipped=skipped,
+        )
+    embeddings = np.full((len(usable), EMBEDDING_DIM), np.nan, dtype=np.float32)
+    for i, r in enumerate(usable):
+        if r.embedding is not None:
+            embeddings[i] = r.embedding
+    digests = [r.prompt_sha256 or outcomes.prompt_digest(str(r.prompt)) for r in usable]
+    stored = sum(r.embedding is not None for r in usable)
     return TrainingData(
         target_model=target_model,
-        source=f"outcome log {path} ({len(rows)} finished rows)",
-        instructions=instructions,
-        tokens=np.array([r[1] for r in rows], dtype=np.float64),
-        prompt_tokens=np.array(dataset.count_tokens(instructions), dtype=np.float64),
-        splits=np.array([dataset.split_of(i) for i in instructions]),
+        source=_source(path, len(usable), f"embedding ({stored} stored)", skipped),
+        instructions=[
+            r.prompt if r.prompt is not None else f"sha256:{d}"
+            for r, d in zip(usable, digests, strict=True)
+        ],
+        tokens=tokens,
+        # The digest keeps no token count: the prompt-length baseline uses characters.
+        prompt_tokens=np.array(
+            [r.prompt_chars if r.prompt_chars is not None else len(r.prompt or "") for r in usable],
+            dtype=np.float64,
+        ),
+        # By digest, for text rows too: one prompt lands in one split however it was logged.
+        splits=np.array([dataset.split_of(d) for d in digests]),
+        embeddings=embeddings,
+        skipped=skipped,
     )
+
+
+def _describe(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{n} skipped: {why}" for why, n in skipped.items()) or "none skipped"
+
+
+def _source(path: Path, n: int, used: str, skipped: dict[str, int]) -> str:
+    return f"outcome log {path} ({n} finished rows, input {used}; {_describe(skipped)})"
 
 
 def unlabelled_prompts(exclude: set[str]) -> list[str]:

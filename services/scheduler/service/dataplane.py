@@ -44,6 +44,7 @@ from services.scheduler.service.clock import MonotonicClock
 from services.scheduler.service.prediction import PredictorClient
 from services.scheduler.service.results import Results, StatusError, prediction_source
 from services.scheduler.service.streams import Request
+from services.scheduler.service.tenancy import fingerprint, scoped_key
 from services.scheduler.service.workers import WorkerPool
 from shortline.common.outcomes import OutcomeLog
 from shortline.common.telemetry import tracer
@@ -94,6 +95,7 @@ class SchedulerService:
 
     def start(self) -> None:
         self._started = True
+        self.predictor.known_targets()  # asks the predictor for its heads, in the background
         self._arm()
 
     async def close(self) -> None:
@@ -182,23 +184,26 @@ class SchedulerService:
 
     # ---- requests ------------------------------------------------------------
 
-    def lookup(self, request_id: str) -> Request | None:
-        """The live or recently finished request with this id."""
-        job = self.core.get(request_id)
+    def lookup(self, request_id: str, tenant: str = "") -> Request | None:
+        """The tenant's live or recently finished request with this id (another
+        tenant's is not found)."""
+        key = scoped_key(tenant, request_id)
+        job = self.core.get(key)
         if job is not None and job.attachment is not None:
             req: Request = job.attachment
             return req
-        return self.results.store.get(request_id)
+        return self.results.store.get(key)
 
     def admit(
         self,
         request: scheduler_pb2.GenerateRequest,
         remaining: float | None,
+        tenant: str = "",
     ) -> Request:
         """Queues a new request (awaiting its prediction); raises QueueFullError."""
         now = self.clock.now()
         job = Job(
-            request.request_id,
+            scoped_key(tenant, request.request_id),
             arrival=now,
             model=request.model,
             length_model=request.length_model or self.cfg.default_length_model,
@@ -209,7 +214,7 @@ class SchedulerService:
         )
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
-        req = Request(request.request_id, job, sampling)
+        req = Request(request.request_id, job, sampling, fingerprint=fingerprint(request))
         job.attachment = req
         self.core.submit(job)  # QueueFullError: nothing was kept
         # Work done for this request later (prediction, runs on workers) joins the
@@ -222,11 +227,16 @@ class SchedulerService:
     async def _predict(self, req: Request) -> None:
         job = req.job
         cache = self.core.cache
-        got = await self.predictor.predict(job, want_embedding=cache is not None)
+        outcome_log = self.results.outcome_log
+        # A digest-mode outcome log keeps the embedding in place of the prompt.
+        log_embedding = outcome_log is not None and outcome_log.wants_embeddings
+        got = await self.predictor.predict(job, want_embedding=cache is not None or log_embedding)
         lookups = cache.lookups if cache else 0
         hits = cache.hits if cache else 0
         if self.core.on_prediction(job.id, got.tokens, "predictor", got.embedding) is None:
             return  # cancelled while we were predicting
+        if log_embedding and job.embedding is None:
+            job.embedding = got.embedding  # the core keeps it only for its cache
         if cache is not None:
             metrics.CACHE_LOOKUPS.inc(cache.lookups - lookups)
             metrics.CACHE_HITS.inc(cache.hits - hits)
@@ -245,7 +255,7 @@ class SchedulerService:
         self._pump()
 
     def cancel(self, req: Request, reason: str = "cancelled") -> None:
-        stop = self.core.on_cancel(req.id, reason)
+        stop = self.core.on_cancel(req.job.id, reason)
         if stop is not None:
             self.workers.stop(stop)
         if req.job.terminal:
@@ -254,7 +264,7 @@ class SchedulerService:
 
     def disconnected(self, req: Request) -> None:
         """Every client stream of an unfinished request went away (after the grace)."""
-        log.info("request %s: every client stream went away; cancelling", req.id)
+        log.info("request %s: every client stream went away; cancelling", req.job.id)
         self.cancel(req, "disconnected")
 
     def _finalize(self, req: Request, error: StatusError | None = None) -> None:

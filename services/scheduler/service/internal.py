@@ -4,6 +4,7 @@ operators read the pool with addresses.
 Served on its own port, apart from the public one, so that a client with a
 token can never register a worker. With mutual TLS a worker may register or
 beat only under its certificate's name, so no one can take a registered id.
+Without mutual TLS the port is trusted as a whole (it binds loopback by default).
 """
 
 from __future__ import annotations
@@ -14,17 +15,57 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.dataplane import SchedulerService
 from services.scheduler.service.servicer import stats_response
 from services.scheduler.service.validation import validate_registration
+from shortline.common import tls
 from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
+
+# Other services' certificates: never a worker unless --worker-identities names them.
+SERVICE_IDENTITIES = frozenset({"scheduler", "predictor"})
 
 
 class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServicer):
-    def __init__(self, cfg: SchedulerConfig, plane: SchedulerService) -> None:
+    def __init__(
+        self, cfg: SchedulerConfig, plane: SchedulerService, own_identity: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.plane = plane
+        self.mutual_tls = cfg.mutual_tls
+        self.allowed = tls.parse_names(cfg.worker_identities)
+        self.reserved = (SERVICE_IDENTITIES | {own_identity or "scheduler"}) - self.allowed
+
+    def _not_this_worker(self, worker_id: str, context: grpc.aio.ServicerContext) -> str | None:
+        """Why the caller may not act as ``worker_id`` (PERMISSION_DENIED's message).
+
+        With mutual TLS a worker id is its certificate's name: an impostor would need
+        the real worker's key, not just its id (which GetStats used to show)."""
+        if not self.mutual_tls:
+            return None
+        name = tls.peer_identity(context)
+        wanted = worker_id[:64]
+        if name is None:
+            return f"worker {wanted!r}: this port needs a client certificate from the CA"
+        if name != worker_id:
+            return (
+                f"certificate {name[:64]!r} may not act as worker {wanted!r}: a worker's id "
+                "is its certificate's name"
+            )
+        if self.allowed and name not in self.allowed:
+            return (
+                f"certificate {name[:64]!r} is not a worker identity "
+                f"(--worker-identities: {', '.join(sorted(self.allowed))})"
+            )
+        if name in self.reserved:
+            return (
+                f"certificate {name[:64]!r} belongs to a service, not a worker "
+                "(list it in --worker-identities to allow it)"
+            )
+        return None
 
     async def RegisterWorker(
         self, request: scheduler_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RegisterWorkerResponse:
+        denied = self._not_this_worker(request.worker_id, context)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
         problem = validate_registration(request)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -32,7 +73,7 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
         if mismatch is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
         self.plane.workers.register(
-            request.worker_id, request.address, request.slots, list(request.models)
+            request.worker_id, request.address, request.slots, list(request.models), request.limits
         )
         return scheduler_pb2.RegisterWorkerResponse(
             heartbeat_interval_seconds=self.cfg.heartbeat_interval_s
@@ -41,6 +82,9 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
     async def Heartbeat(
         self, request: scheduler_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.HeartbeatResponse:
+        denied = self._not_this_worker(request.worker_id, context)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
         return scheduler_pb2.HeartbeatResponse(
             known=self.plane.workers.heartbeat(request.worker_id)
         )
@@ -48,4 +92,5 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
     async def GetStats(
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetStatsResponse:
+        # With mutual TLS the handshake already required a certificate from the CA.
         return stats_response(self.plane, with_addresses=True)

@@ -6,10 +6,16 @@ error, or no predictor configured) is ``None``; the core then uses its
 of observed lengths per model), so a request is never held up by the predictor.
 In benchmark mode the predictor's tokens are divided by ``prediction_scale``
 to match replayed lengths divided by it.
+
+The client also knows which length models the predictor has heads for (its
+``ListModels``, fetched at start and again every ``TARGETS_REFRESH_S``):
+admission refuses any other, and only those become metric labels.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,10 +25,17 @@ import grpc
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.job import Job
+from shortline.common import tls
 from shortline.common.telemetry import tracer
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+TARGETS_REFRESH_S = 300.0
+# gRPC's reconnect backoff grows to 120 s: a predictor that restarted (or started
+# after the scheduler) would cost that long in fallback predictions.
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+TARGETS_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +52,33 @@ class PredictorClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: predictor_pb2_grpc.PredictorServiceAsyncStub | None = None
         if cfg.predictor:
-            self._channel = grpc.aio.insecure_channel(cfg.predictor)
+            self._channel = tls.aio_channel(cfg.predictor, tls.load(cfg), RECONNECT)
             self._stub = predictor_pb2_grpc.PredictorServiceStub(self._channel)
+        self._targets: frozenset[str] | None = None
+        self._targets_due = 0.0  # monotonic time of the next ListModels
+        self._listing: asyncio.Task[None] | None = None
+        metrics.LENGTH_MODELS.add([cfg.default_length_model])
+
+    def known_targets(self) -> frozenset[str] | None:
+        """Length models the predictor has heads for; None until it has said (or with
+        no predictor). Asks it again in the background when the answer is old."""
+        due = self._stub is not None and time.monotonic() >= self._targets_due
+        if due and self._listing is None:
+            self._listing = asyncio.get_running_loop().create_task(self._list_targets())
+        return self._targets
+
+    async def _list_targets(self) -> None:
+        assert self._stub is not None
+        try:
+            reply = await self._stub.ListModels(predictor_pb2.ListModelsRequest(), timeout=5.0)
+            self._targets = frozenset(m.target_model for m in reply.models)
+            metrics.LENGTH_MODELS.add(sorted(self._targets))
+            self._targets_due = time.monotonic() + TARGETS_REFRESH_S
+        except grpc.aio.AioRpcError as exc:
+            log.debug("predictor ListModels failed: %s", exc.code().name)
+            self._targets_due = time.monotonic() + TARGETS_RETRY_S
+        finally:
+            self._listing = None
 
     async def predict(self, job: Job, *, want_embedding: bool) -> Prediction:
         predicted: float | None = None
@@ -67,9 +105,15 @@ class PredictorClient:
                     log.debug("predictor failed for %s: %s", job.id, exc.code().name)
             metrics.PREDICTOR_LATENCY.observe(time.perf_counter() - started)
         if predicted is None:
-            metrics.PREDICTOR_FALLBACKS.labels(job.length_model).inc()
+            length_model = metrics.LENGTH_MODELS.label(job.length_model)
+            metrics.PREDICTOR_FALLBACKS.labels(length_model).inc()
         return Prediction(predicted, embedding)
 
     async def close(self) -> None:
+        listing = self._listing
+        if listing is not None:
+            listing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listing
         if self._channel is not None:
             await self._channel.close(None)

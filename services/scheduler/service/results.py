@@ -24,6 +24,7 @@ from services.scheduler import metrics
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.service.streams import Request
+from services.scheduler.service.tenancy import shown_id
 from shortline.common.outcomes import Outcome, OutcomeLog
 from shortline.common.v1 import common_pb2
 from shortline.scheduler.v1 import scheduler_pb2
@@ -56,17 +57,18 @@ def prediction_source(job: Job) -> scheduler_pb2.PredictionSource.ValueType:
 
 
 class ResultStore:
-    """Finished requests by id, oldest first, kept ``ttl_s`` for retried ids."""
+    """Finished requests by their scoped key (``job.id``: tenant and id), oldest
+    first, kept ``ttl_s`` for retried ids."""
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._done: dict[str, Request] = {}  # insertion order = finishing order
 
     def add(self, req: Request) -> None:
-        self._done[req.id] = req
+        self._done[req.job.id] = req
 
-    def get(self, request_id: str) -> Request | None:
-        return self._done.get(request_id)
+    def get(self, key: str) -> Request | None:
+        return self._done.get(key)
 
     def prune(self, now: float) -> None:
         """Drops records older than the TTL that no client stream still reads."""
@@ -124,7 +126,10 @@ class Results:
         if error is not None:
             req.final = error
         elif job.finish_reason == "deadline":
-            req.final = (grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.id}: deadline exceeded")
+            req.final = (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request {shown_id(req.id)}: deadline exceeded",
+            )
         else:
             req.final = scheduler_pb2.GenerateResponse(
                 result=scheduler_pb2.GenerateResult(
@@ -152,7 +157,8 @@ class Results:
         self, req: Request, reason: str, now: float, since: Callable[[float | None], float]
     ) -> None:
         job = req.job
-        labels = (self.policy_name, job.model)
+        model = metrics.MODELS.label(job.model)
+        labels = (self.policy_name, model)
         if job.first_dispatch is not None:
             metrics.QUEUE_WAIT.labels(*labels).observe(job.first_dispatch - job.arrival)
         if job.first_token is not None:
@@ -160,10 +166,11 @@ class Results:
         if job.state is JobState.DONE:
             metrics.COMPLETION.labels(*labels).observe(since(job.finish or now))
             if not math.isnan(job.predicted):
-                metrics.PREDICTION_ABS_ERROR.labels(job.length_model).observe(
+                length_model = metrics.LENGTH_MODELS.label(job.length_model)
+                metrics.PREDICTION_ABS_ERROR.labels(length_model).observe(
                     abs(job.predicted - req.tokens)
                 )
-        metrics.REQUESTS.labels(job.model, reason).inc()
+        metrics.REQUESTS.labels(model, reason).inc()
 
     def _log(
         self, req: Request, reason: str, now: float, since: Callable[[float | None], float]
@@ -186,6 +193,9 @@ class Results:
                 preemptions=job.preemptions,
                 finish_reason=reason,
                 prediction_source=job.prediction_source,
+                # The predictor's embedding (kept in digest mode); None when the
+                # request fell back.
+                embedding=job.embedding,
             )
         )
         if due:

@@ -10,9 +10,15 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.dataplane import SchedulerService
 from services.scheduler.service.internal import SchedulerInternalServicer
 from services.scheduler.service.servicer import INTERNAL_SERVICE_NAME, SchedulerServicer
-from shortline.common import grpc_server, paths, prometheus
+from services.scheduler.service.tenancy import (
+    Tenancy,
+    TenancyConfigError,
+    TokensFileError,
+    startup_policy,
+)
+from shortline.common import grpc_server, paths, prometheus, tls
 from shortline.common.net import free_port
-from shortline.common.outcomes import OutcomeLog
+from shortline.common.outcomes import OutcomeLog, OutcomeLogError
 from shortline.common.telemetry import setup_tracing
 from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -27,25 +33,41 @@ class SchedulerServer:
 
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
+        self.tls = tls.load(cfg)  # TlsConfigError names a bad file before anything starts
+        # First: a bad tokens file, or an open port without one, refuses to start.
+        tenancy = Tenancy(cfg.tokens_file)
+        startup_policy(cfg, tenancy)
         log_path = Path(cfg.outcome_log) if cfg.outcome_log else paths.run_dir() / "outcomes.sqlite"
-        self.outcome_log = OutcomeLog(log_path)
-        self.servicer = SchedulerServicer(cfg, self.outcome_log)
+        # Private (0600), bounded, and in digest mode without prompt text; a bad
+        # --outcome-log-prompts raises OutcomeLogError naming the flag before any file is made.
+        self.outcome_log = OutcomeLog(
+            log_path,
+            prompts=cfg.outcome_log_prompts,
+            max_rows=cfg.outcome_log_max_rows,
+            max_age_s=cfg.outcome_log_max_age_days * 86400.0,
+        )
+        self.servicer = SchedulerServicer(cfg, self.outcome_log, tenancy)
         self.address = f"{cfg.host}:{cfg.port}"
+        # Public: TLS, never client certificates (tokens identify clients there).
         self.server, self.health = grpc_server.build_server(
             lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.servicer, s),
             [SERVICE_NAME],
             self.address,
             max_message_bytes=cfg.max_message_bytes,
+            credentials=tls.server_credentials(self.tls, internal=False),
         )
-        self.internal = SchedulerInternalServicer(cfg, self.servicer.plane)
+        self.internal = SchedulerInternalServicer(cfg, self.servicer.plane, self.tls.identity)
         internal_port = cfg.internal_port or free_port(cfg.internal_host)
         self.internal_address = f"{cfg.internal_host}:{internal_port}"
+        self.servicer.internal_address = self.internal_address
         self.internal_server, self.internal_health = grpc_server.build_server(
             lambda s: internal_pb2_grpc.add_SchedulerInternalServiceServicer_to_server(
                 self.internal, s
             ),
             [INTERNAL_SERVICE_NAME],
             self.internal_address,
+            # Internal: mutual TLS with --tls-ca (only the CA's certificates may join).
+            credentials=tls.server_credentials(self.tls, internal=True),
         )
 
     @property
@@ -70,6 +92,7 @@ class SchedulerServer:
             self.cfg.predictor or "none (fallback only)",
             self.outcome_log.path,
         )
+        log.info("TLS %s", tls.describe(self.tls))
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await grpc_server.set_serving(self.health, [SERVICE_NAME], False)
@@ -82,8 +105,11 @@ class SchedulerServer:
 
 async def serve(cfg: SchedulerConfig) -> None:
     setup_tracing("scheduler")
+    try:
+        server = SchedulerServer(cfg)
+    except (TokensFileError, TenancyConfigError, OutcomeLogError) as exc:
+        raise SystemExit(f"scheduler: {exc}") from exc
     prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
-    server = SchedulerServer(cfg)
     await server.start()
 
     async def on_stop() -> None:

@@ -35,11 +35,20 @@ Final = Any
 
 @dataclass(eq=False)
 class Request:
-    """The service's side of a job: the streamed text and the client streams."""
+    """The service's side of a job: the streamed text and the client streams.
+
+    ``id`` is the client's request id, what every message to the client says;
+    ``job.id`` is the core's key for it, scoped to the tenant
+    (``tenancy.scoped_key``)."""
 
     id: str
     job: Job
     sampling: common_pb2.SamplingParams
+    # What the request was made of, field by field (``tenancy.fingerprint``): a
+    # reused id must be the same request. Digests only: the prompt is the job's.
+    fingerprint: tuple[bytes, ...] = ()
+    # The current run's job id on its worker: random, so workers learn no request id.
+    run_key: str = ""
     text: str = ""
     tokens: int = 0
     subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)

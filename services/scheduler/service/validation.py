@@ -1,24 +1,73 @@
-"""What is wrong with a request, naming the field (INVALID_ARGUMENT's message)."""
+"""What is wrong with a request, naming the field (INVALID_ARGUMENT's message).
+
+Admission checks everything a worker would, before the client is sent
+``Accepted``: the scheduler's prompt size (``--max-prompt-bytes``), then the
+limits the workers serving the model advertised (``WorkerPool.limits``:
+max_tokens, prompt characters, sampling ranges, all from
+``shortline.common.limits``). A request that arrives before any worker has
+joined may queue, as it always could, and is held to the default limits (the
+outer bounds every worker's limits lie within). Messages name the limit and
+the size, never the prompt itself.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+from services.scheduler.config import SchedulerConfig
+from shortline.common import limits
 from shortline.scheduler.v1 import scheduler_pb2
 
 MAX_REQUEST_ID = 128
-MAX_TOKENS = 8192
+# A message lists at most this many known length models.
+_LISTED = 12
 
 
-def validate(request: scheduler_pb2.GenerateRequest) -> str | None:
-    """What is wrong with a Generate request, naming the field; None when it is valid."""
+def validate(
+    request: scheduler_pb2.GenerateRequest,
+    cfg: SchedulerConfig,
+    model_limits: limits.ModelLimits,
+    length_models: Collection[str] | None = None,
+) -> str | None:
+    """What is wrong with a Generate request, naming the field; None when it is valid.
+
+    ``model_limits`` are the request's model's (``WorkerPool.limits``);
+    ``length_models`` the targets the predictor has heads for, None while they are
+    not known (no predictor, or it has not answered ListModels yet): then any
+    length model is accepted and predicted by the fallback."""
     if not 1 <= len(request.request_id) <= MAX_REQUEST_ID:
         return f"request_id must be 1..{MAX_REQUEST_ID} characters, got {len(request.request_id)}"
     if not request.model:
         return "model must not be empty"
+    if len(request.model) > limits.MAX_NAME_CHARS:
+        return f"model must be at most {limits.MAX_NAME_CHARS} characters, got {len(request.model)}"
     if not request.prompt:
         return "prompt must not be empty"
-    if not 1 <= request.max_tokens <= MAX_TOKENS:
-        return f"max_tokens must be 1..{MAX_TOKENS}, got {request.max_tokens}"
-    return None
+    prompt = request.prompt
+    # An ASCII prompt's length is its size: no copy of up to a megabyte to count it.
+    size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8"))
+    if size > cfg.max_prompt_bytes:
+        return (
+            f"prompt must be at most {cfg.max_prompt_bytes} UTF-8 bytes (max_prompt_bytes), "
+            f"got {size}"
+        )
+    problem = _length_model(request.length_model, length_models)
+    if problem is not None:
+        return problem
+    return limits.validate(request.sampling, request.max_tokens, request.prompt, model_limits)
+
+
+def _length_model(name: str, known: Collection[str] | None) -> str | None:
+    if len(name) > limits.MAX_NAME_CHARS:
+        return f"length_model must be at most {limits.MAX_NAME_CHARS} characters, got {len(name)}"
+    if not name or known is None or name in known:
+        return None
+    listed = sorted(known)
+    more = f", and {len(listed) - _LISTED} more" if len(listed) > _LISTED else ""
+    return (
+        f"length_model {name!r} has no predictor head; known: "
+        f"{', '.join(listed[:_LISTED])}{more} (or leave it empty for the default)"
+    )
 
 
 def validate_registration(request: scheduler_pb2.RegisterWorkerRequest) -> str | None:
@@ -27,4 +76,7 @@ def validate_registration(request: scheduler_pb2.RegisterWorkerRequest) -> str |
         return "worker_id and address must not be empty"
     if request.slots < 1:
         return f"slots must be >= 1, got {request.slots}"
+    for item in request.limits:
+        if item.model not in request.models:
+            return f"limits names model {item.model[: limits.MAX_NAME_CHARS]!r}, not in models"
     return None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+import secrets
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,12 @@ from services.scheduler.core.interface import SchedulerInterface, Stop
 from services.scheduler.core.job import JobState
 from services.scheduler.service.results import StatusError
 from services.scheduler.service.streams import Request
+from services.scheduler.service.tenancy import shown_id
+from shortline.common import tls
+from shortline.common.limits import ModelLimits, narrowest
 from shortline.common.telemetry import tracer
 from shortline.common.v1 import common_pb2
+from shortline.scheduler.v1 import scheduler_pb2
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,8 @@ class WorkerHandle:
     stub: worker_pb2_grpc.WorkerServiceAsyncStub
     last_seen: float
     runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # What it advertised per model (defaults for a model it gave none for).
+    limits: dict[str, ModelLimits] = field(default_factory=dict)
 
 
 class WorkerPool:
@@ -68,6 +75,7 @@ class WorkerPool:
         self._spawn = spawn
         self._finalize = finalize
         self._pump = pump
+        self._tls = tls.load(cfg)
         self._tracer = tracer("shortline.scheduler")
 
     # ---- the registry (the core's) -------------------------------------------
@@ -98,6 +106,16 @@ class WorkerPool:
         served = sorted({m for w in handles for m in w.models})
         return f"model {model!r} is not served by any worker (served: {', '.join(served)})"
 
+    def limits(self, model: str) -> ModelLimits:
+        """What a request for ``model`` must fit: the most restrictive limits of the
+        workers serving it. Before any worker has joined (a request may queue then),
+        or for a model no worker serves (``unserved`` refuses it), the defaults."""
+        return narrowest(model, (w.limits[model] for w in self if model in w.limits))
+
+    def served(self) -> list[ModelLimits]:
+        """Each served model's limits (ListModels), by name."""
+        return [self.limits(m) for m in sorted({m for w in self for m in w.models})]
+
     def mismatch(self, worker_id: str, models: list[str]) -> str | None:
         """Why a joining worker does not fit this pool (FAILED_PRECONDITION's message)."""
         pool = {w.models for w in self if w.id != worker_id}
@@ -112,11 +130,21 @@ class WorkerPool:
 
     # ---- membership ----------------------------------------------------------
 
-    def register(self, worker_id: str, address: str, slots: int, models: list[str]) -> None:
+    def register(
+        self,
+        worker_id: str,
+        address: str,
+        slots: int,
+        models: list[str],
+        limits: Iterable[scheduler_pb2.ModelLimits] = (),
+    ) -> None:
         if worker_id in self:
             # Registered again (restarted): whatever it ran before is gone.
             self.lost(worker_id)
-        channel = grpc.aio.insecure_channel(address)
+        # With mutual TLS the worker must also prove it is ``worker_id`` when called:
+        # its certificate has to name it, whatever host its address points at.
+        options = [("grpc.ssl_target_name_override", worker_id)] if self._tls.mutual else None
+        channel = tls.aio_channel(address, self._tls, options)
         handle = WorkerHandle(
             id=worker_id,
             address=address,
@@ -125,8 +153,10 @@ class WorkerPool:
             channel=channel,
             stub=worker_pb2_grpc.WorkerServiceStub(channel),
             last_seen=self.clock.now(),
+            limits=model_limits(models, limits),
         )
         self.core.add_worker(worker_id, slots, handle)
+        metrics.MODELS.add(models)
         metrics.WORKERS_ALIVE.set(len(self))
         log.info(
             "worker %s joined: %s, %d slots, models %s",
@@ -177,9 +207,8 @@ class WorkerPool:
         )
         for req in on_it:
             if req.job.state is JobState.FAILED:
-                self._finalize(
-                    req, (grpc.StatusCode.UNAVAILABLE, f"request {req.id}: workers kept failing")
-                )
+                why = f"request {shown_id(req.id)}: workers kept failing"
+                self._finalize(req, (grpc.StatusCode.UNAVAILABLE, why))
         self._pump()
 
     async def close(self) -> None:
@@ -193,7 +222,9 @@ class WorkerPool:
         job = req.job
         worker = self.get(worker_id)
         assert worker is not None
-        key = f"{job.id}.{job.run_token}"
+        # Random per run: the worker learns nothing of the request id or its tenant,
+        # and a run's key is never reused, so a late Cancel cannot hit a later run.
+        key = req.run_key = secrets.token_hex(12)
         req.end_queue_span(queue_depth_at_dispatch=self.core.queue_depth, worker_id=worker.id)
         worker.runs[job.id] = self._spawn(self._run(req, worker, job.run_token, key), req)
 
@@ -201,8 +232,9 @@ class WorkerPool:
         worker = self.get(stop.worker_id)
         if worker is None:
             return
-        key = f"{stop.job.id}.{stop.job.run_token}"
-        self._spawn(self._send_stop(worker, key, stop.preempt), stop.job.attachment)
+        req: Request = stop.job.attachment
+        # The core stops the run it knows as current, which is the last one started.
+        self._spawn(self._send_stop(worker, req.run_key, stop.preempt), req)
 
     async def _send_stop(self, worker: WorkerHandle, key: str, preempt: bool) -> None:
         try:
@@ -255,7 +287,7 @@ class WorkerPool:
                         continue
                     req.add_text(d.text, d.tokens)
                     self.core.on_progress(job.id, req.tokens)
-                    metrics.GENERATED_TOKENS.labels(job.model).inc(d.tokens)
+                    metrics.GENERATED_TOKENS.labels(metrics.MODELS.label(job.model)).inc(d.tokens)
                 else:
                     reason = msg.result.finish_reason
                     req.worker_id = msg.result.worker_id or worker.id
@@ -288,7 +320,7 @@ class WorkerPool:
         retry = code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         self.core.on_run_failed(job.id, req.tokens, retry=retry)
         if job.terminal:
-            self._finalize(req, (code, f"request {job.id}: {exc.details()}"))
+            self._finalize(req, (code, f"request {shown_id(req.id)}: {exc.details()}"))
 
     def _run_ended(self, req: Request, reason: int | None) -> None:
         job = req.job
@@ -306,4 +338,15 @@ class WorkerPool:
             # Stopped without being asked (worker shutting down, error): resume elsewhere.
             self.core.on_run_failed(job.id, req.tokens)
             if job.terminal:
-                self._finalize(req, (grpc.StatusCode.UNAVAILABLE, f"request {job.id} failed"))
+                self._finalize(
+                    req, (grpc.StatusCode.UNAVAILABLE, f"request {shown_id(req.id)} failed")
+                )
+
+
+def model_limits(
+    models: list[str], advertised: Iterable[scheduler_pb2.ModelLimits]
+) -> dict[str, ModelLimits]:
+    """A joining worker's limits per served model, within the outer bounds; limits for
+    a model it does not serve are ignored, a served model without any gets defaults."""
+    given = {m.model: ModelLimits.from_proto(m) for m in advertised}
+    return {m: given.get(m, ModelLimits(m)) for m in models}

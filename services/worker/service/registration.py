@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from shortline.common import tls
+from shortline.common.limits import ModelLimits
 from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class Membership:
     address: str
     slots: int
     models: tuple[str, ...]
+    # Per served model; the scheduler refuses requests outside them before Accepted.
+    limits: tuple[ModelLimits, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,14 @@ class WorkerStatus:
 
 
 async def keep_registered(
-    scheduler: str, membership: Membership, status: Callable[[], WorkerStatus]
+    scheduler: str,
+    membership: Membership,
+    status: Callable[[], WorkerStatus],
+    material: tls.TlsMaterial | None = None,
 ) -> None:
-    async with grpc.aio.insecure_channel(scheduler) as channel:
+    """Runs until cancelled. With ``material`` the channel is TLS, presenting the
+    worker's certificate (whose name the scheduler requires to be the worker id)."""
+    async with tls.aio_channel(scheduler, material or tls.TlsMaterial()) as channel:
         stub = internal_pb2_grpc.SchedulerInternalServiceStub(channel)
         registered = False
         interval = RETRY_S
@@ -67,6 +76,9 @@ async def keep_registered(
                             address=membership.address,
                             slots=membership.slots,
                             models=list(membership.models),
+                            limits=[
+                                m.to_proto(scheduler_pb2.ModelLimits) for m in membership.limits
+                            ],
                         ),
                         timeout=5.0,
                     )
@@ -90,7 +102,12 @@ async def keep_registered(
                         continue
             except grpc.aio.AioRpcError as exc:
                 if not warned:
-                    log.warning("scheduler %s: %s (will keep trying)", scheduler, exc.code().name)
+                    log.warning(
+                        "scheduler %s: %s %s (will keep trying)",
+                        scheduler,
+                        exc.code().name,
+                        exc.details(),
+                    )
                     warned = True
                 registered = False
                 interval = RETRY_S

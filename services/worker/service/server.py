@@ -23,7 +23,8 @@ from services.worker.config import WorkerConfig
 from services.worker.service.registration import Membership, WorkerStatus, keep_registered
 from services.worker.service.servicer import WorkerServicer
 from services.worker.service.triton_client import TritonClient
-from shortline.common import grpc_server
+from shortline.common import grpc_server, tls
+from shortline.common.limits import max_message_bytes
 from shortline.common.net import free_port
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -37,15 +38,30 @@ class WorkerServer:
 
     def __init__(self, config: WorkerConfig, triton_url: str) -> None:
         self.config = config
+        self.tls = tls.load(config)  # TlsConfigError names a bad file before anything starts
         self.port = config.port or free_port(config.host)
         self.address = f"{config.host}:{self.port}"
-        self.worker_id = config.worker_id or f"worker-{config.host}-{self.port}"
+        # With TLS a worker is its certificate: the scheduler binds the id to its name.
+        self.worker_id = (
+            config.worker_id or self.tls.identity or f"worker-{config.host}-{self.port}"
+        )
+        if self.tls.mutual and self.worker_id != self.tls.identity:
+            log.warning(
+                "worker id %r is not the name of its certificate (%r): a scheduler with "
+                "mutual TLS will refuse it",
+                self.worker_id,
+                self.tls.identity,
+            )
         self.triton = TritonClient(triton_url)
         self.servicer = WorkerServicer(config, self.triton, self.worker_id)
         self.server, self.health = grpc_server.build_server(
             lambda s: worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, s),
             [SERVICE_NAME],
             self.address,
+            max_message_bytes=max_message_bytes(config.max_prompt_chars),
+            # With --tls-ca only the CA's certificates connect; the servicer then
+            # accepts jobs only from --scheduler-identity.
+            credentials=tls.server_credentials(self.tls, internal=True),
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -59,9 +75,12 @@ class WorkerServer:
                 address=self.config.advertise_address or self.address,
                 slots=self.servicer.slots.total,
                 models=tuple(sorted(self.servicer.models)),
+                limits=self.servicer.limits,
             )
             self._tasks.append(
-                asyncio.create_task(keep_registered(self.config.scheduler, membership, self.status))
+                asyncio.create_task(
+                    keep_registered(self.config.scheduler, membership, self.status, self.tls)
+                )
             )
         log.info(
             "worker %s on %s, %d slots, Triton %s (%s)",
@@ -71,6 +90,7 @@ class WorkerServer:
             self.triton.url,
             "ready" if self.servicer.serving else "not ready",
         )
+        log.info("TLS %s", tls.describe(self.tls))
 
     def status(self) -> WorkerStatus:
         """What a heartbeat reports: slots in use and whether Triton is ready."""

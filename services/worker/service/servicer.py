@@ -28,7 +28,7 @@ from opentelemetry import propagate, trace
 from services.worker import metrics
 from services.worker import sampling as sampling_mod
 from services.worker.config import WorkerConfig
-from services.worker.prompts import ModelSpec, format_prompt, parse_models
+from services.worker.prompts import ModelSpec, format_prompt, model_limits, parse_models
 from services.worker.service.slots import DuplicateJob, Execution, Slots, SlotsFull
 from services.worker.service.triton_client import (
     ModelNotFound,
@@ -37,6 +37,8 @@ from services.worker.service.triton_client import (
     TritonRequestError,
     TritonUnavailable,
 )
+from shortline.common import tls
+from shortline.common.labels import bounded
 from shortline.common.telemetry import tracer
 from shortline.common.v1 import common_pb2
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -81,12 +83,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.triton = triton
         self.worker_id = worker_id
         self.models: dict[str, ModelSpec] = parse_models(config.models)
+        self.limits = model_limits(self.models, config.max_prompt_chars)
         self.slots = Slots(config.slots)
         metrics.SLOTS_TOTAL.labels(worker_id).set(config.slots)
         self._slots_used = metrics.SLOTS_USED.labels(worker_id)
         self._tokens = metrics.WORKER_TOKENS
         self.serving = False
         self._tracer = tracer("shortline.worker")
+        # With mutual TLS only these certificates may run, stop or inspect jobs: a job id
+        # alone (guessable) must not let anyone cancel another user's request.
+        self.callers = tls.parse_names(config.scheduler_identity) if config.mutual_tls else None
+
+    async def _check_caller(self, context: grpc.aio.ServicerContext) -> None:
+        if self.callers is None:
+            return
+        denied = tls.caller_allowed(context, self.callers)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
 
     def _validate(self, request: worker_pb2.ExecuteRequest) -> tuple[ModelSpec, dict[str, Any]]:
         if not 1 <= len(request.job_id) <= MAX_JOB_ID:
@@ -108,6 +121,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.ExecuteResponse]:
         started = time.perf_counter()
+        await self._check_caller(context)
         try:
             spec, params = self._validate(request)
         except KeyError:
@@ -154,7 +168,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     execution.stream.cancel()
                 self.slots.release(execution)
                 self._slots_used.set(self.slots.used)
-                self._tokens.labels(self.worker_id, request.model).inc(execution.tokens)
+                model = bounded(request.model, self.models)
+                self._tokens.labels(self.worker_id, model).inc(execution.tokens)
                 if execution.stop_reason == common_pb2.FINISH_REASON_CANCELLED:
                     outcome = "cancelled"
                 elif execution.stop_reason == common_pb2.FINISH_REASON_PREEMPTED:
@@ -252,6 +267,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def _stop(self, job_id: str, reason: int, context: grpc.aio.ServicerContext) -> Any:
+        await self._check_caller(context)
         execution = self.slots.get(job_id)
         if execution is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not running here")
@@ -287,6 +303,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def GetCapacity(
         self, request: worker_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetCapacityResponse:
+        await self._check_caller(context)
         return worker_pb2.GetCapacityResponse(
             worker_id=self.worker_id,
             slots_total=self.slots.total,

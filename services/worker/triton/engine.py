@@ -8,6 +8,11 @@ backend for one token per sequence. So a new request starts at the next step,
 a finished one leaves at once, and a cancellation takes effect within a step.
 The engine knows nothing about Triton: it reports through each sequence's
 ``emit`` callback, which keeps it testable without a server.
+
+One request never fails another: a backend that cannot serve one sequence
+(its prompt failed to prefill) marks it (``Sequence.error``) and the engine
+ends that one alone; a callback that raises (its client went away) ends only
+its own sequence. Only a step that raises fails its whole batch.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Sequence:
     finished: bool = False
     # Backend-specific decoding state (KV cache row, RNG, ...).
     state: Any = None
+    # Set by the backend when it cannot serve this sequence (its token is then unused).
+    error: str | None = None
 
 
 class StepBackend(Protocol):
@@ -64,7 +71,10 @@ class StepBackend(Protocol):
     max_batch: int
 
     def step(self, running: list[Sequence], joining: list[Sequence]) -> list[int]:
-        """One token for each of ``running + joining``, in order; joining ones get prefilled."""
+        """One token for each of ``running + joining``, in order; joining ones get prefilled.
+
+        A joining sequence that cannot be prefilled gets ``error`` set (and any token)
+        instead of failing the step; it is not part of the backend's batch after."""
         ...
 
     def leave(self, seqs: list[Sequence]) -> None:
@@ -121,6 +131,15 @@ class BatchEngine:
         seq.sent_text += text
         seq.emit(Emission(text, tokens, len(seq.token_ids), step, bs, finish_reason=reason))
 
+    @staticmethod
+    def _fail(seq: Sequence, error: str, step: int, bs: int) -> None:
+        """Ends ``seq`` with an error; a callback that raises ends nothing else."""
+        seq.finished = True
+        try:
+            seq.emit(Emission("", 0, len(seq.token_ids), step, bs, error=error))
+        except Exception:
+            log.exception("emit failed for %s", seq.request_id)
+
     def _advance(self, seq: Sequence, token: int, step: int, bs: int) -> None:
         params = seq.params
         if not params.ignore_eos and self._backend.is_eos(token):
@@ -164,8 +183,12 @@ class BatchEngine:
             if self._stopping.is_set():
                 break
             for seq in [*running, *waiting]:
-                if not seq.finished and seq.is_cancelled():
-                    self._finish(seq, ABORT, "", 0, self.step_count, len(running))
+                try:
+                    if not seq.finished and seq.is_cancelled():
+                        self._finish(seq, ABORT, "", 0, self.step_count, len(running))
+                except Exception:  # its response sender is gone: it is over anyway
+                    log.exception("cancel check failed for %s", seq.request_id)
+                    seq.finished = True
             gone = [s for s in running if s.finished]
             if gone:
                 self._backend.leave(gone)
@@ -183,18 +206,16 @@ class BatchEngine:
                 batch = running + joining
                 self._backend.leave(batch)
                 for seq in batch:
-                    seq.finished = True
-                    seq.emit(
-                        Emission(
-                            "", 0, len(seq.token_ids), self.step_count, len(batch), error=str(exc)
-                        )
-                    )
+                    self._fail(seq, str(exc), self.step_count, len(batch))
                 running = []
                 continue
             self.step_count += 1
             running = running + joining
             bs = len(running)
             for seq, token in zip(running, tokens, strict=True):
+                if seq.error is not None:
+                    self._fail(seq, seq.error, self.step_count, bs)
+                    continue
                 try:
                     self._advance(seq, token, self.step_count, bs)
                 except Exception:  # e.g. the response sender went away
@@ -202,12 +223,7 @@ class BatchEngine:
                     seq.finished = True
         for seq in [*running, *waiting]:
             if not seq.finished:
-                seq.finished = True
-                seq.emit(
-                    Emission(
-                        "", 0, len(seq.token_ids), self.step_count, 0, error="model is unloading"
-                    )
-                )
+                self._fail(seq, "model is unloading", self.step_count, 0)
 
 
 def sleep_until(deadline: float) -> None:

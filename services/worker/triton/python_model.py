@@ -89,7 +89,10 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            self._accept(request)
+            try:
+                self._accept(request)
+            except Exception:  # one malformed request never keeps the others out
+                log.exception("request %s could not be accepted", request.request_id())
         return None
 
     def finalize(self) -> None:
@@ -105,17 +108,18 @@ class TritonPythonModel:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             raw_params = _input(pb, request, "sampling_parameters")
             params = sampling.parse(raw_params or b"{}", self.max_tokens_limit)
-        except (ValueError, UnicodeDecodeError) as exc:
+            stream = _bool(pb, request, "stream", False)
+            exclude_input = _bool(pb, request, "exclude_input_in_output", False)
+            want_reason = _bool(pb, request, "return_finish_reason", False)
+            want_count = _bool(pb, request, "return_num_output_tokens", False)
+            want_step = _bool(pb, request, "return_step_info", False)
+        except Exception as exc:  # ValueError names the field; others: a malformed tensor
+            message = str(exc) if isinstance(exc, ValueError) else f"bad input: {exc!r}"[:200]
             sender.send(
-                pb.InferenceResponse(error=pb.TritonError(str(exc))),
+                pb.InferenceResponse(error=pb.TritonError(message)),
                 flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
             )
             return
-        stream = _bool(pb, request, "stream", False)
-        exclude_input = _bool(pb, request, "exclude_input_in_output", False)
-        want_reason = _bool(pb, request, "return_finish_reason", False)
-        want_count = _bool(pb, request, "return_num_output_tokens", False)
-        want_step = _bool(pb, request, "return_step_info", False)
         collected: list[str] = []
 
         def respond(e: Emission, text: str, tokens: int, final: bool) -> None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from services.worker.triton.engine import Sequence, sleep_until
 
-_LAST = re.compile(r" replay(\d+)$")
+# At most 18 digits: int() of a client's 5000-digit number would raise (Python's
+# limit on digits) and fail the step of every sequence in the batch.
+_LAST = re.compile(r" replay(\d{1,18})$")
 
 
 @dataclass

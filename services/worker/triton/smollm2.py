@@ -165,14 +165,25 @@ class SmolLM2Backend:
             for s in running:
                 s.state.position += 1
             logits.append(out.logits[:, -1, :])
+        joined: list[Sequence] = []
         for seq in joining:
-            logits.append(self._prefill(seq))
-        all_logits = torch.cat(logits, 0).float()
-        batch = running + joining
-        tokens = self._sample(all_logits, batch)
-        for seq, token in zip(batch, tokens, strict=True):
-            seq.state.last_token = token
+            try:
+                logits.append(self._prefill(seq))
+            except Exception as exc:  # this prompt alone: the batch goes on without it
+                log.warning("prefill of %s failed: %s", seq.request_id, type(exc).__name__)
+                seq.error = f"prefill failed: {type(exc).__name__}"
+                continue
+            joined.append(seq)
+        batch = running + joined
+        sampled = iter(self._sample(torch.cat(logits, 0).float(), batch) if batch else [])
         self._rows = batch
+        tokens: list[int] = []
+        for seq in running + joining:
+            if seq.error is not None:
+                tokens.append(-1)  # never used: the engine ends this sequence
+                continue
+            seq.state.last_token = next(sampled)
+            tokens.append(seq.state.last_token)
         return tokens
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
@@ -249,6 +260,9 @@ class SmolLM2Backend:
         )
 
     def _sample(self, logits: torch.Tensor, batch: list[Sequence]) -> list[int]:
+        """One token per row. A row whose scores turn into inf or nan (a temperature
+        or penalty so small that dividing by it overflows) falls back to greedy over
+        its finite logits: one sequence's numbers never fail the others."""
         greedy = logits.argmax(-1).tolist()
         tokens: list[int] = []
         for row, seq in enumerate(batch):
@@ -256,30 +270,44 @@ class SmolLM2Backend:
             if p.temperature == 0.0 and p.repetition_penalty == 1.0:
                 tokens.append(int(greedy[row]))
                 continue
-            scores = logits[row]
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.state.prompt_ids) | set(seq.token_ids)))
-                picked = scores[seen]
-                scores = scores.clone()
-                scores[seen] = torch.where(
-                    picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
-                )
-            if p.temperature == 0.0:
-                tokens.append(int(scores.argmax().item()))
-                continue
-            scores = scores / p.temperature
-            if p.top_k > 0 and p.top_k < scores.shape[-1]:
-                kth = torch.topk(scores, p.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            probs = torch.softmax(scores, -1)
-            if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                cumulative = sorted_probs.cumsum(-1)
-                drop = cumulative - sorted_probs > p.top_p
-                sorted_probs[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-            tokens.append(int(torch.multinomial(probs, 1, generator=seq.state.generator).item()))
+            token = self._sample_row(logits[row], seq)
+            if token is None:
+                log.debug("%s: non-finite sampling scores, greedy instead", seq.request_id)
+                raw = logits[row]
+                token = int(raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax().item())
+            tokens.append(token)
         return tokens
+
+    @staticmethod
+    def _sample_row(scores: torch.Tensor, seq: Sequence) -> int | None:
+        """The row's token, or None when its scores or probabilities are not finite."""
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.state.prompt_ids) | set(seq.token_ids)))
+            picked = scores[seen]
+            scores = scores.clone()
+            scores[seen] = torch.where(
+                picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+            )
+        if p.temperature == 0.0:
+            # -inf is a masked token, fine for argmax; +inf and nan are not.
+            if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
+                return None
+            return int(scores.argmax().item())
+        scores = scores / p.temperature
+        if p.top_k > 0 and p.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, -1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = sorted_probs.cumsum(-1)
+            drop = cumulative - sorted_probs > p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+            return None
+        return int(torch.multinomial(probs, 1, generator=seq.state.generator).item())
 
 
 def default_threads() -> int:
