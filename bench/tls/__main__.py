@@ -161,7 +161,15 @@ def main(argv: list[str] | None = None) -> None:
         started: list[Stack] = []
         try:
             for s in stacks.values():
-                s.start()
+                try:
+                    s.start()
+                except Exception:
+                    for log in sorted(s.log_dir.glob("*.log")):
+                        print(
+                            f"--- {log.name} (last lines)\n"
+                            + "\n".join(log.read_text(errors="replace").splitlines()[-8:])
+                        )
+                    raise
                 started.append(s)
             modes: dict[str, Callable[[], dict[str, list[float]]]] = {
                 "warm": lambda: measure(stacks, args.requests, args.max_tokens, fresh=False),

@@ -301,8 +301,10 @@ class OutcomeLog:
                 "DELETE FROM outcomes WHERE id <= (SELECT max(id) FROM outcomes) - ?",
                 (self.max_rows,),
             ).rowcount
+        # Always: a DELETE that removed nothing still opened a write transaction, and
+        # left open it would lock every other writer of the file out.
+        self._conn.commit()
         if deleted:
-            self._conn.commit()
             self.pruned += deleted
             log.debug("outcome log %s: retention deleted %d rows", self.path, deleted)
         return deleted

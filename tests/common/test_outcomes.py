@@ -296,3 +296,23 @@ def test_a_file_that_is_not_a_log_is_named(tmp_path: Path) -> None:
     path.write_text("not a database at all, just some text " * 50)
     with pytest.raises(ValueError, match=r"notes\.sqlite"):
         read_rows(path, "m")
+
+
+def test_two_writers_share_one_log_without_locking_each_other_out(tmp_path: Path) -> None:
+    # A restarted scheduler opens the log while the old one still has it open
+    # (benchmarks do this; so do two stacks on one machine).
+    path = tmp_path / "outcomes.sqlite"
+    with OutcomeLog(path, max_rows=1000) as first:  # opened, retention ran, nothing written
+        second = OutcomeLog(path, max_rows=1000)  # its retention must not find the file locked
+        try:
+            first.append(outcome(0, ts=time.time()))
+            first.flush()
+            second.append(outcome(1, ts=time.time()))
+            second.flush()
+            first.append(outcome(2, ts=time.time()))
+            first.flush()
+        finally:
+            second.close()
+    with sqlite3.connect(path) as conn:
+        ids = sorted(r[0] for r in conn.execute("SELECT request_id FROM outcomes"))
+    assert ids == ["r0", "r1", "r2"]
