@@ -19,9 +19,7 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,252 +28,36 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.scheduler.core.policies import DEFAULT_POLICY
 from shortline.common import tls as tls_mod
+from shortline.common.paths import run_dir
+from shortline.stack_plan import (
+    LAUNCHER,
+    Child,
+    StackConfig,
+    StackError,
+    all_ports,
+    check_ports,
+    plan,
+    port_is_free,
+)
 
 if TYPE_CHECKING:
     from shortline.client import ClientOptions
 
-# The launcher's own certificate: its health checks reach services with mutual TLS.
-LAUNCHER = "launcher"
-
-
-class StackError(RuntimeError):
-    """A one-line, actionable reason the stack could not start."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StackConfig:
-    host: str = "127.0.0.1"
-    scheduler_port: int = dataclasses.field(
-        default=50051, metadata={"help": "scheduler gRPC port (the address clients use)"}
-    )
-    scheduler_internal_port: int = dataclasses.field(
-        default=50052, metadata={"help": "scheduler's internal port (workers register there)"}
-    )
-    predictor_port: int = dataclasses.field(default=50061, metadata={"help": "predictor gRPC port"})
-    worker_base_port: int = dataclasses.field(
-        default=50071, metadata={"help": "first worker's gRPC port; worker i uses base + i"}
-    )
-    triton_grpc_port: int = dataclasses.field(
-        default=8101, metadata={"help": "embedded Triton's gRPC port"}
-    )
-    triton_http_port: int = dataclasses.field(
-        default=8100, metadata={"help": "embedded Triton's HTTP port"}
-    )
-    triton_metrics_port: int = dataclasses.field(
-        default=8102, metadata={"help": "embedded Triton's metrics port"}
-    )
-    metrics_base_port: int = dataclasses.field(
-        default=9400,
-        metadata={"help": "Prometheus ports: scheduler base, predictor +1, workers +2.."},
-    )
-    workers: int = dataclasses.field(default=2, metadata={"help": "number of workers"})
-    slots: int = dataclasses.field(default=8, metadata={"help": "slots (sequences) per worker"})
-    policy: str = dataclasses.field(
-        default=DEFAULT_POLICY,
-        metadata={"help": "fcfs | ssjf | ssjf-aging, optionally +preempt"},
-    )
-    batching: str = dataclasses.field(
-        default="continuous", metadata={"help": "none | dynamic | continuous"}
-    )
-    replay_step_a_ms: float = dataclasses.field(
-        default=20.0, metadata={"help": "replay model's fixed time per decoding step"}
-    )
-    replay_step_b_ms: float = dataclasses.field(
-        default=2.0, metadata={"help": "replay model's time per sequence in a step"}
-    )
-    startup_timeout_s: float = dataclasses.field(
-        default=300.0, metadata={"help": "how long to wait for every service to be SERVING"}
-    )
-    log_dir: str = dataclasses.field(
-        default="", metadata={"help": "where each service's log goes (default .run/logs)"}
-    )
-    extra_scheduler_args: str = dataclasses.field(
-        default="", metadata={"help": "extra flags passed to `shortline scheduler serve`"}
-    )
-    triton_models: str = dataclasses.field(
-        default="", metadata={"help": "models Triton loads, comma-separated (default: all)"}
-    )
-    tls: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "TLS on every listener, mutual TLS between services, a token for clients "
-            "(certificates and token made if missing)"
-        },
-    )
-    certs_dir: str = dataclasses.field(
-        default="", metadata={"help": "with --tls: CA and certificates (default .run/certs)"}
-    )
-    tokens_file: str = dataclasses.field(
-        default="",
-        metadata={
-            "help": "scheduler's tokens file (with --tls default .run/tokens.toml, made with "
-            "one token for tenant dev, written to `token` beside it)"
-        },
-    )
-
-    def certs_path(self) -> Path:
-        return Path(self.certs_dir) if self.certs_dir else _run_dir() / "certs"
-
-    def tokens_path(self) -> Path | None:
-        if self.tokens_file:
-            return Path(self.tokens_file)
-        return _run_dir() / "tokens.toml" if self.tls else None
-
-    def token_path(self) -> Path | None:
-        """Where the development token is in clear (beside the tokens file)."""
-        tokens = self.tokens_path()
-        return None if tokens is None else tokens.with_name("token")
-
-
-@dataclasses.dataclass
-class Child:
-    name: str
-    argv: list[str]
-    health_address: str | None  # gRPC health endpoint; None: checked otherwise
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def all_ports(cfg: StackConfig) -> dict[str, int]:
-    ports = {
-        "scheduler": cfg.scheduler_port,
-        "scheduler internal": cfg.scheduler_internal_port,
-        "predictor": cfg.predictor_port,
-        "triton grpc": cfg.triton_grpc_port,
-        "triton http": cfg.triton_http_port,
-        "triton metrics": cfg.triton_metrics_port,
-        "scheduler metrics": cfg.metrics_base_port,
-        "predictor metrics": cfg.metrics_base_port + 1,
-    }
-    for i in range(cfg.workers):
-        ports[f"worker-{i + 1}"] = cfg.worker_base_port + i
-        ports[f"worker-{i + 1} metrics"] = cfg.metrics_base_port + 2 + i
-    return ports
-
-
-def check_ports(cfg: StackConfig) -> None:
-    seen: dict[int, str] = {}
-    for name, port in all_ports(cfg).items():
-        if port in seen:
-            raise StackError(f"port {port} is given to both {seen[port]} and {name}")
-        seen[port] = name
-        if not port_is_free(cfg.host, port):
-            raise StackError(
-                f"port {port} ({name}) on {cfg.host} is already in use; "
-                "stop what holds it or choose another port flag"
-            )
-
-
-def _tls_args(cfg: StackConfig, identity: str) -> list[str]:
-    """A service's own certificate and the CA, with ``tls``."""
-    d = cfg.certs_path()
-    pem, key, ca = (str(d / n) for n in (f"{identity}.pem", f"{identity}.key", "ca.pem"))
-    return ["--tls-cert", pem, "--tls-key", key, "--tls-ca", ca] if cfg.tls else []
-
-
-def plan(cfg: StackConfig) -> list[Child]:
-    """The children, in start order."""
-    exe = [sys.executable, "-m", "shortline.cli"]
-    h = cfg.host
-    tokens = cfg.tokens_path()
-    children = [
-        Child(
-            "triton",
-            [
-                *exe,
-                "triton",
-                "serve",
-                "--grpc-port",
-                str(cfg.triton_grpc_port),
-                "--http-port",
-                str(cfg.triton_http_port),
-                "--metrics-port",
-                str(cfg.triton_metrics_port),
-                "--replay-step-a-ms",
-                str(cfg.replay_step_a_ms),
-                "--replay-step-b-ms",
-                str(cfg.replay_step_b_ms),
-                *(["--models", cfg.triton_models] if cfg.triton_models else []),
-            ],
-            None,
-        ),
-        Child(
-            "predictor",
-            [
-                *exe,
-                "predictor",
-                "serve",
-                "--port",
-                str(cfg.predictor_port),
-                "--metrics-port",
-                str(cfg.metrics_base_port + 1),
-                *_tls_args(cfg, "predictor"),
-            ],
-            f"{h}:{cfg.predictor_port}",
-        ),
-        Child(
-            "scheduler",
-            [
-                *exe,
-                "scheduler",
-                "serve",
-                "--port",
-                str(cfg.scheduler_port),
-                "--internal-port",
-                str(cfg.scheduler_internal_port),
-                "--predictor",
-                f"{h}:{cfg.predictor_port}",
-                "--policy",
-                cfg.policy,
-                "--batching",
-                cfg.batching,
-                "--metrics-port",
-                str(cfg.metrics_base_port),
-                *_tls_args(cfg, "scheduler"),
-                *(["--tokens-file", str(tokens)] if tokens is not None else []),
-                *cfg.extra_scheduler_args.split(),
-            ],
-            f"{h}:{cfg.scheduler_port}",
-        ),
-    ]
-    for i in range(cfg.workers):
-        children.append(
-            Child(
-                f"worker-{i + 1}",
-                [
-                    *exe,
-                    "worker",
-                    "serve",
-                    "--triton",
-                    f"{h}:{cfg.triton_grpc_port}",
-                    "--port",
-                    str(cfg.worker_base_port + i),
-                    "--slots",
-                    str(cfg.slots),
-                    "--scheduler",
-                    f"{h}:{cfg.scheduler_internal_port}",
-                    "--worker-id",
-                    f"worker-{i + 1}",
-                    "--metrics-port",
-                    str(cfg.metrics_base_port + 2 + i),
-                    *_tls_args(cfg, f"worker-{i + 1}"),
-                ],
-                f"{h}:{cfg.worker_base_port + i}",
-            )
-        )
-    return children
+# The plan's names, for callers that only import the launcher.
+__all__ = [
+    "LAUNCHER",
+    "Child",
+    "Stack",
+    "StackConfig",
+    "StackError",
+    "all_ports",
+    "check_ports",
+    "grpc_serving",
+    "plan",
+    "port_is_free",
+    "triton_ready",
+]
 
 
 def grpc_serving(
@@ -484,11 +266,5 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _run_dir() -> Path:
-    from shortline.common.paths import run_dir
-
-    return run_dir()
-
-
 def _default_log_dir() -> Path:
-    return _run_dir() / "logs"
+    return run_dir() / "logs"

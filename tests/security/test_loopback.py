@@ -13,15 +13,14 @@ import ipaddress
 import os
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from processes import descendants
+from stacks import stack_config, up_argv, wait_until_serving
 
-from shortline.stack import StackConfig, all_ports, port_is_free
+from shortline.stack import all_ports
 
 pytestmark = pytest.mark.slow
 
@@ -109,44 +108,9 @@ def test_the_address_parser_reads_proc_net_tcp() -> None:
     assert is_loopback(_address("0000000000000000FFFF00000100007F"))  # ::ffff:127.0.0.1
 
 
-def stack_config(tmp: Path) -> StackConfig:
-    """Free ports as tests/stack/test_stack_e2e.py picks them (contiguous ranges)."""
-    for attempt in range(50):
-        base = 20000 + (os.getpid() * 7 + int(time.time() * 1000) + 97 * attempt) % 20000
-        cfg = StackConfig(
-            scheduler_port=base,
-            scheduler_internal_port=base + 5,
-            predictor_port=base + 1,
-            triton_grpc_port=base + 2,
-            triton_http_port=base + 3,
-            triton_metrics_port=base + 4,
-            worker_base_port=base + 10,
-            metrics_base_port=base + 20,
-            workers=1,
-            triton_models="replay",
-            log_dir=str(tmp / "logs"),
-        )
-        if all(port_is_free("127.0.0.1", p) for p in all_ports(cfg).values()):
-            return cfg
-    raise RuntimeError("no free port range for the stack")
-
-
 def test_shortline_up_holds_only_loopback_listeners(tmp_path: Path) -> None:
-    cfg = stack_config(tmp_path)
-    argv = [
-        sys.executable, "-m", "shortline.cli", "up",
-        f"--scheduler-port={cfg.scheduler_port}",
-        f"--scheduler-internal-port={cfg.scheduler_internal_port}",
-        f"--predictor-port={cfg.predictor_port}",
-        f"--triton-grpc-port={cfg.triton_grpc_port}",
-        f"--triton-http-port={cfg.triton_http_port}",
-        f"--triton-metrics-port={cfg.triton_metrics_port}",
-        f"--worker-base-port={cfg.worker_base_port}",
-        f"--metrics-base-port={cfg.metrics_base_port}",
-        f"--workers={cfg.workers}",
-        f"--triton-models={cfg.triton_models}",
-        f"--log-dir={cfg.log_dir}",
-    ]  # fmt: skip
+    cfg = stack_config(tmp_path, workers=1, triton_models="replay")
+    argv = up_argv(cfg)
     # The defaults are under test, not whatever an environment variable asks for.
     env = {k: v for k, v in os.environ.items() if not (k.startswith("SHORTLINE_") and "HOST" in k)}
     env["SHORTLINE_RUN_DIR"] = str(tmp_path / "run")  # its outcome log, not the repo's
@@ -154,17 +118,7 @@ def test_shortline_up_holds_only_loopback_listeners(tmp_path: Path) -> None:
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     try:
-        assert proc.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Shortline is serving" in line:
-                break
-        assert any("Shortline is serving" in line for line in lines), "".join(lines)
+        wait_until_serving(proc)
         tree = [proc.pid, *descendants(proc.pid)]
         held = listeners(tree)
         commands = {entry.command for entry in held}

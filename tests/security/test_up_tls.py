@@ -3,17 +3,17 @@ TLS, the SDK streaming an answer with the development token from the token file.
 
 from __future__ import annotations
 
-import os
 import stat
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+from stacks import stack_config
 
 from shortline.client import ClientOptions, ShortlineClient
 from shortline.common import tls
-from shortline.stack import LAUNCHER, Stack, StackConfig, all_ports, grpc_serving, port_is_free
+from shortline.stack import LAUNCHER, Stack, StackConfig, grpc_serving
 
 pytestmark = pytest.mark.slow
 
@@ -21,32 +21,19 @@ LENGTH_MODEL = "Meta-Llama-3-8B-Instruct"
 
 
 def tls_stack_config(tmp: Path) -> StackConfig:
-    for _ in range(50):
-        base = 20000 + (os.getpid() * 13 + int(time.time() * 1000)) % 20000
-        cfg = StackConfig(
-            scheduler_port=base,
-            scheduler_internal_port=base + 5,
-            predictor_port=base + 1,
-            triton_grpc_port=base + 2,
-            triton_http_port=base + 3,
-            triton_metrics_port=base + 4,
-            worker_base_port=base + 10,
-            metrics_base_port=base + 20,
-            workers=1,
-            slots=2,
-            replay_step_a_ms=5.0,
-            replay_step_b_ms=1.0,
-            triton_models="replay",
-            log_dir=str(tmp / "logs"),
-            # A cold predictor on a busy CI machine must not make this a fallback.
-            extra_scheduler_args=f"--predictor-timeout-ms 10000 --outcome-log {tmp / 'o.sqlite'}",
-            tls=True,
-            certs_dir=str(tmp / "certs"),
-            tokens_file=str(tmp / "tokens.toml"),
-        )
-        if all(port_is_free("127.0.0.1", p) for p in all_ports(cfg).values()):
-            return cfg
-    raise RuntimeError("no free port range for the stack")
+    return stack_config(
+        tmp,
+        workers=1,
+        slots=2,
+        replay_step_a_ms=5.0,
+        replay_step_b_ms=1.0,
+        triton_models="replay",
+        # A cold predictor on a busy CI machine must not make this a fallback.
+        extra_scheduler_args=f"--predictor-timeout-ms 10000 --outcome-log {tmp / 'o.sqlite'}",
+        tls=True,
+        certs_dir=str(tmp / "certs"),
+        tokens_file=str(tmp / "tokens.toml"),
+    )
 
 
 def test_up_tls_streams_an_answer_with_the_token(tmp_path: Path) -> None:

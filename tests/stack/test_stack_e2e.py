@@ -7,7 +7,6 @@ two workers), driven through the client SDK as a user would.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import stacks
 from processes import assert_nothing_left, descendants, shm_regions
+from stacks import up_argv, wait_until_serving
 
 from services.scheduler.core.policies import DEFAULT_POLICY
 from shortline.client import AsyncShortlineClient, ClientOptions, ShortlineClient
@@ -30,31 +31,11 @@ LENGTH_MODEL = "Meta-Llama-3-8B-Instruct"
 
 
 def stack_config(tmp: Path, **overrides: object) -> StackConfig:
-    # Contiguous ranges are needed for worker and metrics bases: pick a random
-    # base far from the ephemeral range and check every port is free.
-    for _ in range(50):
-        base = 20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000
-        cfg = StackConfig(
-            scheduler_port=base,
-            scheduler_internal_port=base + 5,
-            predictor_port=base + 1,
-            triton_grpc_port=base + 2,
-            triton_http_port=base + 3,
-            triton_metrics_port=base + 4,
-            worker_base_port=base + 10,
-            metrics_base_port=base + 20,
-            workers=2,
-            slots=4,
-            replay_step_a_ms=10.0,
-            replay_step_b_ms=1.0,
-            log_dir=str(tmp / "logs"),
-            **overrides,  # type: ignore[arg-type]
-        )
-        from shortline.stack import all_ports
-
-        if all(port_is_free("127.0.0.1", p) for p in all_ports(cfg).values()):
-            return cfg
-    raise RuntimeError("no free port range for the stack")
+    fields: dict[str, object] = dict(
+        workers=2, slots=4, replay_step_a_ms=10.0, replay_step_b_ms=1.0
+    )
+    fields.update(overrides)
+    return stacks.stack_config(tmp, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -167,36 +148,11 @@ def test_every_service_exposes_prometheus_metrics(stack: Stack) -> None:
 
 def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     """The real `shortline up`: prints the address, and SIGTERM leaves nothing behind."""
-    cfg = stack_config(tmp_path)
-    argv = [
-        sys.executable,
-        "-m",
-        "shortline.cli",
-        "up",
-        f"--scheduler-port={cfg.scheduler_port}",
-        f"--scheduler-internal-port={cfg.scheduler_internal_port}",
-        f"--predictor-port={cfg.predictor_port}",
-        f"--triton-grpc-port={cfg.triton_grpc_port}",
-        f"--triton-http-port={cfg.triton_http_port}",
-        f"--triton-metrics-port={cfg.triton_metrics_port}",
-        f"--worker-base-port={cfg.worker_base_port}",
-        f"--metrics-base-port={cfg.metrics_base_port}",
-        "--workers=1",
-        f"--log-dir={tmp_path / 'logs'}",
-    ]
+    cfg = stack_config(tmp_path, workers=1)
+    argv = up_argv(cfg)
     shm_before = shm_regions()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "Shortline is serving" in line:
-            break
-    assert any("Shortline is serving" in line for line in lines), "".join(lines)
+    lines = wait_until_serving(proc)
     assert any(f"127.0.0.1:{cfg.scheduler_port}" in line for line in lines)
     with ShortlineClient(ClientOptions(target=f"127.0.0.1:{cfg.scheduler_port}")) as c:
         stream = c.generate("hi", model="replay", max_tokens=3, ignore_eos=True)
