@@ -133,7 +133,7 @@ def plot(raw: dict[str, dict[str, list[float]]], path: Path) -> None:
         for name, values in series.items():
             xs = np.sort(np.asarray(values) * 1e3)
             ax.plot(xs, np.arange(1, xs.size + 1) / xs.size, label=name)
-        ax.set_title(f"{mode} channel")
+        ax.set_title(mode)
         ax.set_xlabel("request latency (ms)")
         ax.set_ylabel("fraction of requests")
         ax.legend()
@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                     raise
                 started.append(s)
             modes: dict[str, Callable[[], dict[str, list[float]]]] = {
-                "warm": lambda: measure(stacks, args.requests, args.max_tokens, fresh=False),
+                "warm channel": lambda: measure(
+                    stacks, args.requests, args.max_tokens, fresh=False
+                ),
                 "new connection": lambda: measure(
                     stacks, max(args.requests // 3, 20), args.max_tokens, fresh=True
                 ),
