@@ -46,11 +46,13 @@ def shm_regions() -> set[Path]:
 def assert_nothing_left(children: list[int], shm_before: set[Path]) -> None:
     """After a launcher stopped: none of its processes and no new Triton shared memory.
 
-    Triton's Python stubs name their regions ``shortline<pid>x...`` (see
-    services/worker/triton/embedded.py).
+    Triton's Python stubs name their regions ``shortline<pid>x...`` after the
+    process that started Triton (see services/worker/triton/embedded.py).
     """
     time.sleep(0.5)
     left = [pid for pid in children if alive(pid)]
     assert not left, f"processes left behind: {left}"
-    leaked = sorted(str(p) for p in shm_regions() - shm_before if p.name.startswith("shortline"))
+    # Only this launcher's: other tests on the machine may hold regions of their own.
+    ours = tuple(f"shortline{pid}x" for pid in children)
+    leaked = sorted(str(p) for p in shm_regions() - shm_before if p.name.startswith(ours))
     assert not leaked, f"shared memory left behind: {leaked}"
