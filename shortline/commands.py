@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "up",
         help="start the whole stack as local processes (what `make run` does)",
         description="Starts Triton (smollm2 + replay), a predictor, the scheduler and workers "
-        "on 127.0.0.1, waits until all are SERVING, and stops them all on Ctrl-C or SIGTERM.",
+        "on 127.0.0.1, waits until all are SERVING, restarts any that crashes (with backoff), "
+        "and on Ctrl-C or SIGTERM stops them all: the scheduler first, draining its requests "
+        "for up to --drain-grace-s, then the workers, the predictor and Triton. A second "
+        "Ctrl-C ends the drain at once.",
     )
     add_arguments(up, StackConfig, "stack")
     up.set_defaults(func=_up)
@@ -115,6 +118,8 @@ def _up(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            stack.hurry()  # asked again while stopping: end the drain now
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -139,20 +144,21 @@ def _up(args: argparse.Namespace) -> int:
         f"Shortline is serving. Scheduler: {stack.scheduler_address}\n"
         f"Try: shortline generate --scheduler {stack.scheduler_address}{flags} "
         '"Give me three tips for a good night\'s sleep." --max-tokens 64\n'
-        "Ctrl-C stops everything.",
+        "A service that crashes is restarted. Ctrl-C stops everything.",
         flush=True,
     )
     try:
-        while not stop.is_set():
-            dead = [c.name for c in stack.children if c.process and c.process.poll() is not None]
-            if dead:
-                print(f"shortline up: {', '.join(dead)} exited; stopping", file=sys.stderr)
-                break
-            stop.wait(1.0)
+        while not stop.wait(1.0):
+            pass
     finally:
-        print("stopping...", flush=True)
+        print(
+            f"stopping: the scheduler first (it drains for up to {cfg.drain_grace_s:g} s; "
+            "Ctrl-C again to cut it short), then workers, predictor, Triton",
+            flush=True,
+        )
         stack.stop()
-    return 0 if stop.is_set() else 1
+        print("stopped", flush=True)
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

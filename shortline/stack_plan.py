@@ -3,6 +3,10 @@ command line of every child, in start order (``plan``).
 
 Pure description, no processes: ``stack.py`` starts, watches and stops what
 this plans, so a test or the benchmark can read a plan without running it.
+Each child also says which ports it holds (a restart waits until they are free)
+and how long it may take to stop (the drain grace, for the scheduler and workers);
+``stop_stages`` is the order of a stop: the scheduler first, so that it drains
+while the workers, the predictor and Triton still serve its running requests.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from services.scheduler.core.policies import DEFAULT_POLICY
@@ -18,6 +23,11 @@ from shortline.common.paths import run_dir
 
 # The launcher's own certificate: its health checks reach services with mutual TLS.
 LAUNCHER = "launcher"
+
+# Beyond a service's drain grace, how long it may take to stop before it is killed.
+STOP_MARGIN_S = 10.0
+# How long the predictor and Triton may take to stop (Triton: its models unloading).
+STOP_TIMEOUT_S = 30.0
 
 
 class StackError(RuntimeError):
@@ -77,6 +87,13 @@ class StackConfig:
     triton_models: str = dataclasses.field(
         default="", metadata={"help": "models Triton loads, comma-separated (default: all)"}
     )
+    drain_grace_s: float = dataclasses.field(
+        default=20.0,
+        metadata={
+            "help": "on stop: how long the scheduler, then each worker, may drain (finish "
+            "running requests, taking no new ones) before what is left is ended"
+        },
+    )
     tls: bool = dataclasses.field(
         default=False,
         metadata={
@@ -116,6 +133,22 @@ class Child:
     health_address: str | None  # gRPC health endpoint; None: checked otherwise
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # Ports it listens on: a restart waits until the last instance let them go.
+    ports: tuple[int, ...] = ()
+    # From SIGTERM to exit at most (its drain included); then it is killed.
+    stop_timeout_s: float = STOP_TIMEOUT_S
+
+
+def stop_stages(children: Sequence[Child]) -> list[list[Child]]:
+    """The order of a stop, in stages (a stage's children stop together): the
+    scheduler drains first while everything it uses still serves, then the
+    workers (then idle), the predictor and Triton."""
+    by_kind: dict[str, list[Child]] = {}
+    for child in children:
+        by_kind.setdefault(child.name.split("-")[0], []).append(child)
+    order = ["scheduler", "worker", "predictor", "triton"]
+    stages = [by_kind.pop(kind) for kind in order if kind in by_kind]
+    return stages + list(by_kind.values())
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -190,6 +223,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                 *(["--models", cfg.triton_models] if cfg.triton_models else []),
             ],
             None,
+            ports=(cfg.triton_grpc_port, cfg.triton_http_port, cfg.triton_metrics_port),
         ),
         Child(
             "predictor",
@@ -204,6 +238,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                 *_tls_args(cfg, "predictor"),
             ],
             f"{h}:{cfg.predictor_port}",
+            ports=(cfg.predictor_port, cfg.metrics_base_port + 1),
         ),
         Child(
             "scheduler",
@@ -223,11 +258,15 @@ def plan(cfg: StackConfig) -> list[Child]:
                 cfg.batching,
                 "--metrics-port",
                 str(cfg.metrics_base_port),
+                "--drain-grace-s",
+                str(cfg.drain_grace_s),
                 *_tls_args(cfg, "scheduler"),
                 *(["--tokens-file", str(tokens)] if tokens is not None else []),
                 *cfg.extra_scheduler_args.split(),
             ],
             f"{h}:{cfg.scheduler_port}",
+            ports=(cfg.scheduler_port, cfg.scheduler_internal_port, cfg.metrics_base_port),
+            stop_timeout_s=cfg.drain_grace_s + STOP_MARGIN_S,
         ),
     ]
     for i in range(cfg.workers):
@@ -250,9 +289,13 @@ def plan(cfg: StackConfig) -> list[Child]:
                     f"worker-{i + 1}",
                     "--metrics-port",
                     str(cfg.metrics_base_port + 2 + i),
+                    "--drain-grace-s",
+                    str(cfg.drain_grace_s),
                     *_tls_args(cfg, f"worker-{i + 1}"),
                 ],
                 f"{h}:{cfg.worker_base_port + i}",
+                ports=(cfg.worker_base_port + i, cfg.metrics_base_port + 2 + i),
+                stop_timeout_s=cfg.drain_grace_s + STOP_MARGIN_S,
             )
         )
     return children

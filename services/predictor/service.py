@@ -175,8 +175,12 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             try:
                 result = await self.batcher.submit(query)
             except Exception as exc:
-                log.exception("prediction failed")
-                await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc}")
+                # The whole pass failed (logged once, with its traceback, by the batcher):
+                # not this request's doing, and the scheduler falls back on UNAVAILABLE.
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"prediction failed ({type(exc).__name__}); the encoder pass is logged",
+                )
             span.set_attribute("shortline.head_version", result.head_version)
         metrics.PREDICT_SECONDS.observe(time.perf_counter() - started)
         target = bounded(request.target_model, self.core.targets)

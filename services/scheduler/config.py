@@ -106,7 +106,26 @@ class SchedulerConfig(TlsSettings):
     batching: str = field(default="continuous", metadata={"help": "none, dynamic, continuous"})
     slots: int = field(default=8, metadata={"help": "cap on slots used per worker (B, K)"})
     batch_wait_ms: float = field(default=50.0, metadata={"help": "dynamic batching wait T"})
-    queue_limit: int = field(default=1000, metadata={"help": "waiting requests before refusal"})
+    queue_limit: int = field(
+        default=1000,
+        metadata={"help": "waiting requests before RESOURCE_EXHAUSTED (with a retry hint)"},
+    )
+    tenant_queue_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction of --queue-limit one tenant's waiting requests may take, so no "
+            "tenant fills the queue (1: no cap; the one anonymous tenant without "
+            "--tokens-file is never capped)"
+        },
+    )
+    deadline_shed_margin: float = field(
+        default=0.2,
+        metadata={
+            "help": "refuse a request (DEADLINE_EXCEEDED, before Accepted) when the work "
+            "ahead plus its predicted service exceeds its deadline by more than this "
+            "fraction (negative: refuse earlier)"
+        },
+    )
     outcome_log: str = field(
         default="", metadata={"help": "SQLite outcome log path (default .run/outcomes.sqlite)"}
     )
@@ -145,11 +164,22 @@ class SchedulerConfig(TlsSettings):
     heartbeat_interval_s: float = field(
         default=1.0, metadata={"help": "heartbeat period asked of workers"}
     )
+    drain_grace_s: float = field(
+        default=20.0,
+        metadata={
+            "help": "on SIGTERM: how long running and queued requests may take to finish "
+            "while no new one is admitted (UNAVAILABLE); the rest then end UNAVAILABLE"
+        },
+    )
     cache_threshold: float = field(default=0.95, metadata={"help": "semantic cache cosine"})
     cache_size: int = field(default=4096, metadata={"help": "semantic cache entries per model"})
-    disconnect_grace_s: float = field(
-        default=5.0,
-        metadata={"help": "cancel a job this long after its last client stream went away"},
+    max_reattach_grace_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "cap on a request's reattach_grace_seconds: how long it outlives its "
+            "last client stream for a retry to reattach (unset in the request: cancelled "
+            "at once)"
+        },
     )
     result_ttl_s: float = field(
         default=600.0, metadata={"help": "keep finished results this long for retried ids"}
@@ -164,6 +194,13 @@ class SchedulerConfig(TlsSettings):
         """Largest gRPC message the public port reads: a prompt up to 4x the limit still
         gets INVALID_ARGUMENT naming the limit; above that gRPC refuses it unread."""
         return max(4 * self.max_prompt_bytes + 65536, 1 << 20)
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        """HTTP/2 streams per client connection on the public port: room for a full
+        queue plus as many running and reattached streams, so that admission (a
+        RESOURCE_EXHAUSTED with a retry hint), not the transport, refuses first."""
+        return 2 * self.queue_limit + 1024
 
 
 def build_policy(cfg: SchedulerConfig) -> Policy:

@@ -87,5 +87,7 @@ async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
     start_metrics_server(config.metrics_port, config.host)
     await server.start()
     print(f"worker {server.worker_id} listening on {server.address}", flush=True)
-    await grpc_server.run_until_signal(server.server, on_stop=server.stop)
+    await grpc_server.run_until_signal(
+        server.server, on_stop=server.stop, on_drain=lambda: server.drain(config.drain_grace_s)
+    )
     return 0

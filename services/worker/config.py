@@ -93,3 +93,10 @@ class WorkerConfig(TlsSettings):
     triton_timeout_s: float = field(
         default=600.0, metadata={"help": "longest a single Triton stream may run (s)"}
     )
+    drain_grace_s: float = field(
+        default=20.0,
+        metadata={
+            "help": "on SIGTERM: how long running jobs may take to finish while no new one "
+            "is taken; the rest are then handed back to the scheduler to resume elsewhere"
+        },
+    )

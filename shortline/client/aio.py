@@ -1,22 +1,44 @@
-"""asyncio client, for services built on asyncio."""
+"""asyncio client, for services built on asyncio.
+
+``close()`` cancels every open stream itself before closing the channel:
+``grpc.aio.Channel.close()`` cancels only calls it finds as asyncio tasks
+created by the call, not a stream read with ``async for`` from the caller's
+own task (grpc/grpc#32005), so such a stream stays open and keeps being served
+after the channel is closed, and the scheduler never learns the client left.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from shortline.client.channel import aio_channel, call_metadata, is_retryable
 from shortline.client.resume import StreamState
-from shortline.client.types import Accepted, ClientOptions, Result, build_request, state_name
+from shortline.client.types import (
+    Accepted,
+    ClientOptions,
+    Result,
+    StreamClosedError,
+    StreamDivergedError,
+    build_request,
+    state_name,
+)
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
 class AsyncGenerateStream:
-    """``async for text in stream``; ``result`` is set once the stream ends."""
+    """``async for text in stream``; ``result`` is set once the stream ends.
+
+    Retries and divergence as :class:`~shortline.client.sync.GenerateStream`.
+    :meth:`close`, closing the client, or cancelling the reading task cancels
+    the call at once, so the scheduler frees the slot."""
 
     def __init__(
         self,
@@ -26,6 +48,8 @@ class AsyncGenerateStream:
     ) -> None:
         self._client = client
         self._state = StreamState(request, timeout)
+        self._call: Any = None  # the attempt's call while it streams
+        self._closed = False
 
     @property
     def request_id(self) -> str:
@@ -47,22 +71,52 @@ class AsyncGenerateStream:
         options = self._client.options
         state = self._state
         attempt = 0
-        while True:
-            state.delivered.new_attempt()
-            try:
-                call = self._client.stub.Generate(
-                    state.request, timeout=state.remaining(), metadata=call_metadata(options)
-                )
-                async for msg in call:
-                    fresh = state.handle(msg)
-                    if fresh:
-                        yield fresh
-                return
-            except grpc.aio.AioRpcError as exc:
-                if not is_retryable(exc) or attempt >= options.retries:
+        self._closed = False
+        self._client._streams.add(self)
+        try:
+            while True:
+                if self._closed:  # closed while waiting to retry
+                    raise StreamClosedError(self.request_id)
+                state.delivered.new_attempt()
+                try:
+                    self._call = call = self._client.stub.Generate(
+                        state.request, timeout=state.remaining(), metadata=call_metadata(options)
+                    )
+                    async for msg in call:
+                        fresh = state.handle(msg)
+                        if fresh:
+                            yield fresh
+                    return
+                except asyncio.CancelledError:
+                    # grpc.aio raises CancelledError in the reader of a call cancelled
+                    # locally; a task that was not itself cancelled gets an error instead.
+                    task = asyncio.current_task()
+                    if self._closed and task is not None and not task.cancelling():
+                        raise StreamClosedError(self.request_id) from None
                     raise
-                attempt += 1
-                await asyncio.sleep(state.backoff(options.backoff_seconds, attempt))
+                except grpc.aio.AioRpcError as exc:
+                    if self._closed:
+                        raise StreamClosedError(self.request_id) from exc
+                    if not is_retryable(exc) or attempt >= options.retries:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(state.backoff(options.backoff_seconds, attempt))
+                except StreamDivergedError:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await self.cancel()  # a diverged job is of no use to this caller
+                    raise
+        finally:
+            self.close()
+            self._client._streams.discard(self)
+
+    def close(self) -> None:
+        """Ends this stream now (the scheduler frees the slot of a request that is not
+        reattachable); the job itself is cancelled only by :meth:`cancel`. A reader
+        still iterating gets StreamClosedError."""
+        self._closed = True
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
 
     async def collect(self) -> str:
         """Reads the whole stream; returns the text."""
@@ -81,6 +135,7 @@ class AsyncShortlineClient:
         self.options = options or ClientOptions()
         self._channel = aio_channel(self.options)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._streams: weakref.WeakSet[AsyncGenerateStream] = weakref.WeakSet()
 
     def generate(
         self,
@@ -106,6 +161,7 @@ class AsyncShortlineClient:
             ignore_eos=ignore_eos,
             priority=priority,
             length_model=length_model,
+            reattach_grace_seconds=self.options.reattach_grace_seconds,
         )
         return AsyncGenerateStream(self, request, timeout or self.options.timeout_seconds)
 
@@ -126,6 +182,11 @@ class AsyncShortlineClient:
         return response
 
     async def close(self) -> None:
+        """Cancels every open stream (see the module's docstring), then closes the
+        channel: the scheduler sees each stream end at once and frees its slot
+        (unless the request is reattachable)."""
+        for stream in list(self._streams):
+            stream.close()
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncShortlineClient:

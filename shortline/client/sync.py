@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from shortline.client.channel import call_metadata, is_retryable, sync_channel
 from shortline.client.resume import StreamState
-from shortline.client.types import Accepted, ClientOptions, Result, build_request, state_name
+from shortline.client.types import (
+    Accepted,
+    ClientOptions,
+    Result,
+    StreamClosedError,
+    StreamDivergedError,
+    build_request,
+    state_name,
+)
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -19,8 +31,13 @@ class GenerateStream:
     """Iterates over text deltas; ``result`` is set once the stream ends.
 
     Retries on UNAVAILABLE reuse the request id, so the scheduler attaches to
-    the same job instead of running it again, and text already yielded is not
-    yielded twice.
+    the same job instead of running it again (when the request is reattachable:
+    ``ClientOptions.reattach_grace_seconds``), and text already yielded is not
+    yielded twice; a retry that replays different text raises
+    :class:`~shortline.client.types.StreamDivergedError`.
+
+    Leaving the loop early (``break``, an exception), :meth:`close` or closing the
+    client cancels the call at once, so the scheduler frees the slot.
     """
 
     def __init__(
@@ -31,6 +48,8 @@ class GenerateStream:
     ) -> None:
         self._client = client
         self._state = StreamState(request, timeout)
+        self._call: Any = None  # the attempt's call while it streams
+        self._closed = False
 
     @property
     def request_id(self) -> str:
@@ -52,22 +71,49 @@ class GenerateStream:
         options = self._client.options
         state = self._state
         attempt = 0
-        while True:
-            state.delivered.new_attempt()
-            try:
-                call = self._client.stub.Generate(
-                    state.request, timeout=state.remaining(), metadata=call_metadata(options)
-                )
-                for msg in call:
-                    fresh = state.handle(msg)
-                    if fresh:
-                        yield fresh
-                return
-            except grpc.RpcError as exc:
-                if not is_retryable(exc) or attempt >= options.retries:
+        self._closed = False
+        self._client._track(self, True)
+        try:
+            while True:
+                if self._closed:  # closed while waiting to retry
+                    raise StreamClosedError(self.request_id)
+                state.delivered.new_attempt()
+                try:
+                    self._call = call = self._client.stub.Generate(
+                        state.request, timeout=state.remaining(), metadata=call_metadata(options)
+                    )
+                    for msg in call:
+                        fresh = state.handle(msg)
+                        if fresh:
+                            yield fresh
+                    return
+                except grpc.RpcError as exc:
+                    if self._closed:
+                        raise StreamClosedError(self.request_id) from exc
+                    if not is_retryable(exc) or attempt >= options.retries:
+                        raise
+                    attempt += 1
+                    time.sleep(state.backoff(options.backoff_seconds, attempt))
+                except StreamDivergedError:
+                    self._cancel_job()
                     raise
-                attempt += 1
-                time.sleep(state.backoff(options.backoff_seconds, attempt))
+        finally:
+            self.close()
+            self._client._track(self, False)
+
+    def close(self) -> None:
+        """Ends this stream now (the scheduler frees the slot of a request that is not
+        reattachable); the job itself is cancelled only by :meth:`cancel`. A reader
+        still iterating gets StreamClosedError."""
+        self._closed = True
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    def _cancel_job(self) -> None:
+        """Best effort: a job whose text diverged is of no use to this caller."""
+        with contextlib.suppress(grpc.RpcError):
+            self.cancel()
 
     def cancel(self) -> str:
         """Cancels the job on the scheduler (not just this stream); returns its state."""
@@ -81,6 +127,16 @@ class ShortlineClient:
         self.options = options or ClientOptions()
         self._channel = sync_channel(self.options)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        # Open streams, for close(); streams may be read from several threads.
+        self._streams: weakref.WeakSet[GenerateStream] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def _track(self, stream: GenerateStream, open_: bool) -> None:
+        with self._lock:
+            if open_:
+                self._streams.add(stream)
+            else:
+                self._streams.discard(stream)
 
     def generate(
         self,
@@ -107,6 +163,7 @@ class ShortlineClient:
             ignore_eos=ignore_eos,
             priority=priority,
             length_model=length_model,
+            reattach_grace_seconds=self.options.reattach_grace_seconds,
         )
         return GenerateStream(self, request, timeout or self.options.timeout_seconds)
 
@@ -127,6 +184,12 @@ class ShortlineClient:
         return response
 
     def close(self) -> None:
+        """Cancels every open stream, then closes the channel: the scheduler sees each
+        stream end at once and frees its slot (unless the request is reattachable)."""
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
         self._channel.close()
 
     def __enter__(self) -> ShortlineClient:

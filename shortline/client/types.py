@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,28 @@ class ClientOptions:
     tls: bool = False
     root_certificates: bytes | None = None
     token: str | None = None
-    # Default per-call deadline in seconds (None: no deadline).
+    # Default per-call deadline in seconds (None: no deadline). A scheduler that can
+    # see the deadline cannot be met refuses at once with DEADLINE_EXCEEDED.
     timeout_seconds: float | None = None
-    # Attempts after an UNAVAILABLE failure, with the same request id.
+    # Attempts after an UNAVAILABLE failure, with the same request id. Before the
+    # request was accepted (the scheduler not up yet) a retry always helps; after, a
+    # retry can only continue the same generation when ``reattach_grace_seconds`` is
+    # set: without it the scheduler cancelled the request when the stream broke, and
+    # the retry ends with ABORTED (which is not retried).
     retries: int = 3
     backoff_seconds: float = 0.2
+    # How long the scheduler keeps a request running after its stream breaks, for a
+    # retry with the same id to reattach and continue (capped by the scheduler's
+    # --max-reattach-grace-s). 0, the default: a client that disappears (closed,
+    # killed, its connection lost) frees its slot at once, so no worker keeps
+    # generating for nobody. Set it (a few seconds to the time a scheduler restart
+    # takes) in a client that retries across a scheduler restart or a network blip.
+    reattach_grace_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        grace = self.reattach_grace_seconds
+        if not (math.isfinite(grace) and grace >= 0.0):
+            raise ClientConfigError(f"reattach_grace_seconds must be >= 0, got {grace}")
 
     @classmethod
     def from_files(
@@ -65,8 +83,40 @@ class ClientOptions:
         )
 
 
-class ClientConfigError(ValueError):
+class ClientError(Exception):
+    """What the SDK raises itself (gRPC's own errors stay ``grpc.RpcError``)."""
+
+
+class ClientConfigError(ClientError, ValueError):
     """A CA or token file given to the client cannot be read; the message names it."""
+
+
+class StreamClosedError(ClientError):
+    """The stream was closed by this client (``close()`` of the stream or the client)
+    while it was being read; the text delivered so far stays in ``stream.text``."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id!r}: the stream was closed before it ended")
+        self.request_id = request_id
+
+
+class StreamDivergedError(ClientError):
+    """A retried stream replayed text that differs from what was already delivered.
+
+    Raised instead of yielding a text made of two different generations: the
+    scheduler could not continue the generation the caller was reading (it
+    started over, or sampled again), so the caller gets an error and keeps the
+    text delivered so far (``stream.text``), never a spliced one."""
+
+    def __init__(self, offset: int, request_id: str = "") -> None:
+        who = f"request {request_id!r}: " if request_id else ""
+        super().__init__(
+            f"{who}the resumed stream differs from the text already delivered at character "
+            f"{offset}; it is not the same generation, so it is not continued (the text "
+            "delivered before stays as it was)"
+        )
+        self.offset = offset
+        self.request_id = request_id
 
 
 def _read(path: str | Path, what: str) -> bytes:
@@ -148,6 +198,7 @@ def build_request(
     ignore_eos: bool,
     priority: int | None,
     length_model: str,
+    reattach_grace_seconds: float = 0.0,
 ) -> scheduler_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(ignore_eos=ignore_eos)
     if temperature is not None:
@@ -164,4 +215,6 @@ def build_request(
     )
     if priority is not None:
         request.priority = priority
+    if reattach_grace_seconds > 0.0:
+        request.reattach_grace_seconds = reattach_grace_seconds
     return request

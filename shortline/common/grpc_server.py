@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from shortline.common.rpc_errors import DefinedStatus
+
 log = logging.getLogger(__name__)
 
 # gRPC's own default (4 MiB); services that take user text set a smaller one.
@@ -42,19 +44,23 @@ def build_server(
 
     With ``credentials`` (``tls.server_credentials``) the port speaks TLS only;
     a message above ``max_message_bytes`` is refused by gRPC with
-    RESOURCE_EXHAUSTED before any servicer sees it.
+    RESOURCE_EXHAUSTED before any servicer sees it. A message that does not
+    parse, or a servicer's unexpected exception, gets a defined status in one
+    log line (``rpc_errors.DefinedStatus``), never UNKNOWN with a traceback.
 
     ``service_names`` are the fully qualified services (``DESCRIPTOR.services_by_name[...]
     .full_name``). Health answers NOT_FOUND for them until :func:`set_serving` is awaited:
     call ``set_serving(..., False)`` right after ``start()`` and ``True`` once ready.
     """
     server = grpc.aio.server(
+        # Every RPC (health and reflection too) answers a defined status for any input.
+        interceptors=[DefinedStatus()],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", max_workers_streams),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        ],
     )
     add_servicers(server)
     health_servicer = AioHealthServicer()
@@ -90,14 +96,36 @@ async def run_until_signal(
     *,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     grace_seconds: float = 5.0,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serves until SIGTERM or SIGINT, then stops: in-flight calls get ``grace_seconds``."""
+    """Serves until SIGTERM or SIGINT, then stops: in-flight calls get ``grace_seconds``.
+
+    With ``on_drain`` the first signal runs it before stopping (the service stops
+    taking work and lets what runs finish, within its own grace); a second signal
+    cuts the drain short, so an operator who means "now" is obeyed.
+    """
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+            loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    signalled.clear()
+    if on_drain is not None:
+        log.info("draining")
+        drain = asyncio.ensure_future(on_drain())
+        again = asyncio.ensure_future(signalled.wait())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            log.warning("signalled again while draining: stopping now")
+            drain.cancel()
+        again.cancel()
+        try:
+            await drain
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # stopping must still happen
+            log.exception("drain failed; stopping")
     log.info("stopping")
     if on_stop is not None:
         await on_stop()

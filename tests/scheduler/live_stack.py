@@ -81,7 +81,6 @@ async def stack(
         internal_port=0,
         heartbeat_interval_s=0.2,
         outcome_log=str(tmp_path / "outcomes.sqlite"),
-        disconnect_grace_s=0.5,
         **cfg,
     )
     server = SchedulerServer(config)

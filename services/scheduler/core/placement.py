@@ -2,7 +2,10 @@
 
 Workers with a free slot sit in buckets by how many slots they use; the
 first non-empty bucket holds the least-loaded ones (ties: the one that has
-been at that load longest). A full worker leaves the board.
+been at that load longest). A full worker leaves the board, and so does a
+worker that is present but not accepting work (its Triton down, draining):
+its running jobs still give their slots back, but it is not picked again
+until it accepts work again.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 
 class WorkerSlots:
-    __slots__ = ("alive", "attachment", "batch_left", "id", "jobs", "slots", "used")
+    __slots__ = ("accepting", "alive", "attachment", "batch_left", "id", "jobs", "slots", "used")
 
     def __init__(self, worker_id: Any, slots: int, attachment: Any = None) -> None:
         self.id = worker_id
@@ -20,6 +23,7 @@ class WorkerSlots:
         self.used = 0
         self.jobs: dict[Any, None] = {}  # job ids running here, insertion ordered
         self.alive = True
+        self.accepting = True  # False: present, its jobs run on, but no new job goes here
         self.batch_left = 0  # dynamic batching: jobs of the current batch not yet finished
 
 
@@ -33,12 +37,16 @@ class SlotBoard:
             self._levels.append({})
 
     def add(self, w: WorkerSlots) -> None:
+        if not w.accepting:
+            return
         self._ensure(w.slots)
         if w.used < w.slots:
             self._levels[w.used][w.id] = w
         self.free += w.slots - w.used
 
     def discard(self, w: WorkerSlots) -> None:
+        if not w.accepting:
+            return  # already off the board
         if w.used < w.slots:
             self._levels[w.used].pop(w.id, None)
         self.free -= w.slots - w.used
@@ -65,9 +73,24 @@ class SlotBoard:
         self.free -= n
 
     def give_back(self, w: WorkerSlots, n: int = 1) -> None:
+        if not w.accepting:
+            w.used -= n  # off the board: its slots count again once it accepts work
+            return
         levels = self._levels
         if w.used < w.slots:
             del levels[w.used][w.id]
         w.used -= n
         levels[w.used][w.id] = w
         self.free += n
+
+    def set_accepting(self, w: WorkerSlots, accepting: bool) -> bool:
+        """Takes a present worker off the board or puts it back; True when that changed."""
+        if w.accepting == accepting:
+            return False
+        if accepting:
+            w.accepting = True
+            self.add(w)
+        else:
+            self.discard(w)
+            w.accepting = False
+        return True

@@ -31,6 +31,7 @@ from services.scheduler.core.interface import (
     Stop,
 )
 from services.scheduler.core.job import Job, JobState
+from services.scheduler.core.membership import WorkerMembership
 from services.scheduler.core.placement import SlotBoard, WorkerSlots
 from services.scheduler.core.policies import Policy
 from services.scheduler.core.preemption import RunningHeap
@@ -49,7 +50,7 @@ SOURCE_FALLBACK = "fallback"
 SOURCE_ORACLE = "oracle"
 
 
-class SchedulerCore:
+class SchedulerCore(WorkerMembership):
     def __init__(
         self,
         policy: Policy,
@@ -97,54 +98,7 @@ class SchedulerCore:
         self.failed = 0
         self.preemptions = 0
         self.requeued = 0
-
-    # ---- workers -------------------------------------------------------------
-
-    def add_worker(self, worker_id: Any, slots: int, attachment: Any = None) -> None:
-        """Registers a worker (again after a restart: its old jobs are requeued).
-
-        ``attachment`` is the driver's own record of the worker (the service's
-        connection), kept on ``workers[worker_id].attachment`` so that the driver
-        needs no registry of its own."""
-        if slots < 1:
-            raise ValueError(f"worker slots must be >= 1, got {slots}")
-        if worker_id in self._workers:
-            self.on_worker_lost(worker_id)
-        w = WorkerSlots(worker_id, self.batching.usable_slots(slots), attachment)
-        self._workers[worker_id] = w
-        self._board.add(w)
-
-    def on_worker_lost(self, worker_id: Any) -> list[Job]:
-        """Removes the worker; its jobs go back to the queue to resume elsewhere."""
-        w = self._workers.pop(worker_id, None)
-        if w is None:
-            return []
-        self._board.discard(w)
-        w.alive = False
-        now = self.clock.now()
-        requeued: list[Job] = []
-        for job_id in list(w.jobs):
-            job = self._jobs[job_id]
-            job.worker = None
-            self._running -= 1
-            self._preempting.discard(job_id)
-            if job.state is RUNNING or job.state is PREEMPTED:
-                if job.state is RUNNING:
-                    job.to(PREEMPTED)
-                job.requeues += 1
-                self.requeued += 1
-                if job.requeues > self.max_requeues:
-                    self._end(job, FAILED, "error", now)
-                    continue
-                self._requeue(job, now)
-                requeued.append(job)
-            else:  # cancelled while running: nothing left to do
-                del self._jobs[job_id]
-        return requeued
-
-    @property
-    def workers(self) -> dict[Any, WorkerSlots]:
-        return self._workers
+        self.ended: list[Job] | None = None  # a driver's list of newly ended jobs (membership)
 
     # ---- admission and prediction -------------------------------------------
 
@@ -327,6 +281,8 @@ class SchedulerCore:
         job.to(CANCELLED)
         job.finish = now
         job.finish_reason = reason
+        if self.ended is not None:
+            self.ended.append(job)
         if state is RUNNING:
             return Stop(job, job.worker, False)  # slot held until on_stopped
         if state is PREEMPTED:
@@ -431,6 +387,8 @@ class SchedulerCore:
         if state is FAILED:
             self.failed += 1
         self._jobs.pop(job.id, None)
+        if self.ended is not None:
+            self.ended.append(job)
 
     # ---- introspection -------------------------------------------------------
 

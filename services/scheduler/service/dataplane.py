@@ -32,8 +32,11 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+import grpc
+
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig, build_policy
+from services.scheduler.core.admission import AdmissionControl
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.fallback import FallbackPredictor
@@ -41,10 +44,10 @@ from services.scheduler.core.interface import Assign, Decision, Stop
 from services.scheduler.core.job import Job
 from services.scheduler.core.scheduler import SchedulerCore
 from services.scheduler.service.clock import MonotonicClock
-from services.scheduler.service.prediction import PredictorClient
+from services.scheduler.service.prediction import Prediction, PredictorClient
 from services.scheduler.service.results import Results, StatusError, prediction_source
 from services.scheduler.service.streams import Request
-from services.scheduler.service.tenancy import fingerprint, scoped_key
+from services.scheduler.service.tenancy import fingerprint, scoped_key, shown_id
 from services.scheduler.service.workers import WorkerPool
 from shortline.common.outcomes import OutcomeLog
 from shortline.common.telemetry import tracer
@@ -73,6 +76,15 @@ class SchedulerService:
             fallback=FallbackPredictor(cfg.fallback_tokens),
             cap_at_max_tokens=not cfg.benchmark_mode,
         )
+        # Every job the core ends, on any path, is listed here and ended for its
+        # clients in ``_settle``: no client is left waiting on a job the core forgot.
+        self.core.ended = []
+        # Tenant caps and deadline shedding, from the core's knowledge (queue, token time).
+        self.admission = AdmissionControl(
+            self.core,
+            tenant_share=cfg.tenant_queue_share,
+            deadline_margin=cfg.deadline_shed_margin,
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self.results = Results(
             self.clock, self.policy.name, cfg.result_ttl_s, outcome_log, self._spawn_plain
@@ -100,6 +112,10 @@ class SchedulerService:
 
     async def close(self) -> None:
         self._started = False
+        # Every open stream gets a status now rather than a reset later (or nothing).
+        for job in self.core:
+            if job.attachment is not None:
+                self.results.interrupt(job.attachment, "the scheduler is shutting down")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -170,11 +186,9 @@ class SchedulerService:
         try:
             now = self.clock.now()
             self.workers.expire(now)
-            for job, stop in self.core.expire():
+            for _, stop in self.core.expire():  # ended in _settle
                 if stop is not None:
                     self.workers.stop(stop)
-                if job.attachment is not None:
-                    self._finalize(job.attachment)
             self.results.on_timer(now)
             self._pump()
         except Exception:
@@ -200,7 +214,9 @@ class SchedulerService:
         remaining: float | None,
         tenant: str = "",
     ) -> Request:
-        """Queues a new request (awaiting its prediction); raises QueueFullError."""
+        """Queues a new request (awaiting its prediction); raises QueueFullError, or
+        TenantCapError when ``tenant`` already holds its share of the queue."""
+        self.admission.check_tenant(tenant)
         now = self.clock.now()
         job = Job(
             scoped_key(tenant, request.request_id),
@@ -217,6 +233,7 @@ class SchedulerService:
         req = Request(request.request_id, job, sampling, fingerprint=fingerprint(request))
         job.attachment = req
         self.core.submit(job)  # QueueFullError: nothing was kept
+        self.admission.admitted(tenant, job)
         # Work done for this request later (prediction, runs on workers) joins the
         # caller's trace, whichever event happens to trigger it.
         req.trace_context = contextvars.copy_context()
@@ -230,7 +247,13 @@ class SchedulerService:
         outcome_log = self.results.outcome_log
         # A digest-mode outcome log keeps the embedding in place of the prompt.
         log_embedding = outcome_log is not None and outcome_log.wants_embeddings
-        got = await self.predictor.predict(job, want_embedding=cache is not None or log_embedding)
+        try:
+            got = await self.predictor.predict(
+                job, want_embedding=cache is not None or log_embedding
+            )
+        except Exception:  # a bad answer must not leave the job waiting for a prediction
+            log.exception("prediction for %s failed; falling back", job.id)
+            got = Prediction(None, None)
         lookups = cache.lookups if cache else 0
         hits = cache.hits if cache else 0
         if self.core.on_prediction(job.id, got.tokens, "predictor", got.embedding) is None:
@@ -240,6 +263,10 @@ class SchedulerService:
         if cache is not None:
             metrics.CACHE_LOOKUPS.inc(cache.lookups - lookups)
             metrics.CACHE_HITS.inc(cache.hits - hits)
+        problem = self.admission.deadline_problem(job, self.clock.now())
+        if problem is not None:
+            self.shed(req, problem)
+            return
         req.accepted = scheduler_pb2.Accepted(
             request_id=req.id,
             predicted_tokens=job.predicted,
@@ -258,23 +285,50 @@ class SchedulerService:
         stop = self.core.on_cancel(req.job.id, reason)
         if stop is not None:
             self.workers.stop(stop)
-        if req.job.terminal:
-            self._finalize(req)
-        self._pump()
+        self._pump()  # ends the request (_settle)
 
     def disconnected(self, req: Request) -> None:
         """Every client stream of an unfinished request went away (after the grace)."""
         log.info("request %s: every client stream went away; cancelling", req.job.id)
         self.cancel(req, "disconnected")
 
+    def shed(self, req: Request, why: str) -> None:
+        """Refuses a request before its Accepted: its deadline cannot be met.
+
+        DEADLINE_EXCEEDED (not RESOURCE_EXHAUSTED): it is the status the caller would
+        get at its deadline, now without the wait, and a retry with the same budget
+        is refused again while the queue is as long; a full queue is
+        RESOURCE_EXHAUSTED with a retry hint, since there a retry soon may pass."""
+        self.core.on_cancel(req.job.id, "shed")  # sets the reason the outcome row shows
+        status = (grpc.StatusCode.DEADLINE_EXCEEDED, f"request {shown_id(req.id)}: {why}")
+        self._finalize(req, status)
+        self._pump()
+
     def _finalize(self, req: Request, error: StatusError | None = None) -> None:
+        if req.final is None:
+            self.admission.observe_finished(req.job)
         self.results.finalize(req, error)
 
     # ---- dispatch ------------------------------------------------------------
 
+    def _settle(self) -> None:
+        """Ends, for its clients, every job the core ended since the last call: finished,
+        cancelled, past its deadline, failed with a lost worker or with its retries
+        spent. One place, after every event (each ends with ``_pump``), so no path or
+        order of tasks can leave a client waiting on a job the core no longer has.
+        ``finalize`` runs once per request: a path that already ended it with a more
+        precise status is not overridden."""
+        ended = self.core.ended
+        assert ended is not None
+        while ended:
+            job = ended.pop(0)
+            if job.attachment is not None:
+                self._finalize(job.attachment)
+
     def _pump(self) -> None:
         for decision in self.core.dispatch():
             self._apply(decision)
+        self._settle()
         metrics.QUEUE_DEPTH.set(self.core.queue_depth)
         metrics.RUNNING_JOBS.set(self.core.running)
         queue = self.core.queue

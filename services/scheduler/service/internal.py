@@ -15,11 +15,32 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.dataplane import SchedulerService
 from services.scheduler.service.servicer import stats_response
 from services.scheduler.service.validation import validate_registration
-from shortline.common import tls
+from shortline.common import limits, tls
 from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 # Other services' certificates: never a worker unless --worker-identities names them.
 SERVICE_IDENTITIES = frozenset({"scheduler", "predictor"})
+
+
+# A worker's id, address and models go into log lines, metric labels and status
+# messages: bounded and printable, so no registration can flood or forge them.
+MAX_WORKER_ID, MAX_ADDRESS, MAX_MODELS = 128, 256, 64
+
+
+def _bad_names(request: scheduler_pb2.RegisterWorkerRequest) -> str | None:
+    """What is wrong with the request's names (INVALID_ARGUMENT's message), or None."""
+    fields = [("worker_id", request.worker_id, MAX_WORKER_ID)]
+    fields.append(("address", request.address, MAX_ADDRESS))
+    most_models = max(len(request.models), len(request.limits))
+    if most_models > MAX_MODELS:
+        return f"a worker serves at most {MAX_MODELS} models, got {most_models}"
+    fields += [("models", m, limits.MAX_NAME_CHARS) for m in request.models]
+    for name, value, most in fields:
+        if len(value) > most:
+            return f"{name} must be at most {most} characters, got {len(value)}"
+        if not value or not value.isprintable():
+            return f"{name} must be printable and not empty"
+    return None
 
 
 class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServicer):
@@ -66,7 +87,7 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
         denied = self._not_this_worker(request.worker_id, context)
         if denied is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
-        problem = validate_registration(request)
+        problem = validate_registration(request) or _bad_names(request)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         mismatch = self.plane.workers.mismatch(request.worker_id, list(request.models))
@@ -86,7 +107,7 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
         if denied is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
         return scheduler_pb2.HeartbeatResponse(
-            known=self.plane.workers.heartbeat(request.worker_id)
+            known=self.plane.workers.heartbeat(request.worker_id, request.serving)
         )
 
     async def GetStats(

@@ -1,10 +1,12 @@
 """How a request ends: its GenerateResult (or status), metrics and outcome-log row.
 
 ``Results.finalize`` runs once per request, whatever ended it (finished,
-cancelled, deadline, failed). The finished record stays in :class:`ResultStore`
-for ``result_ttl_s`` so that a retried ``request_id`` gets the same result
-instead of running again; the outcome log (``shortline.common.outcomes``) is
-what the predictor later learns output lengths from. Rows are flushed off the
+cancelled, deadline, failed): the data plane calls it for every job the core
+ends (``dataplane._settle``), and a second call is a no-op. The finished record
+stays in :class:`ResultStore` for ``result_ttl_s`` so that a retried
+``request_id`` gets the same result instead of running again; the outcome log
+(``shortline.common.outcomes``) is what the predictor later learns output
+lengths from. Rows are flushed off the
 event loop when the log says a batch is due, and otherwise at most
 ``FLUSH_AFTER_S`` after they were appended (the loop's timer asks
 :meth:`Results.next_due`).
@@ -56,16 +58,26 @@ def prediction_source(job: Job) -> scheduler_pb2.PredictionSource.ValueType:
     return SOURCES.get(job.prediction_source, scheduler_pb2.PREDICTION_SOURCE_UNSPECIFIED)
 
 
+# Finished records kept at most (about 13 KB each with their text): 130 MB.
+MAX_RESULTS = 10_000
+
+
 class ResultStore:
     """Finished requests by their scoped key (``job.id``: tenant and id), oldest
     first, kept ``ttl_s`` for retried ids."""
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, max_results: int = MAX_RESULTS) -> None:
         self.ttl_s = ttl_s
+        self.max_results = max_results
         self._done: dict[str, Request] = {}  # insertion order = finishing order
 
     def add(self, req: Request) -> None:
         self._done[req.job.id] = req
+        if len(self._done) > self.max_results:
+            # Bounded whatever the TTL: the oldest unread record goes first.
+            oldest = next((k for k, r in self._done.items() if not r.subscribers), None)
+            if oldest is not None:
+                del self._done[oldest]
 
     def get(self, key: str) -> Request | None:
         return self._done.get(key)
@@ -123,6 +135,12 @@ class Results:
             return t - job.arrival if t is not None else math.nan
 
         reason = job.finish_reason or ("error" if error else "stop")
+        if error is None and job.state is JobState.FAILED:
+            error = (
+                grpc.StatusCode.UNAVAILABLE,
+                f"request {shown_id(req.id)} failed: its worker was lost or failed "
+                f"{job.requeues} times; retry later",
+            )
         if error is not None:
             req.final = error
         elif job.finish_reason == "deadline":
@@ -152,6 +170,27 @@ class Results:
         self.store.add(req)
         self._observe(req, reason, now, since)
         self._log(req, reason, now, since)
+        # A retried id needs the text and timings, not the prompt (its fingerprint
+        # answers ALREADY_EXISTS) or the embedding: under overload the kept results
+        # are most of the scheduler's memory.
+        job.prompt = ""
+        job.embedding = None
+
+    def interrupt(self, req: Request, why: str) -> None:
+        """Ends every client stream of an unfinished request with UNAVAILABLE (the
+        scheduler is stopping) without ending the request itself: no result, no
+        outcome row, so that a scheduler that keeps its jobs across a restart can
+        still finish it for a client that retries the same id."""
+        if req.final is not None:
+            return
+        req.cancel_disconnect_timer()
+        # Set so that a stream still waiting for the prediction ends too.
+        req.final = (
+            grpc.StatusCode.UNAVAILABLE,
+            f"request {shown_id(req.id)}: {why}; retry with the same request id",
+        )
+        req.ready.set()
+        req.broadcast(req.final)
 
     def _observe(
         self, req: Request, reason: str, now: float, since: Callable[[float | None], float]

@@ -1,15 +1,29 @@
-"""The scheduler's gRPC server (with health and reflection) and ``serve()``."""
+"""The scheduler's gRPC server (with health and reflection) and ``serve()``.
+
+On SIGTERM the scheduler drains before it stops (``SchedulerServer.drain``):
+health turns NOT_SERVING at once, a new request is refused with UNAVAILABLE (a
+client retries on another scheduler) while retries of requests it holds still
+attach, and admitted requests (running and queued) have ``drain_grace_s`` to
+finish; those still unfinished then end with UNAVAILABLE naming the drain, so
+no client stream is left hanging. A second signal stops at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import cast
+
+import grpc
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.dataplane import SchedulerService
 from services.scheduler.service.internal import SchedulerInternalServicer
 from services.scheduler.service.servicer import INTERNAL_SERVICE_NAME, SchedulerServicer
+from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import (
     Tenancy,
     TenancyConfigError,
@@ -25,6 +39,37 @@ from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2, scheduler_p
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+# How often a drain looks whether every admitted request has ended.
+DRAIN_POLL_S = 0.05
+
+
+class DrainingServicer(SchedulerServicer):
+    """The public API, and what it refuses once the scheduler drains: a new request
+    (UNAVAILABLE, so the SDK retries it on another scheduler). A retry of a request
+    this scheduler holds still attaches to it: refusing it would leave that request
+    without a client, and a request without a client is cancelled."""
+
+    draining = False
+
+    async def Generate(
+        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        if self.draining:
+            tenant = await self.tenancy.tenant(context)
+            if self.plane.lookup(request.request_id, tenant.name) is None:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the scheduler is draining (shutting down) and admits no new request; "
+                    "retry on another scheduler",
+                )
+        items = cast(
+            AsyncGenerator[scheduler_pb2.GenerateResponse, None],
+            super().Generate(request, context),
+        )
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield item
 
 
 class SchedulerServer:
@@ -46,7 +91,7 @@ class SchedulerServer:
             max_rows=cfg.outcome_log_max_rows,
             max_age_s=cfg.outcome_log_max_age_days * 86400.0,
         )
-        self.servicer = SchedulerServicer(cfg, self.outcome_log, tenancy)
+        self.servicer = DrainingServicer(cfg, self.outcome_log, tenancy)
         self.address = f"{cfg.host}:{cfg.port}"
         # Public: TLS, never client certificates (tokens identify clients there).
         self.server, self.health = grpc_server.build_server(
@@ -54,6 +99,7 @@ class SchedulerServer:
             [SERVICE_NAME],
             self.address,
             max_message_bytes=cfg.max_message_bytes,
+            max_workers_streams=cfg.max_concurrent_streams,
             credentials=tls.server_credentials(self.tls, internal=False),
         )
         self.internal = SchedulerInternalServicer(cfg, self.servicer.plane, self.tls.identity)
@@ -94,6 +140,36 @@ class SchedulerServer:
         )
         log.info("TLS %s", tls.describe(self.tls))
 
+    def unfinished(self) -> list[Request]:
+        """Admitted requests not ended yet (queued, awaiting prediction, running)."""
+        return [j.attachment for j in self.plane.core if not j.terminal and j.attachment]
+
+    async def drain(self, grace_s: float) -> None:
+        """Stops admitting and gives admitted requests ``grace_s`` to end; the rest
+        end UNAVAILABLE naming the drain (a client may retry the same id elsewhere)."""
+        self.servicer.draining = True
+        await grpc_server.set_serving(self.health, [SERVICE_NAME], False)
+        await grpc_server.set_serving(self.internal_health, [INTERNAL_SERVICE_NAME], False)
+        left = self.unfinished()
+        log.info(
+            "draining: no new requests; %d admitted ones have up to %g s to finish",
+            len(left),
+            grace_s,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while left and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+            left = self.unfinished()
+        for req in left:
+            self.plane.results.interrupt(
+                req, f"the scheduler drained for {grace_s:g} s and stopped before it finished"
+            )
+        if left:
+            log.warning("drained: %d requests unfinished after %g s ended", len(left), grace_s)
+        else:
+            log.info("drained: every admitted request ended")
+
     async def stop(self, grace_s: float = 2.0) -> None:
         await grpc_server.set_serving(self.health, [SERVICE_NAME], False)
         await grpc_server.set_serving(self.internal_health, [INTERNAL_SERVICE_NAME], False)
@@ -116,5 +192,7 @@ async def serve(cfg: SchedulerConfig) -> None:
         await server.internal_server.stop(1.0)
         await server.plane.close()
 
-    await grpc_server.run_until_signal(server.server, on_stop=on_stop)
+    await grpc_server.run_until_signal(
+        server.server, on_stop=on_stop, on_drain=lambda: server.drain(cfg.drain_grace_s)
+    )
     await asyncio.to_thread(server.outcome_log.close)

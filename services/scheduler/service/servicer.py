@@ -3,6 +3,15 @@
 Stateless: every request, job and worker lives in the data plane
 (``dataplane.SchedulerService``) and the core under it. A status error is
 aborted here, with the message the data plane or ``validation`` gives.
+
+Admission refuses before anything is queued: a full queue and a tenant over its
+share answer ``RESOURCE_EXHAUSTED`` at once, with the seconds to wait in the
+message and as ``grpc-retry-pushback-ms`` trailing metadata (what gRPC's retry
+policies honour); a deadline that cannot be met answers ``DEADLINE_EXCEEDED``
+before ``Accepted`` (``dataplane.shed``). Each stream leaves its request when
+its RPC ends (``streams.Subscription`` on the context's done callback), so a
+client that goes away frees its slot at once unless it asked for a reattach
+grace.
 """
 
 from __future__ import annotations
@@ -10,18 +19,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.core.admission import TenantCapError
 from services.scheduler.core.interface import QueueFullError
 from services.scheduler.service.dataplane import SchedulerService
-from services.scheduler.service.streams import follow
+from services.scheduler.service.streams import Request, Subscription, follow
 from services.scheduler.service.tenancy import (
     Tenancy,
     differing_field,
     reuse_message,
+    shown_id,
     unknown_message,
 )
-from services.scheduler.service.validation import validate
+from services.scheduler.service.validation import reattach_grace, validate
 from shortline.common.outcomes import OutcomeLog
 from shortline.common.telemetry import tracer
 from shortline.scheduler.v1 import internal_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -29,6 +41,8 @@ from shortline.scheduler.v1 import internal_pb2, scheduler_pb2, scheduler_pb2_gr
 INTERNAL_SERVICE_NAME = internal_pb2.DESCRIPTOR.services_by_name[
     "SchedulerInternalService"
 ].full_name
+# Trailing metadata gRPC clients' retry policies read as "retry after this many ms".
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -57,30 +71,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self.tenancy.check_model(tenant, request.model, context)
-        plane = self.plane
-        with self._tracer.start_as_current_span("scheduler.generate") as span:
-            span.set_attribute("shortline.request_id", request.request_id)
-            req = plane.lookup(request.request_id, tenant.name)
-            if req is not None:
-                differs = differing_field(req.fingerprint, request)
-                if differs is not None:
-                    await context.abort(
-                        grpc.StatusCode.ALREADY_EXISTS, reuse_message(request.request_id, differs)
-                    )
-            if req is None:
-                unserved = plane.workers.unserved(request.model)
-                if unserved is not None:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, unserved)
-                try:
-                    req = plane.admit(request, context.time_remaining(), tenant.name)
-                except QueueFullError as exc:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-                    raise  # abort raises; this line is never reached
-            else:
-                span.set_attribute("shortline.attached", True)
-            async for item in follow(req, self.cfg.disconnect_grace_s, plane.disconnected):
+        span = self._tracer.start_span("scheduler.generate")
+        try:
+            # Current only while the request is admitted or attached (no yield in
+            # between): the work done for it later joins this trace through the context
+            # ``admit`` keeps. Left current across the yields below, it would be detached
+            # in another context when gRPC drops the generator of a cancelled call (an
+            # error with a traceback in the log for each client that left).
+            with trace.use_span(span):
+                req = await self._open(request, tenant.name, context, span)
+            # The stream leaves the request when its RPC ends, however it ends.
+            sub = Subscription(req, self.plane.disconnected)
+            # (grpc-stubs types the callback as a class of its own; any callable is taken.)
+            context.add_done_callback(sub.end)  # type: ignore[arg-type]
+            async for item in follow(sub):
                 if isinstance(item, tuple):
                     code, message = item
+                    span.set_attribute("shortline.status", code.name)
                     await context.abort(code, message)
                 if item.HasField("result"):
                     r = item.result
@@ -89,6 +96,50 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     span.set_attribute("shortline.preemptions", r.preemptions)
                     span.set_attribute("shortline.queue_wait_s", r.queue_wait_seconds)
                 yield item
+        finally:
+            span.end()
+
+    async def _open(
+        self,
+        request: scheduler_pb2.GenerateRequest,
+        tenant: str,
+        context: grpc.aio.ServicerContext,
+        span: trace.Span,
+    ) -> Request:
+        """The request this stream follows: the tenant's live or finished one with this
+        id, or a new one admitted now; aborts with the status that says why not."""
+        plane = self.plane
+        span.set_attribute("shortline.request_id", request.request_id)
+        req = plane.lookup(request.request_id, tenant)
+        if req is not None:
+            differs = differing_field(req.fingerprint, request)
+            if differs is not None:
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS, reuse_message(request.request_id, differs)
+                )
+            if req.job.finish_reason == "disconnected":
+                await context.abort(grpc.StatusCode.ABORTED, _gone_message(req))
+            span.set_attribute("shortline.attached", True)
+            return req
+        unserved = plane.workers.unserved(request.model)
+        if unserved is not None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, unserved)
+        try:
+            req = plane.admit(request, context.time_remaining(), tenant)
+        except (QueueFullError, TenantCapError) as exc:
+            await self._refuse(str(exc), context)
+            raise  # abort raises; this line is never reached
+        req.reattach_grace_s = reattach_grace(request, self.cfg)
+        return req
+
+    async def _refuse(self, why: str, context: grpc.aio.ServicerContext) -> None:
+        """RESOURCE_EXHAUSTED now, saying why and when a retry may pass."""
+        retry_s = self.plane.admission.retry_after_s()
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{why}; the scheduler is at capacity, retry in about {retry_s:.2f} s",
+            trailing_metadata=((RETRY_PUSHBACK_KEY, str(round(retry_s * 1000))),),
+        )
 
     async def Cancel(
         self, request: scheduler_pb2.CancelRequest, context: grpc.aio.ServicerContext
@@ -140,6 +191,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         )
 
 
+def _gone_message(req: Request) -> str:
+    """ABORTED's message for a retry of a request cancelled because its client left."""
+    return (
+        f"request {shown_id(req.id)} was cancelled when its last stream went away (it asked "
+        "for no reattach_grace_seconds, or came back after it); send a new request_id, and "
+        "set reattach_grace_seconds to keep a request through a reconnect"
+    )
+
+
 def stats_response(
     plane: SchedulerService, *, with_addresses: bool
 ) -> scheduler_pb2.GetStatsResponse:
@@ -167,7 +227,9 @@ def stats_response(
                 address=w.address if with_addresses else "",
                 slots_total=w.slots,
                 slots_used=pool.slots_used(w.id),
-                alive=True,
+                # Registered workers are present; alive says whether one takes work
+                # (False while it reports its Triton not ready).
+                alive=w.serving,
                 seconds_since_heartbeat=now - w.last_seen,
                 models=sorted(w.models),
             )

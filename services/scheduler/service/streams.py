@@ -5,9 +5,16 @@ resumed on another worker (after a preemption or a lost worker) continues from
 exactly what the client already has (``resume_text``/``resume_tokens``), and
 the client sees one stream. A retried ``request_id`` attaches to the same
 record: :func:`follow` replays the text so far, then the live deltas, with no
-await between the snapshot and the live part. When the last stream of an
-unfinished request goes away, the request is cancelled after
-``disconnect_grace_s`` unless a stream comes back (a client retrying).
+await between the snapshot and the live part.
+
+When the last stream of an unfinished request goes away, the request is
+cancelled at once (its worker slot free within milliseconds), or after its
+``reattach_grace_s`` when the client asked to be reattachable
+(``GenerateRequest.reattach_grace_seconds``) and no stream came back by then.
+A stream is over when its RPC is (:class:`Subscription`, ended from the RPC's
+done callback), not when the garbage collector finalizes its generator: gRPC
+stops iterating the handler of a cancelled RPC without closing it, so a
+``finally`` in the generator may run seconds later, or never.
 
 The record hangs off the core's job (``job.attachment``) while the job is live:
 the core's table of jobs is the one registry of requests; finished records are
@@ -57,7 +64,10 @@ class Request:
     final: Final = None  # GenerateResponse (result) or (StatusCode, message)
     finished_at: float | None = None
     worker_id: str = ""
-    disconnect_timer: asyncio.TimerHandle | None = None
+    # How long the request outlives its last stream (0: cancelled at once), capped by
+    # the scheduler's max_reattach_grace_s.
+    reattach_grace_s: float = 0.0
+    disconnect_timer: asyncio.Handle | None = None  # the pending cancel, if any
     trace_context: contextvars.Context | None = None
     # Open from the moment the job is queued with its prediction until its
     # first dispatch, so a trace shows the time spent waiting.
@@ -89,17 +99,46 @@ class Request:
             self.disconnect_timer = None
 
 
-async def follow(
-    req: Request, grace_s: float, on_disconnect: Callable[[Request], None]
-) -> AsyncIterator[Any]:
-    """One client stream: Accepted, the text so far, live deltas, the result.
+class Subscription:
+    """One client stream's place among a request's subscribers.
 
-    When the last stream of an unfinished request ends, ``on_disconnect(req)`` runs
-    ``grace_s`` later unless another stream has attached by then.
-    """
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    req.cancel_disconnect_timer()
-    req.subscribers.add(queue)
+    Ended once, by whichever comes first: :func:`follow` finishing (the result
+    sent, an abort) or the RPC ending (``context.add_done_callback``: the client
+    cancelled, closed its channel, or its process or connection died). The second
+    is what frees a gone client's slot promptly: gRPC cancels the RPC's task, but a
+    handler generator suspended in a send is dropped, not closed."""
+
+    __slots__ = ("_on_disconnect", "queue", "req")
+
+    def __init__(self, req: Request, on_disconnect: Callable[[Request], None]) -> None:
+        self.req = req
+        self._on_disconnect = on_disconnect
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        req.cancel_disconnect_timer()
+        req.subscribers.add(self.queue)
+
+    def end(self, *_: Any) -> None:
+        """Leaves the request; the last stream of an unfinished one leaving starts its
+        reattach grace, or cancels it (on the next loop turn: a stream attaching in
+        between keeps it). Idempotent; ``*_`` takes the RPC context of a done callback."""
+        req = self.req
+        if self.queue not in req.subscribers:
+            return
+        req.subscribers.discard(self.queue)
+        if req.subscribers or req.final is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if req.reattach_grace_s > 0.0:
+            req.disconnect_timer = loop.call_later(
+                req.reattach_grace_s, _disconnected, req, self._on_disconnect
+            )
+        else:
+            req.disconnect_timer = loop.call_soon(_disconnected, req, self._on_disconnect)
+
+
+async def follow(sub: Subscription) -> AsyncIterator[Any]:
+    """One client stream: Accepted, the text so far, live deltas, the result."""
+    req, queue = sub.req, sub.queue
     try:
         if not req.ready.is_set() and req.final is None:
             await req.ready.wait()
@@ -131,10 +170,7 @@ async def follow(
             if isinstance(item, tuple) or item.HasField("result"):
                 return
     finally:
-        req.subscribers.discard(queue)
-        if not req.subscribers and req.final is None:
-            loop = asyncio.get_running_loop()
-            req.disconnect_timer = loop.call_later(grace_s, _disconnected, req, on_disconnect)
+        sub.end()
 
 
 def _disconnected(req: Request, on_disconnect: Callable[[Request], None]) -> None:

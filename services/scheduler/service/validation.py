@@ -7,11 +7,14 @@ max_tokens, prompt characters, sampling ranges, all from
 ``shortline.common.limits``). A request that arrives before any worker has
 joined may queue, as it always could, and is held to the default limits (the
 outer bounds every worker's limits lie within). Messages name the limit and
-the size, never the prompt itself.
+the size, never the prompt itself. A ``reattach_grace_seconds`` above the
+scheduler's ``max_reattach_grace_s`` is not an error: it is capped
+(:func:`reattach_grace`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 from services.scheduler.config import SchedulerConfig
@@ -37,6 +40,9 @@ def validate(
     length model is accepted and predicted by the fallback."""
     if not 1 <= len(request.request_id) <= MAX_REQUEST_ID:
         return f"request_id must be 1..{MAX_REQUEST_ID} characters, got {len(request.request_id)}"
+    if not request.request_id.isprintable():
+        # Ids reach log lines: a newline in one could forge another line.
+        return "request_id must be printable characters (no control characters or newlines)"
     if not request.model:
         return "model must not be empty"
     if len(request.model) > limits.MAX_NAME_CHARS:
@@ -54,7 +60,19 @@ def validate(
     problem = _length_model(request.length_model, length_models)
     if problem is not None:
         return problem
+    if request.HasField("reattach_grace_seconds"):
+        grace = request.reattach_grace_seconds
+        if not (math.isfinite(grace) and grace >= 0.0):
+            return f"reattach_grace_seconds must be a finite number >= 0, got {grace}"
     return limits.validate(request.sampling, request.max_tokens, request.prompt, model_limits)
+
+
+def reattach_grace(request: scheduler_pb2.GenerateRequest, cfg: SchedulerConfig) -> float:
+    """How long a (validated) request outlives its last stream: what it asked for, at
+    most ``max_reattach_grace_s``; 0 when it did not ask (cancelled at once)."""
+    if not request.HasField("reattach_grace_seconds"):
+        return 0.0
+    return min(request.reattach_grace_seconds, max(cfg.max_reattach_grace_s, 0.0))
 
 
 def _length_model(name: str, known: Collection[str] | None) -> str | None:

@@ -4,10 +4,22 @@ A worker's handle (its channel, stub, last heartbeat and running streams)
 hangs off the core's record of the worker (``core.workers[id].attachment``):
 the core's table of workers is the one registry of workers. A run is one
 ``Execute`` stream; its deltas go to the request's record
-(``streams.Request``) and its end to the core. A run that breaks with
-UNAVAILABLE or CANCELLED means the worker is gone: its jobs are requeued and
-resume elsewhere from the text the client already has. A worker that misses
-``MISSED_HEARTBEATS`` heartbeats in a row is treated the same way.
+(``streams.Request``) and its end to the core.
+
+A worker is present and serving, present but not serving, or gone. Each
+heartbeat says whether it serves (its Triton is ready); a worker that does not
+is kept in the pool but the core places nothing on it (``set_accepting``), and
+dispatch to it resumes when it serves again: no drop, no re-registration, and
+its jobs are not disturbed. A run that breaks with UNAVAILABLE or CANCELLED
+(its Triton died, or the worker did) is requeued to resume elsewhere from the
+text the client already has; the worker is taken out of dispatch and asked
+``GetCapacity`` at once: if it answers, it stays (serving or not, as it says);
+if not, it is gone and the rest of its jobs are requeued as well. A worker that
+misses ``MISSED_HEARTBEATS`` heartbeats in a row is gone too.
+
+A job the core ends on any of these paths (done, or failed once its retries
+are spent) is ended for its clients by the data plane, from the core's list of
+ended jobs, not here: nothing here decides whether a client gets its answer.
 """
 
 from __future__ import annotations
@@ -26,8 +38,9 @@ from opentelemetry import trace
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.clock import Clock
-from services.scheduler.core.interface import SchedulerInterface, Stop
+from services.scheduler.core.interface import Stop
 from services.scheduler.core.job import JobState
+from services.scheduler.core.membership import MembershipInterface
 from services.scheduler.service.results import StatusError
 from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import shown_id
@@ -41,6 +54,8 @@ from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 MISSED_HEARTBEATS = 3
+# How long a worker whose run broke has to answer GetCapacity before it is gone.
+PROBE_TIMEOUT_S = 2.0
 
 Spawn = Callable[[Coroutine[Any, Any, Any], Request | None], "asyncio.Task[Any]"]
 
@@ -57,12 +72,15 @@ class WorkerHandle:
     runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # What it advertised per model (defaults for a model it gave none for).
     limits: dict[str, ModelLimits] = field(default_factory=dict)
+    # Its last word on whether it can serve (heartbeat, GetCapacity); dispatch follows it.
+    serving: bool = True
+    probe: asyncio.Task[None] | None = None
 
 
 class WorkerPool:
     def __init__(
         self,
-        core: SchedulerInterface,
+        core: MembershipInterface,
         clock: Clock,
         cfg: SchedulerConfig,
         spawn: Spawn,
@@ -143,7 +161,12 @@ class WorkerPool:
             self.lost(worker_id)
         # With mutual TLS the worker must also prove it is ``worker_id`` when called:
         # its certificate has to name it, whatever host its address points at.
-        options = [("grpc.ssl_target_name_override", worker_id)] if self._tls.mutual else None
+        # A channel of its own (local subchannel pool): a worker restarted at the same
+        # address must not share gRPC's global connection to it, still in reconnect
+        # backoff from the dead process.
+        options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
+        if self._tls.mutual:
+            options.append(("grpc.ssl_target_name_override", worker_id))
         channel = tls.aio_channel(address, self._tls, options)
         handle = WorkerHandle(
             id=worker_id,
@@ -167,12 +190,31 @@ class WorkerPool:
         )
         self._pump()
 
-    def heartbeat(self, worker_id: str) -> bool:
+    def heartbeat(self, worker_id: str, serving: bool = True) -> bool:
         worker = self.get(worker_id)
         if worker is None:
             return False
         worker.last_seen = self.clock.now()
+        self.set_serving(worker, serving)
         return True
+
+    def set_serving(self, worker: WorkerHandle, serving: bool, why: str = "") -> None:
+        """Follows a present worker's word on whether it can serve: the core stops or
+        resumes placing jobs on it; what runs there is left alone."""
+        if self.get(worker.id) is not worker:
+            return  # gone (or replaced) meanwhile
+        worker.serving = serving
+        if not self.core.set_accepting(worker.id, serving):
+            return
+        if serving:
+            log.info("worker %s serves again; dispatching to it", worker.id)
+            self._pump()
+        else:
+            log.warning(
+                "worker %s is not serving%s; no new jobs go to it until it is",
+                worker.id,
+                f" ({why})" if why else "",
+            )
 
     @property
     def _limit(self) -> float:
@@ -195,21 +237,42 @@ class WorkerPool:
         worker = self.get(worker_id)
         if worker is None:
             return
-        on_it = [job.attachment for j in list(worker.runs) if (job := self.core.get(j)) is not None]
+        # Jobs its core record holds that retries cannot save end (FAILED) in the core's
+        # list of ended jobs; the data plane ends their streams when this pumps.
         requeued = self.core.on_worker_lost(worker_id)
         for task in worker.runs.values():
             task.cancel()
         worker.runs.clear()
+        if worker.probe is not None:
+            worker.probe.cancel()
         self._spawn(worker.channel.close(None), None)
         metrics.WORKERS_ALIVE.set(len(self))
         log.warning(
             "worker %s lost: %d running jobs requeued to resume elsewhere", worker_id, len(requeued)
         )
-        for req in on_it:
-            if req.job.state is JobState.FAILED:
-                why = f"request {shown_id(req.id)}: workers kept failing"
-                self._finalize(req, (grpc.StatusCode.UNAVAILABLE, why))
         self._pump()
+
+    def _suspect(self, worker: WorkerHandle, why: str) -> None:
+        """A run on ``worker`` broke as if it were down: nothing more goes to it until
+        it answers GetCapacity (then it stays, serving or not as it says) or fails to
+        (then it is gone)."""
+        self.set_serving(worker, False, why)
+        if worker.probe is None and self.get(worker.id) is worker:
+            worker.probe = self._spawn(self._probe(worker), None)
+
+    async def _probe(self, worker: WorkerHandle) -> None:
+        try:
+            reply = await worker.stub.GetCapacity(
+                worker_pb2.GetCapacityRequest(), timeout=PROBE_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            worker.probe = None
+            if self.get(worker.id) is worker:
+                log.warning("worker %s does not answer (%s)", worker.id, exc.code().name)
+                self.lost(worker.id)
+            return
+        worker.probe = None
+        self.set_serving(worker, reply.serving, "its Triton is not ready")
 
     async def close(self) -> None:
         for w in list(self):
@@ -314,13 +377,15 @@ class WorkerPool:
         code = exc.code()
         log.warning("job %s on %s: %s %s", job.id, worker.id, code.name, exc.details())
         worker.runs.pop(job.id, None)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self.lost(worker.id)
-            return
+        down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         retry = code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         self.core.on_run_failed(job.id, req.tokens, retry=retry)
         if job.terminal:
-            self._finalize(req, (code, f"request {shown_id(req.id)}: {exc.details()}"))
+            # CANCELLED here is the worker's doing, not the client's: say UNAVAILABLE.
+            told = grpc.StatusCode.UNAVAILABLE if down else code
+            self._finalize(req, (told, f"request {shown_id(req.id)}: {exc.details()}"))
+        if down:
+            self._suspect(worker, f"{code.name}: {exc.details()}")
 
     def _run_ended(self, req: Request, reason: int | None) -> None:
         job = req.job
@@ -328,19 +393,18 @@ class WorkerPool:
         if job.state is JobState.CANCELLED:
             self.core.on_stopped(job.id, req.tokens)
         elif finished:
-            # Also when a preemption arrived too late: the job is simply done.
+            # Also when a preemption arrived too late: the job is simply done (and
+            # its result sent by the data plane, as for every job the core ends).
             name = "length" if reason == common_pb2.FINISH_REASON_LENGTH else "stop"
             self.core.on_finish(job.id, name, req.tokens)
-            self._finalize(req, None)
         elif job.state is JobState.PREEMPTED:
             self.core.on_stopped(job.id, req.tokens)
         else:
             # Stopped without being asked (worker shutting down, error): resume elsewhere.
             self.core.on_run_failed(job.id, req.tokens)
             if job.terminal:
-                self._finalize(
-                    req, (grpc.StatusCode.UNAVAILABLE, f"request {shown_id(req.id)} failed")
-                )
+                why = f"request {shown_id(req.id)}: its workers kept ending it without a result"
+                self._finalize(req, (grpc.StatusCode.UNAVAILABLE, why))
 
 
 def model_limits(

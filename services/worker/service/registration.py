@@ -4,6 +4,12 @@ interval it asks for.
 The worker keeps serving when the scheduler is down and registers again when
 a heartbeat says the scheduler does not know it (e.g. after a restart).
 
+A heartbeat carries whether the worker can serve (its Triton is ready): the
+scheduler keeps a not-serving worker registered but places nothing on it. The
+first heartbeat follows the registration at once, and ``wake`` (set when the
+serving state changes) sends the next one at once, so the scheduler stops and
+resumes dispatching within a round trip instead of a heartbeat interval.
+
 This module knows nothing of the server that runs it: it is given the
 worker's fixed :class:`Membership` and a callable that returns its current
 :class:`WorkerStatus` at each heartbeat.
@@ -19,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +66,11 @@ async def keep_registered(
     membership: Membership,
     status: Callable[[], WorkerStatus],
     material: tls.TlsMaterial | None = None,
+    wake: asyncio.Event | None = None,
 ) -> None:
     """Runs until cancelled. With ``material`` the channel is TLS, presenting the
-    worker's certificate (whose name the scheduler requires to be the worker id)."""
+    worker's certificate (whose name the scheduler requires to be the worker id);
+    setting ``wake`` sends the next heartbeat now."""
     async with tls.aio_channel(scheduler, material or tls.TlsMaterial()) as channel:
         stub = internal_pb2_grpc.SchedulerInternalServiceStub(channel)
         registered = False
@@ -86,6 +95,7 @@ async def keep_registered(
                     registered = True
                     warned = False
                     log.info("registered with scheduler %s as %s", scheduler, membership.worker_id)
+                    continue  # the first heartbeat says at once whether it can serve
                 else:
                     now = status()
                     beat = await stub.Heartbeat(
@@ -111,4 +121,17 @@ async def keep_registered(
                     warned = True
                 registered = False
                 interval = RETRY_S
-            await asyncio.sleep(interval)
+            await _pause(interval, wake)
+
+
+async def _pause(interval: float, wake: asyncio.Event | None) -> None:
+    """Until the next heartbeat: ``interval``, or less when ``wake`` is set."""
+    if wake is None:
+        await asyncio.sleep(interval)
+        return
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+    # arrives as ``wake`` is set, and this loop would then never end.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(interval):
+            await wake.wait()
+    wake.clear()

@@ -5,6 +5,13 @@ It owns the :class:`~services.worker.service.servicer.WorkerServicer` and
 hands registration only what a heartbeat needs (a status callable), so
 ``registration.py`` does not know this module.
 
+On SIGTERM the worker drains (``WorkerServer.drain``): health and heartbeats say
+not serving at once (so the scheduler places nothing more here), a new Execute
+gets UNAVAILABLE, running jobs have ``drain_grace_s`` to finish, and those still
+running then are handed back: their Execute streams end with a PREEMPTED result
+after exactly the text they streamed, and the scheduler resumes them elsewhere
+from that text.
+
 Usage::
 
     server = WorkerServer(WorkerConfig(slots=8, scheduler="127.0.0.1:50051"), "127.0.0.1:8001")
@@ -18,19 +25,80 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
+
+import grpc
 
 from services.worker.config import WorkerConfig
 from services.worker.service.registration import Membership, WorkerStatus, keep_registered
 from services.worker.service.servicer import WorkerServicer
+from services.worker.service.slots import Execution
 from services.worker.service.triton_client import TritonClient
 from shortline.common import grpc_server, tls
 from shortline.common.limits import max_message_bytes
 from shortline.common.net import free_port
+from shortline.common.v1 import common_pb2
 from shortline.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# While Triton is not ready, readiness is checked this often (at most): a restarted
+# Triton is noticed within it plus the client's bounded reconnect backoff.
+NOT_READY_POLL_S = 0.25
+
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+# How often a drain looks whether every running job has ended.
+DRAIN_POLL_S = 0.05
+# How long handed-back jobs get to end their streams (a Triton step, a message).
+HAND_OFF_WAIT_S = 5.0
+# How long stop waits for its background tasks after cancelling them.
+TASK_STOP_S = 2.0
+
+
+class DrainingServicer(WorkerServicer):
+    """The WorkerService, refusing new jobs once the worker drains, and knowing the
+    jobs it runs (by id) so that a drain can hand them back."""
+
+    draining = False
+
+    def __init__(self, config: WorkerConfig, triton: TritonClient, worker_id: str) -> None:
+        super().__init__(config, triton, worker_id)
+        self.job_ids: set[str] = set()
+
+    async def Execute(
+        self, request: worker_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.ExecuteResponse]:
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"worker {self.worker_id} is draining (shutting down) and takes no new job",
+            )
+        self.job_ids.add(request.job_id)
+        items = cast(
+            AsyncGenerator[worker_pb2.ExecuteResponse, None], super().Execute(request, context)
+        )
+        try:
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield item
+        finally:
+            self.job_ids.discard(request.job_id)
+
+    def hand_off(self) -> list[Execution]:
+        """Ends every running job's Triton stream; each Execute then ends with a
+        PREEMPTED result after exactly the text it streamed (as for ``Preempt``)."""
+        handed = []
+        for job_id in list(self.job_ids):
+            execution = self.slots.get(job_id)
+            if execution is None or execution.stop_reason is not None:
+                continue
+            execution.stop_reason = common_pb2.FINISH_REASON_PREEMPTED
+            if execution.stream is not None:
+                execution.stream.cancel()
+            handed.append(execution)
+        return handed
 
 
 class WorkerServer:
@@ -53,7 +121,10 @@ class WorkerServer:
                 self.tls.identity,
             )
         self.triton = TritonClient(triton_url)
-        self.servicer = WorkerServicer(config, self.triton, self.worker_id)
+        self.servicer = DrainingServicer(config, self.triton, self.worker_id)
+        self.triton.on_unreachable = self._triton_unreachable
+        self._recheck = asyncio.Event()  # check Triton now (a request found it unreachable)
+        self._beat = asyncio.Event()  # heartbeat now (serving changed)
         self.server, self.health = grpc_server.build_server(
             lambda s: worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, s),
             [SERVICE_NAME],
@@ -79,7 +150,9 @@ class WorkerServer:
             )
             self._tasks.append(
                 asyncio.create_task(
-                    keep_registered(self.config.scheduler, membership, self.status, self.tls)
+                    keep_registered(
+                        self.config.scheduler, membership, self.status, self.tls, self._beat
+                    )
                 )
             )
         log.info(
@@ -97,6 +170,8 @@ class WorkerServer:
         return WorkerStatus(slots_used=self.servicer.slots.used, serving=self.servicer.serving)
 
     async def _check_triton(self) -> None:
+        if self.servicer.draining:
+            return  # not serving until it exits, whatever Triton says
         ready = await self.triton.is_ready(timeout_s=max(0.2, self.config.health_poll_s))
         if ready != self.servicer.serving:
             log.log(
@@ -105,23 +180,76 @@ class WorkerServer:
                 self.triton.url,
                 "ready" if ready else "unreachable or not ready",
             )
+            self._beat.set()
         self.servicer.serving = ready
         await grpc_server.set_serving(self.health, [SERVICE_NAME], ready)
 
+    def _triton_unreachable(self) -> None:
+        """A request found Triton unreachable: not serving from now (so neither the next
+        heartbeat nor a new Execute says otherwise), confirmed by a check at once."""
+        if self.servicer.serving:
+            log.warning("Triton at %s became unreachable during a request", self.triton.url)
+            self.servicer.serving = False
+            self._beat.set()
+        self._recheck.set()
+
     async def _watch_triton(self) -> None:
         while True:
-            await asyncio.sleep(self.config.health_poll_s)
+            poll = self.config.health_poll_s
+            if not self.servicer.serving:
+                poll = min(poll, NOT_READY_POLL_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel
+            # that arrives as the event is set, and the watch would then never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    await self._recheck.wait()
+            self._recheck.clear()
             try:
                 await self._check_triton()
             except Exception:
                 log.exception("health check failed")
 
+    async def drain(self, grace_s: float) -> None:
+        """Takes no new job and tells the scheduler so (health and the next heartbeat,
+        sent at once); running jobs get ``grace_s`` to finish, the rest are handed back
+        to resume elsewhere from the text they streamed."""
+        servicer = self.servicer
+        servicer.draining = True
+        servicer.serving = False
+        self._beat.set()
+        await grpc_server.set_serving(self.health, [SERVICE_NAME], False)
+        log.info(
+            "draining: no new jobs; %d running have up to %g s to finish",
+            servicer.slots.used,
+            grace_s,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while servicer.slots.used and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        handed = servicer.hand_off()
+        if handed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(e.done.wait() for e in handed)), HAND_OFF_WAIT_S
+                )
+            log.warning(
+                "drained: %d jobs still running after %g s handed back to the scheduler",
+                len(handed),
+                grace_s,
+            )
+        else:
+            log.info("drained: every running job finished")
+
     async def stop(self, grace_s: float = 2.0) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a task that swallows its cancel must not keep the worker up.
+            _, late = await asyncio.wait(self._tasks, timeout=TASK_STOP_S)
+            for task in late:
+                name = getattr(task.get_coro(), "__qualname__", task.get_name())
+                log.warning("%s did not end within %g s of its cancel", name, TASK_STOP_S)
         self._tasks.clear()
         await self.server.stop(grace_s)
         await self.triton.close()

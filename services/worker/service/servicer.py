@@ -240,7 +240,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except TritonDeadline as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except TritonRequestError as exc:
-            code = grpc.StatusCode.INTERNAL
+            # Not INTERNAL: the request was valid as far as the worker can tell, so
+            # the scheduler should try it elsewhere (Triton unloading a model on stop,
+            # a backend error); only Triton's validation messages mean the input.
+            code = grpc.StatusCode.UNAVAILABLE
             if "must be" in str(exc):
                 code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc))

@@ -5,21 +5,52 @@ it. Requests use the tensor interface of Triton's vLLM backend; the optional
 inputs (``return_num_output_tokens``, ``return_finish_reason``, our
 ``return_step_info``) are sent only when the model declares them, so a vLLM
 model without them still works (tokens are then counted one per response).
+
+A restarted Triton is found again within about a second: the channel's reconnect
+backoff is bounded (``RECONNECT``; gRPC's default grows to 120 s, which kept
+workers away from a Triton that was back for a minute), and a request that finds
+Triton unreachable tells the worker at once (``on_unreachable``), before its
+next readiness poll, so the worker stops reporting itself serving.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE as MAX_MESSAGE
+from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 OPTIONAL_FLAGS = ("return_num_output_tokens", "return_finish_reason", "return_step_info")
+
+# Reconnect attempts at most 1 s apart (first after 250 ms); a connection attempt that
+# hangs (a blackholed address) is given 1 s. tritonclient's own options are kept.
+RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's default channel options plus the bounded reconnect backoff
+    (passing ``channel_args`` replaces its defaults, so they are repeated here)."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        *RECONNECT,
+    ]
 
 
 class TritonUnavailable(Exception):
@@ -83,9 +114,10 @@ class TritonStream:
     """One request's stream; iterate for chunks (it ends after the final one), ``cancel()``
     to stop it."""
 
-    def __init__(self, call: Any, url: str) -> None:
+    def __init__(self, call: Any, url: str, on_unreachable: Callable[[], None]) -> None:
         self._call = call
         self._url = url
+        self._on_unreachable = on_unreachable
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -128,14 +160,24 @@ class TritonStream:
                     f"deadline exceeded waiting for Triton at {self._url}"
                 ) from exc
             if _is_unavailable(exc):
+                self._on_unreachable()
                 raise TritonUnavailable(f"Triton at {self._url} is unreachable: {exc}") from exc
             raise TritonRequestError(f"Triton at {self._url}: {exc}") from exc
 
 
+def _nothing() -> None:
+    pass
+
+
 class TritonClient:
-    def __init__(self, url: str) -> None:
+    """``on_unreachable`` runs (synchronously) whenever a request finds Triton
+    unreachable: the worker's cue to stop reporting itself serving and to check
+    readiness again now rather than at its next poll."""
+
+    def __init__(self, url: str, on_unreachable: Callable[[], None] | None = None) -> None:
         self.url = url
-        self._client = triton.InferenceServerClient(url)
+        self.on_unreachable = on_unreachable or _nothing
+        self._client = triton.InferenceServerClient(url, channel_args=channel_args())
         self._inputs: dict[str, set[str]] = {}
 
     async def close(self) -> None:
@@ -157,6 +199,7 @@ class TritonClient:
         except InferenceServerException as exc:
             status = str(exc.status() or "")
             if _is_unavailable(exc) or "DEADLINE" in status:
+                self.on_unreachable()
                 raise TritonUnavailable(f"Triton at {self.url} is unreachable: {exc}") from exc
             if "NOT_FOUND" in status or "unknown model" in str(exc).lower():
                 raise ModelNotFound(
@@ -202,4 +245,4 @@ class TritonClient:
         call = self._client.stream_infer(
             one_request(), stream_timeout=timeout_s, headers=headers or None
         )
-        return TritonStream(call, self.url)
+        return TritonStream(call, self.url, lambda: self.on_unreachable())

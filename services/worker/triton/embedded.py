@@ -13,6 +13,18 @@ interpreter's ``LIBDIR``; and the server runs in its own process group, so
 that stopping it (SIGINT, then SIGKILL to the group after a grace period)
 leaves no stub behind, and its shared-memory regions (named with our own
 prefix) are removed afterwards.
+
+Stopping cleanly needs one more thing. On SIGINT Triton stops taking requests
+and unloads its models, but a model is unloaded only once no request holds it,
+and a decoupled request (every stream here) holds it until its final response:
+a stream whose client is still reading kept its model loaded past
+``--exit-timeout-secs``, Triton logged "failed to stop server: Exit timeout
+expired" and then waited for those streams to run to their end. So the server
+and its stubs inherit the read end of a pipe whose only write end is ours
+(``STOP_FD_ENV`` names it): we close it after SIGINT, or the kernel does when
+this process dies, and each model (``python_model.py``) then ends its
+sequences with an error at once, which releases the requests and lets the
+models unload within Triton's next check (about a second).
 """
 
 from __future__ import annotations
@@ -42,6 +54,10 @@ from shortline.common.paths import REPO_ROOT, run_dir
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+# The environment variable naming the stop pipe's read end, for the models.
+STOP_FD_ENV = "SHORTLINE_TRITON_STOP_FD"
+# tritonserver's own limit for unloading on a stop; ours (stop's grace) is longer.
+EXIT_TIMEOUT_S = 5
 
 
 def _pytriton_dist() -> tuple[Path, Path]:
@@ -70,6 +86,7 @@ class EmbeddedTriton:
         self.workspace: Path | None = None
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stop_pipe: int | None = None  # the write end; closing it stops the models
         self._shm_prefix = f"shortline{os.getpid()}x{secrets.token_hex(4)}"
 
     @property
@@ -116,7 +133,7 @@ class EmbeddedTriton:
             f"--http-address={self.config.host}",
             f"--http-port={self.http_port}",
             *self._metrics_args(),
-            "--exit-timeout-secs=5",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--log-verbose=0",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             "--backend-config=python,shm-default-byte-size=4194304",
@@ -148,16 +165,22 @@ class EmbeddedTriton:
         args = self._prepare()
         assert self.log_path is not None
         log.info("starting Triton on grpc %s, http %s", self.grpc_url, self.http_url)
-        with open(self.log_path, "wb") as out:
-            self._proc = subprocess.Popen(
-                args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self._env(),
-                cwd=self.workspace,
-                start_new_session=True,
-                preexec_fn=_set_parent_death_signal,
-            )
+        # Not inheritable (os.pipe's default): only the server gets the read end.
+        read_end, self._stop_pipe = os.pipe()
+        try:
+            with open(self.log_path, "wb") as out:
+                self._proc = subprocess.Popen(
+                    args,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**self._env(), STOP_FD_ENV: str(read_end)},
+                    cwd=self.workspace,
+                    start_new_session=True,
+                    preexec_fn=_set_parent_death_signal,
+                    pass_fds=(read_end,),
+                )
+        finally:
+            os.close(read_end)
         try:
             self._wait_ready()
         except BaseException:
@@ -202,6 +225,9 @@ class EmbeddedTriton:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGINT)
+                # After SIGINT (no new request reaches a model now): the models end
+                # what they run, so Triton can unload them.
+                self._close_stop_pipe()
                 try:
                     proc.wait(grace_s)
                 except subprocess.TimeoutExpired:
@@ -213,6 +239,7 @@ class EmbeddedTriton:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
             self._proc = None
+        self._close_stop_pipe()
         for leftover in SHM_DIR.glob(f"{self._shm_prefix}*"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -223,6 +250,12 @@ class EmbeddedTriton:
                 shutil.rmtree(self.workspace / "backends", ignore_errors=True)
                 shutil.rmtree(self.workspace / "models", ignore_errors=True)
                 log.warning("Triton did not exit cleanly; its log: %s", self.log_path)
+
+    def _close_stop_pipe(self) -> None:
+        if self._stop_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._stop_pipe)
+            self._stop_pipe = None
 
     def __enter__(self) -> EmbeddedTriton:
         return self.start()

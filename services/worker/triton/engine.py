@@ -116,6 +116,9 @@ class BatchEngine:
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
+        if self._stopping.is_set():  # no loop left to answer it
+            self._fail(seq, "model is unloading", self.step_count, 0)
+            return
         self._inbox.put(seq)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -221,6 +224,13 @@ class BatchEngine:
                 except Exception:  # e.g. the response sender went away
                     log.exception("emit failed for %s", seq.request_id)
                     seq.finished = True
+        while True:  # submitted while the loop was stopping
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting.append(item)
         for seq in [*running, *waiting]:
             if not seq.finished:
                 self._fail(seq, "model is unloading", self.step_count, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from typing import Any
 
 # Before torch (and its OpenMP runtime) loads in this stub: OpenMP threads that
@@ -35,6 +36,10 @@ from services.worker import sampling
 from services.worker.triton.engine import ABORT, BatchEngine, Emission, Sequence
 
 log = logging.getLogger(__name__)
+
+# Set by the embedded server (embedded.py): the read end of a pipe that reaches end of
+# file when the server is stopping (or whatever started it died).
+STOP_FD_ENV = "SHORTLINE_TRITON_STOP_FD"
 
 
 def _input(pb: Any, request: Any, name: str) -> Any:
@@ -86,6 +91,23 @@ class TritonPythonModel:
         self.max_tokens_limit = int(params.get("max_tokens_limit", "4096"))
         self.engine = BatchEngine(build_backend(params), name=args["model_name"])
         self.engine.start()
+        stop_fd = os.environ.get(STOP_FD_ENV)
+        if stop_fd:
+            threading.Thread(
+                target=self._stop_at_eof, args=(int(stop_fd),), name="stop-watch", daemon=True
+            ).start()
+
+    def _stop_at_eof(self, fd: int) -> None:
+        """Ends every sequence once the server is stopping. Triton unloads a model only
+        when no request holds it, and a stream holds it until its final response: left
+        to run, streams whose clients still read would outlast Triton's exit timeout."""
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            return
+        log.info("the server is stopping: ending every sequence")
+        self.engine.stop()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
