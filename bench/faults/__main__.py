@@ -19,6 +19,17 @@ Scenarios:
   of every service of an in-process stack (scheduler without tokens, one
   worker on an embedded Triton serving ``replay``, the predictor): counts the
   status of each call per RPC (``bench/faults/fuzz.py``).
+- ``worker-kill``: kill -9 a worker with streams on it under ``shortline up``;
+  exact replay texts, seconds until the launcher has it SERVING again
+  (``bench/faults/worker_kill.py``).
+- ``heartbeat-stop``: SIGSTOP a worker with streams on it (no heartbeats, no
+  closed socket), then SIGCONT; figure: SIGSTOP to all streams done
+  (``bench/faults/heartbeat_stop.py``).
+- ``disconnects``: slot free time, p50/p99, per way a client goes away (sync
+  and asyncio close, raw channel close, killed process, Cancel)
+  (``bench/faults/disconnects.py``).
+
+The live scenarios share ``bench/faults/live.py`` (stack, replay judge, stats).
 """
 
 from __future__ import annotations
@@ -73,7 +84,33 @@ def fuzz(quick: bool) -> dict[str, Any]:
     return result
 
 
-SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {"fuzz": fuzz}
+def worker_kill(quick: bool) -> dict[str, Any]:
+    """kill -9 a worker mid-stream under ``shortline up`` (``bench/faults/worker_kill.py``)."""
+    from bench.faults.worker_kill import worker_kill as scenario
+
+    return scenario(quick)
+
+
+def heartbeat_stop(quick: bool) -> dict[str, Any]:
+    """SIGSTOP a worker mid-stream, then SIGCONT (``bench/faults/heartbeat_stop.py``)."""
+    from bench.faults.heartbeat_stop import heartbeat_stop as scenario
+
+    return scenario(quick)
+
+
+def disconnects(quick: bool) -> dict[str, Any]:
+    """Slot free time per client kind of going away (``bench/faults/disconnects.py``)."""
+    from bench.faults.disconnects import disconnects as scenario
+
+    return scenario(quick)
+
+
+SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "fuzz": fuzz,
+    "worker-kill": worker_kill,
+    "heartbeat-stop": heartbeat_stop,
+    "disconnects": disconnects,
+}
 
 
 def missed(result: dict[str, Any]) -> list[str]:

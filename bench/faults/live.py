@@ -1,0 +1,162 @@
+"""What the scenarios against a real ``shortline up`` share: the stack, the judge, the stats.
+
+The stack is :class:`shortline.stack.Stack` (the launcher itself, supervising)
+on a free block of ports with Triton serving only ``replay``, so every
+stream's text is known in advance: ``" replay1 replay2 ... replayN"``. The
+judge reads a delivered text back into its numbers, so a lost stretch (gap),
+a stretch delivered twice (repeat) or text from another stream (splice) each
+shows by itself rather than as one "wrong text".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
+from shortline.stack import Child, Stack, StackConfig, all_ports, port_is_free
+
+_WORD = re.compile(r" replay(\d+)")
+
+
+def replay_text(n: int) -> str:
+    return "".join(f" replay{i}" for i in range(1, n + 1))
+
+
+def stack_config(tmp: Path, **overrides: Any) -> StackConfig:
+    """A config whose every port is free (worker and metrics ports are ``base + i``
+    blocks, so a whole block is tried until every port in it is free)."""
+    for attempt in range(50):
+        base = 20000 + (os.getpid() * 7 + int(time.time() * 1000) + 97 * attempt) % 20000
+        fields: dict[str, Any] = dict(
+            scheduler_port=base,
+            scheduler_internal_port=base + 5,
+            predictor_port=base + 1,
+            triton_grpc_port=base + 2,
+            triton_http_port=base + 3,
+            triton_metrics_port=base + 4,
+            worker_base_port=base + 10,
+            metrics_base_port=base + 20,
+            log_dir=str(tmp / "logs"),
+            workers=2,
+            slots=8,
+            triton_models="replay",
+            replay_step_a_ms=10.0,
+            replay_step_b_ms=1.0,
+        )
+        fields.update(overrides)
+        cfg = StackConfig(**fields)
+        if all(port_is_free("127.0.0.1", p) for p in all_ports(cfg).values()):
+            return cfg
+    raise RuntimeError("no free port range for the stack")
+
+
+class Lines(list[str]):
+    """The supervisor's lines for the operator, waited on by the scenarios."""
+
+    def wait_for(self, needle: str, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self if needle in line]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        return None
+
+
+@contextlib.contextmanager
+def running_stack(**overrides: Any) -> Iterator[tuple[Stack, Lines]]:
+    """``shortline up`` (supervising) in a scratch folder, stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="shortline-faults-") as tmp:
+        lines = Lines()
+        stack = Stack(stack_config(Path(tmp), **overrides), say=lines.append)
+        with stack:
+            yield stack, lines
+
+
+def child(stack: Stack, name: str) -> Child:
+    return next(c for c in stack.children if c.name == name)
+
+
+def pid(stack: Stack, name: str) -> int:
+    proc = child(stack, name).process
+    assert proc is not None, f"{name} has no process"
+    return proc.pid
+
+
+def internal_stats(stack: Stack, timeout: float = 2.0) -> scheduler_pb2.GetStatsResponse:
+    """The scheduler's view of its pool, from its internal port (slots per worker)."""
+    address = f"{stack.cfg.host}:{stack.cfg.scheduler_internal_port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = internal_pb2_grpc.SchedulerInternalServiceStub(channel)
+        response: scheduler_pb2.GetStatsResponse = stub.GetStats(
+            scheduler_pb2.GetStatsRequest(), timeout=timeout
+        )
+        return response
+
+
+@dataclass
+class Judged:
+    """The common columns over a set of streams."""
+
+    accepted: int = 0
+    completed: int = 0
+    lost: int = 0
+    hung: int = 0
+    gaps: int = 0
+    repeats: int = 0
+    spliced: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "completed": self.completed,
+            "lost": self.lost,
+            "hung": self.hung,
+            "gaps": self.gaps,
+            "repeats": self.repeats,
+            "spliced": self.spliced,
+        }
+
+
+def judge_text(judged: Judged, text: str, n: int) -> bool:
+    """Counts the gaps, repeats and splices of one stream's text; True when it is exact."""
+    numbers = [int(m) for m in _WORD.findall(text)]
+    if _WORD.sub("", text):
+        judged.spliced += 1
+    seen: set[int] = set()
+    expected = 1
+    for k in numbers:
+        if k in seen or k < expected:
+            judged.repeats += 1
+        elif k > expected:
+            judged.gaps += 1
+        seen.add(k)
+        expected = max(expected, k + 1)
+    return text == replay_text(n)
+
+
+def judge(judged: Judged, text: str, n: int, *, error: str | None, hung: bool) -> None:
+    """One stream: accepted once it delivered anything or ended; then completed
+    (exact text, no error), hung (did not end in time) or lost."""
+    if text or error is None:
+        judged.accepted += 1
+    exact = judge_text(judged, text, n)
+    if hung:
+        judged.hung += 1
+    elif error is None and exact:
+        judged.completed += 1
+    else:
+        judged.lost += 1
+        if error is not None:
+            judged.errors.append(error)

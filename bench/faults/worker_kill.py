@@ -1,0 +1,80 @@
+"""Scenario ``worker-kill``: kill -9 a worker with streams on it, under ``shortline up``.
+
+Two workers of 8 slots; 12 (``--quick``) or 16 long replay streams spread
+over both, every one started before the kill, so some are on the killed
+worker mid-stream. The scheduler must resume those on the other worker with
+exactly the text still owed (the replay text shows a gap or repeat), and the
+launcher must have the killed worker serving again: its seconds from the kill
+to "worker-1 is SERVING again" are ``seconds_to_recover``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+from bench.faults.live import Judged, judge, pid, running_stack
+from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+
+VICTIM = "worker-1"
+STREAM_TIMEOUT_S = 90.0
+
+
+async def _streams(address: str, n: int, tokens: int, kill: int) -> tuple[Judged, set[str]]:
+    options = ClientOptions(target=address, timeout_seconds=STREAM_TIMEOUT_S)
+    judged = Judged()
+    async with AsyncShortlineClient(options) as client:
+        streams: list[AsyncGenerateStream] = [
+            client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
+            for i in range(n)
+        ]
+        tasks = [asyncio.create_task(s.collect()) for s in streams]
+        deadline = time.monotonic() + 30
+        while not all(s.text for s in streams) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        os.kill(kill, signal.SIGKILL)
+        _done, pending = await asyncio.wait(tasks, timeout=STREAM_TIMEOUT_S + 10)
+        for task in pending:
+            task.cancel()
+        for stream, task in zip(streams, tasks, strict=True):
+            hung = task in pending
+            error = None
+            if not hung and task.exception() is not None:
+                error = repr(task.exception())[:200]
+            judge(judged, stream.text, tokens, error=error, hung=hung)
+    workers = {s.result.worker_id for s in streams if s.result is not None}
+    return judged, workers
+
+
+def worker_kill(quick: bool) -> dict[str, Any]:
+    """kill -9 a worker mid-stream (see the module docstring)."""
+    n, tokens = (12, 300) if quick else (16, 600)
+    with running_stack() as (stack, lines):
+        victim = pid(stack, VICTIM)
+        killed_at = time.monotonic()
+        judged, workers = asyncio.run(_streams(stack.scheduler_address, n, tokens, victim))
+        serving = lines.wait_for(f"{VICTIM} is SERVING again", 90)
+        recovered = time.monotonic() - killed_at if serving else None
+        # The kill happened once the streams had started: measure from the supervisor's line.
+        if serving and "s after it stopped" in serving:
+            recovered = float(serving.rsplit("(", 1)[1].split(" s after")[0])
+        restarts = stack.restarts(VICTIM)
+    problems = list(judged.errors[:3])
+    if serving is None:
+        problems.append(f"{VICTIM} not SERVING again within 90 s")
+    if restarts != 1:
+        problems.append(f"{VICTIM} restarted {restarts} times, not once")
+    return {
+        "name": "worker-kill",
+        **judged.columns(),
+        "seconds_to_recover": recovered,
+        "streams": n,
+        "tokens": tokens,
+        "finished_on": sorted(workers),
+        "figure": f"{n} streams x {tokens} tokens, {VICTIM} killed, finished on "
+        f"{'+'.join(sorted(workers)) or 'none'}",
+        "problems": problems,
+    }
