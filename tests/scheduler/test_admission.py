@@ -217,13 +217,14 @@ async def test_sixty_huge_prompts_leave_the_scheduler_process_flat(tmp_path: Pat
             before = _rss_mb(proc.pid)
             huge = "x" * 3_900_000
             rss = []
-            for _ in range(2):
+            for _ in range(3):
                 errors = await asyncio.gather(*(_refused(stub, prompt=huge) for _ in range(60)))
                 assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
                 rss.append(_rss_mb(proc.pid))
-            # gRPC's buffers grow once (measured 5-20 MB); nothing grows per request.
-            assert rss[0] - before < 30, f"VmRSS {before:.0f} -> {rss[0]:.0f} MB"
-            assert rss[1] - rss[0] < 10, f"VmRSS {rss[0]:.0f} -> {rss[1]:.0f} MB"
+            # gRPC's buffers grow once (measured 5-36 MB on a loaded machine), well under
+            # the 234 MB that keeping 60 such prompts would take; then nothing grows.
+            assert rss[0] - before < 80, f"VmRSS {before:.0f} -> {rss[0]:.0f} MB"
+            assert rss[2] - rss[0] < 15, f"VmRSS {rss[0]:.0f} -> {rss[2]:.0f} MB"
             assert (log_path.stat().st_size if log_path.exists() else 0) == log_size
     finally:
         proc.terminate()
