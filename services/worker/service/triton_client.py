@@ -131,7 +131,7 @@ class TritonStream:
                     message = str(error.message() if hasattr(error, "message") else error)
                     if "unknown model" in message.lower() or "not found" in message.lower():
                         raise ModelNotFound(message)
-                    raise TritonRequestError(message)
+                    raise TritonRequestError(f"Triton at {self._url}: {message}")
                 raw = _scalar(result, "text_output")
                 text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
                 count = _scalar(result, "num_output_tokens")
