@@ -20,40 +20,10 @@ from typing import Any
 
 import grpc
 
-from bench.faults.live import Judged, internal_stats, judge, pid, running_stack
-from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+from bench.faults.live import internal_stats, pid, running_stack, signal_mid_streams
 from shortline.stack import Stack
 
 VICTIM = "worker-1"
-STREAM_TIMEOUT_S = 90.0
-
-
-async def _streams(address: str, n: int, tokens: int, victim: int) -> tuple[Judged, float]:
-    """Judged streams, and the seconds from SIGSTOP until they all ended."""
-    options = ClientOptions(target=address, timeout_seconds=STREAM_TIMEOUT_S)
-    judged = Judged()
-    async with AsyncShortlineClient(options) as client:
-        streams: list[AsyncGenerateStream] = [
-            client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
-            for i in range(n)
-        ]
-        tasks = [asyncio.create_task(s.collect()) for s in streams]
-        deadline = time.monotonic() + 30
-        while not all(s.text for s in streams) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        os.kill(victim, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        _done, pending = await asyncio.wait(tasks, timeout=STREAM_TIMEOUT_S + 10)
-        all_done = time.monotonic() - stopped_at
-        for task in pending:
-            task.cancel()
-        for stream, task in zip(streams, tasks, strict=True):
-            hung = task in pending
-            error = None
-            if not hung and task.exception() is not None:
-                error = repr(task.exception())[:200]
-            judge(judged, stream.text, tokens, error=error, hung=hung)
-    return judged, all_done
 
 
 def _listed_alive(stack: Stack) -> bool:
@@ -78,7 +48,9 @@ def heartbeat_stop(quick: bool) -> dict[str, Any]:
     with running_stack() as (stack, _lines):
         victim = pid(stack, VICTIM)
         try:
-            judged, all_done = asyncio.run(_streams(stack.scheduler_address, n, tokens, victim))
+            judged, all_done, _ = asyncio.run(
+                signal_mid_streams(stack.scheduler_address, n, tokens, victim, signal.SIGSTOP)
+            )
         finally:
             dead_before = not _listed_alive(stack)
             with contextlib.suppress(ProcessLookupError):

@@ -10,9 +10,11 @@ shows by itself rather than as one "wrong text".
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -160,3 +162,42 @@ def judge(judged: Judged, text: str, n: int, *, error: str | None, hung: bool) -
         judged.lost += 1
         if error is not None:
             judged.errors.append(error)
+
+
+STREAM_TIMEOUT_S = 90.0
+
+
+async def signal_mid_streams(
+    address: str, n: int, tokens: int, victim: int, sig: signal.Signals
+) -> tuple[Judged, float, set[str]]:
+    """``n`` replay streams; once each has text, ``sig`` to process ``victim``.
+
+    Returns the judged streams, the seconds from the signal until they all
+    ended, and the workers that produced their last tokens."""
+    from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+
+    options = ClientOptions(target=address, timeout_seconds=STREAM_TIMEOUT_S)
+    judged = Judged()
+    async with AsyncShortlineClient(options) as client:
+        streams: list[AsyncGenerateStream] = [
+            client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
+            for i in range(n)
+        ]
+        tasks = [asyncio.create_task(s.collect()) for s in streams]
+        deadline = time.monotonic() + 30
+        while not all(s.text for s in streams) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        os.kill(victim, sig)
+        signalled_at = time.monotonic()
+        _done, pending = await asyncio.wait(tasks, timeout=STREAM_TIMEOUT_S + 10)
+        all_done = time.monotonic() - signalled_at
+        for task in pending:
+            task.cancel()
+        for stream, task in zip(streams, tasks, strict=True):
+            hung = task in pending
+            error = None
+            if not hung and task.exception() is not None:
+                error = repr(task.exception())[:200]
+            judge(judged, stream.text, tokens, error=error, hung=hung)
+    workers = {s.result.worker_id for s in streams if s.result is not None}
+    return judged, all_done, workers

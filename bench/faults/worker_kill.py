@@ -11,42 +11,13 @@ to "worker-1 is SERVING again" are ``seconds_to_recover``.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from typing import Any
 
-from bench.faults.live import Judged, judge, pid, running_stack
-from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+from bench.faults.live import pid, running_stack, signal_mid_streams
 
 VICTIM = "worker-1"
-STREAM_TIMEOUT_S = 90.0
-
-
-async def _streams(address: str, n: int, tokens: int, kill: int) -> tuple[Judged, set[str]]:
-    options = ClientOptions(target=address, timeout_seconds=STREAM_TIMEOUT_S)
-    judged = Judged()
-    async with AsyncShortlineClient(options) as client:
-        streams: list[AsyncGenerateStream] = [
-            client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
-            for i in range(n)
-        ]
-        tasks = [asyncio.create_task(s.collect()) for s in streams]
-        deadline = time.monotonic() + 30
-        while not all(s.text for s in streams) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        os.kill(kill, signal.SIGKILL)
-        _done, pending = await asyncio.wait(tasks, timeout=STREAM_TIMEOUT_S + 10)
-        for task in pending:
-            task.cancel()
-        for stream, task in zip(streams, tasks, strict=True):
-            hung = task in pending
-            error = None
-            if not hung and task.exception() is not None:
-                error = repr(task.exception())[:200]
-            judge(judged, stream.text, tokens, error=error, hung=hung)
-    workers = {s.result.worker_id for s in streams if s.result is not None}
-    return judged, workers
 
 
 def worker_kill(quick: bool) -> dict[str, Any]:
@@ -55,7 +26,9 @@ def worker_kill(quick: bool) -> dict[str, Any]:
     with running_stack() as (stack, lines):
         victim = pid(stack, VICTIM)
         killed_at = time.monotonic()
-        judged, workers = asyncio.run(_streams(stack.scheduler_address, n, tokens, victim))
+        judged, _, workers = asyncio.run(
+            signal_mid_streams(stack.scheduler_address, n, tokens, victim, signal.SIGKILL)
+        )
         serving = lines.wait_for(f"{VICTIM} is SERVING again", 90)
         recovered = time.monotonic() - killed_at if serving else None
         # The kill happened once the streams had started: measure from the supervisor's line.
