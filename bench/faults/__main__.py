@@ -13,21 +13,43 @@ Writes ``faults.json`` in ``--out`` (default ``bench/results``): ``{"date",
 ``--only`` replaces only its scenarios' objects. Exits 1 when a scenario
 missed its goal.
 
-Scenarios:
+Scenarios, numbered as in issue 16:
 
-- ``fuzz``: 10,000 generated messages (1,000 with ``--quick``) over every RPC
-  of every service of an in-process stack (scheduler without tokens, one
-  worker on an embedded Triton serving ``replay``, the predictor): counts the
-  status of each call per RPC (``bench/faults/fuzz.py``).
-- ``worker-kill``: kill -9 a worker with streams on it under ``shortline up``;
-  exact replay texts, seconds until the launcher has it SERVING again
-  (``bench/faults/worker_kill.py``).
-- ``heartbeat-stop``: SIGSTOP a worker with streams on it (no heartbeats, no
-  closed socket), then SIGCONT; figure: SIGSTOP to all streams done
-  (``bench/faults/heartbeat_stop.py``).
-- ``disconnects``: slot free time, p50/p99, per way a client goes away (sync
-  and asyncio close, raw channel close, killed process, Cancel)
-  (``bench/faults/disconnects.py``).
+1. ``worker-kill``: kill -9 a worker with streams on it under ``shortline up``;
+   exact replay texts, seconds until the launcher has it SERVING again
+   (``bench/faults/worker_kill.py``).
+2. ``triton-kill``: kill -9 the embedded Triton under the workers with streams
+   running; workers pause (not dropped), jobs resume once the launcher has
+   Triton back; figure: kill to Triton ready, to first token, to all streams
+   done (``bench/faults/triton_kill.py``).
+3. ``predictor-restart``: kill -9 the predictor with requests arriving before,
+   during and after; those during the outage are admitted with fallback
+   predictions; figure: fallbacks, kill to the first predictor prediction
+   (``bench/faults/predictor_restart.py``).
+4. ``scheduler-kill``: kill -9 the scheduler with streams running and queued,
+   under ``shortline up``; the launcher restarts it, it reloads its admission
+   journal and the SDK clients reattach; exact replay texts, no request run
+   again, outcome rows of requests finished just before the kill all logged;
+   figure: kill to all streams done, the journal's added delay p99
+   (``bench/faults/scheduler_kill.py``).
+5. ``drain``: SIGTERM one worker with streams on it (NOT_SERVING at once, no new
+   job, its jobs finish there or move), then ``Stack.stop()`` mid-stream (every
+   admitted stream exact, new ones refused UNAVAILABLE); figures: SIGTERM to
+   exit, stop to all exited (``bench/faults/drain.py``).
+6. ``heartbeat-stop``: SIGSTOP a worker with streams on it (no heartbeats, no
+   closed socket), then SIGCONT; figure: SIGSTOP to all streams done
+   (``bench/faults/heartbeat_stop.py``).
+7. ``overload``: open-loop arrivals at 2x then 3x the stack's capacity (60 s
+   each, 10 s with ``--quick``): refused at admission by status, completed,
+   p99 of the admitted, refusal latency, RSS of every service
+   (``bench/faults/overload.py``).
+8. ``disconnects``: slot free time, p50/p99, per way a client goes away (sync
+   and asyncio close, raw channel close, killed process, Cancel)
+   (``bench/faults/disconnects.py``).
+9. ``fuzz``: 10,000 generated messages (1,000 with ``--quick``) over every RPC
+   of every service of an in-process stack (scheduler without tokens, one
+   worker on an embedded Triton serving ``replay``, the predictor): counts the
+   status of each call per RPC (``bench/faults/fuzz.py``).
 
 The live scenarios share ``bench/faults/live.py`` (stack, replay judge, stats).
 """
@@ -105,11 +127,51 @@ def disconnects(quick: bool) -> dict[str, Any]:
     return scenario(quick)
 
 
+def triton_kill(quick: bool) -> dict[str, Any]:
+    """kill -9 the embedded Triton mid-stream (``bench/faults/triton_kill.py``)."""
+    from bench.faults.triton_kill import triton_kill as scenario
+
+    return scenario(quick)
+
+
+def predictor_restart(quick: bool) -> dict[str, Any]:
+    """kill -9 the predictor under a request stream (``bench/faults/predictor_restart.py``)."""
+    from bench.faults.predictor_restart import predictor_restart as scenario
+
+    return scenario(quick)
+
+
+def overload(quick: bool) -> dict[str, Any]:
+    """2x and 3x capacity, open loop (``bench/faults/overload.py``)."""
+    from bench.faults.overload import overload as scenario
+
+    return scenario(quick)
+
+
+def drain(quick: bool) -> dict[str, Any]:
+    """SIGTERM drain of a worker, then of the stack, mid-stream (``bench/faults/drain.py``)."""
+    from bench.faults.drain import drain as scenario
+
+    return scenario(quick)
+
+
+def scheduler_kill(quick: bool) -> dict[str, Any]:
+    """kill -9 the scheduler mid-stream, restarted (``bench/faults/scheduler_kill.py``)."""
+    from bench.faults.scheduler_kill import scheduler_kill as scenario
+
+    return scenario(quick)
+
+
 SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
-    "fuzz": fuzz,
     "worker-kill": worker_kill,
+    "triton-kill": triton_kill,
+    "predictor-restart": predictor_restart,
+    "scheduler-kill": scheduler_kill,
+    "drain": drain,
     "heartbeat-stop": heartbeat_stop,
+    "overload": overload,
     "disconnects": disconnects,
+    "fuzz": fuzz,
 }
 
 

@@ -142,6 +142,21 @@ class SchedulerConfig(TlsSettings):
     outcome_log_max_age_days: float = field(
         default=30.0, metadata={"help": "outcome log retention: rows older are deleted (0: keep)"}
     )
+    journal: str = field(
+        default="",
+        metadata={
+            "help": "admission journal (SQLite): requests survive a crash and continue on "
+            "restart; empty: scheduler-PORT.journal.sqlite in $SHORTLINE_JOURNAL_DIR or .run; "
+            "'off': none"
+        },
+    )
+    restart_reattach_s: float = field(
+        default=15.0,
+        metadata={
+            "help": "after a restart, how long a reloaded unfinished request waits for a "
+            "client to reattach before it is cancelled (at least its own reattach grace)"
+        },
+    )
     benchmark_mode: bool = field(
         default=False,
         metadata={

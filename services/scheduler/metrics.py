@@ -73,3 +73,17 @@ PREDICTION_ABS_ERROR = Histogram(
 CACHE_LOOKUPS = Counter("shortline_semantic_cache_lookups_total", "Semantic cache lookups")
 CACHE_HITS = Counter("shortline_semantic_cache_hits_total", "Semantic cache hits")
 WORKERS_ALIVE = Gauge("shortline_workers_alive", "Registered workers with fresh heartbeats")
+JOURNAL_COMMIT = Histogram(
+    "shortline_journal_commit_seconds",
+    "One admission-journal commit (every request's news of one event-loop turn)",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+)
+JOURNAL_DELAY = Histogram(
+    "shortline_journal_delay_seconds",
+    "What the journal adds before text reaches clients: first change to its commit",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+)
+JOURNAL_ERRORS = Counter(
+    "shortline_journal_errors_total",
+    "Journal commits that failed (disk full, I/O error); the requests' streams wait",
+)

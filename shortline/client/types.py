@@ -33,8 +33,10 @@ class ClientOptions:
     # request was accepted (the scheduler not up yet) a retry always helps; after, a
     # retry can only continue the same generation when ``reattach_grace_seconds`` is
     # set: without it the scheduler cancelled the request when the stream broke, and
-    # the retry ends with ABORTED (which is not retried).
-    retries: int = 3
+    # the retry ends with ABORTED (which is not retried). The default (6, from 0.2 s
+    # doubling: about 12.6 s in all) outlasts a scheduler restart, after which the
+    # scheduler has kept the request (its journal) for the client to reattach.
+    retries: int = 6
     backoff_seconds: float = 0.2
     # How long the scheduler keeps a request running after its stream breaks, for a
     # retry with the same id to reattach and continue (capped by the scheduler's

@@ -130,7 +130,7 @@ def _tighten(path: Path) -> None:
         return
     if mode & 0o077:
         log.warning(
-            "outcome log file %s had mode %o (others could read it); setting %o",
+            "file %s had mode %o (others could read it); setting %o",
             path,
             mode,
             FILE_MODE,
@@ -138,12 +138,13 @@ def _tighten(path: Path) -> None:
         path.chmod(FILE_MODE)
 
 
-def _private_file(path: Path) -> None:
+def private_file(path: Path) -> None:
     """Creates ``path`` as an empty 0600 file, or tightens an existing one.
 
     Created before SQLite opens it, so no moment exists where the file (and the
     ``-wal``/``-shm`` files SQLite then creates with the same mode) is readable
-    by others; the process umask cannot widen it.
+    by others; the process umask cannot widen it. Shared with the scheduler's
+    journal, which holds prompts too.
     """
     if not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -197,7 +198,7 @@ class OutcomeLog:
         self.max_rows = max_rows
         self.max_age_s = max_age_s
         self.retention_every_s = retention_every_s
-        _private_file(self.path)
+        private_file(self.path)
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -276,6 +277,17 @@ class OutcomeLog:
             if time.monotonic() >= self._next_retention:
                 self._retain()
         return len(rows)
+
+    def recent_keys(self, rows: int) -> set[tuple[str, float]]:
+        """(request_id, ts) of the newest ``rows`` rows: how a restarted writer tells the
+        rows it is unsure were written from those that were (ids only grow)."""
+        with self._db:
+            found = self._conn.execute(
+                "SELECT request_id, ts FROM outcomes"
+                " WHERE id > (SELECT coalesce(max(id), 0) FROM outcomes) - ?",
+                (rows,),
+            ).fetchall()
+        return {(str(rid), float(ts)) for rid, ts in found}
 
     def prune(self, now: float | None = None) -> int:
         """Applies retention now; returns the rows deleted."""

@@ -102,12 +102,13 @@ class SchedulerCore(WorkerMembership):
 
     # ---- admission and prediction -------------------------------------------
 
-    def submit(self, job: Job) -> None:
-        """Admits a job (state QUEUED, awaiting its prediction) or raises QueueFullError."""
+    def submit(self, job: Job, *, readmit: bool = False) -> None:
+        """Admits a job (state QUEUED, awaiting its prediction) or raises QueueFullError;
+        ``readmit``: admitted before (reloaded after a restart), never refused."""
         if job.id in self._jobs:
             raise DuplicateJobError(f"job {job.id!r} is already live")
         depth = self._awaiting_prediction + len(self.queue)
-        if depth >= self.queue_limit:
+        if depth >= self.queue_limit and not readmit:
             raise QueueFullError(depth, self.queue_limit)
         job.seq = next(self._seq)
         self._jobs[job.id] = job

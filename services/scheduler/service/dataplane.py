@@ -44,7 +44,9 @@ from services.scheduler.core.interface import Assign, Decision, Stop
 from services.scheduler.core.job import Job
 from services.scheduler.core.scheduler import SchedulerCore
 from services.scheduler.service.clock import MonotonicClock
+from services.scheduler.service.journal import Journal
 from services.scheduler.service.prediction import Prediction, PredictorClient
+from services.scheduler.service.restore import restore
 from services.scheduler.service.results import Results, StatusError, prediction_source
 from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import fingerprint, scoped_key, shown_id
@@ -63,7 +65,12 @@ MIN_DELAY_S = 0.001
 
 
 class SchedulerService:
-    def __init__(self, cfg: SchedulerConfig, outcome_log: OutcomeLog | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        outcome_log: OutcomeLog | None = None,
+        journal: Journal | None = None,
+    ) -> None:
         self.cfg = cfg
         self.clock = MonotonicClock()
         self.policy = build_policy(cfg)
@@ -89,6 +96,11 @@ class SchedulerService:
         self.results = Results(
             self.clock, self.policy.name, cfg.result_ttl_s, outcome_log, self._spawn_plain
         )
+        # Write-ahead: a request's news reaches its streams once journaled (``journal``).
+        self.journal = journal
+        if journal is not None:
+            self.results.journal = journal
+            self.results.store.on_drop = journal.forget
         self.workers = WorkerPool(
             self.core, self.clock, cfg, self._spawn, self._finalize, self._pump
         )
@@ -106,16 +118,21 @@ class SchedulerService:
     # ---- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        """Takes back what the journal holds, then serves."""
+        if self.journal is not None:
+            restore(self, self.journal, self.journal.load(self.cfg.result_ttl_s))
         self._started = True
         self.predictor.known_targets()  # asks the predictor for its heads, in the background
         self._arm()
 
     async def close(self) -> None:
         self._started = False
-        # Every open stream gets a status now rather than a reset later (or nothing).
-        for job in self.core:
-            if job.attachment is not None:
-                self.results.interrupt(job.attachment, "the scheduler is shutting down")
+        # Every open stream gets a status now rather than a reset later (or nothing);
+        # the journal keeps the requests for the next start.
+        self.interrupt(
+            [j.attachment for j in self.core if j.attachment is not None],
+            "the scheduler is shutting down",
+        )
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -128,6 +145,18 @@ class SchedulerService:
         await self.predictor.close()
         if self.results.outcome_log is not None:
             await asyncio.to_thread(self.results.outcome_log.flush)
+        if self.journal is not None:
+            self.journal.close()
+
+    def interrupt(self, reqs: list[Request], why: str) -> None:
+        """Ends the streams of unfinished requests with UNAVAILABLE, keeping the requests
+        (journaled: a restarted scheduler continues them for clients that retry)."""
+        if self.journal is not None:
+            self.journal.commit()  # what was generated reaches the streams first
+        for req in reqs:
+            self.results.interrupt(req, why)
+        if self.journal is not None:
+            self.journal.commit()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], req: Request | None) -> asyncio.Task[Any]:
         ctx = req.trace_context.copy() if req is not None and req.trace_context else None
@@ -230,16 +259,24 @@ class SchedulerService:
         )
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
-        req = Request(request.request_id, job, sampling, fingerprint=fingerprint(request))
+        req = Request(
+            request.request_id, job, sampling, tenant=tenant, fingerprint=fingerprint(request)
+        )
         job.attachment = req
         self.core.submit(job)  # QueueFullError: nothing was kept
         self.admission.admitted(tenant, job)
+        if self.journal is not None:
+            self.journal.track(req)
         # Work done for this request later (prediction, runs on workers) joins the
         # caller's trace, whichever event happens to trigger it.
         req.trace_context = contextvars.copy_context()
+        self.predict_later(req)
+        return req
+
+    def predict_later(self, req: Request) -> None:
+        """Asks the predictor for ``req`` in the background (queued on its answer)."""
         self._spawn(self._predict(req), req)
         self._arm()
-        return req
 
     async def _predict(self, req: Request) -> None:
         job = req.job
@@ -278,7 +315,7 @@ class SchedulerService:
             req.queue_span.set_attribute("shortline.request_id", req.id)
             req.queue_span.set_attribute("shortline.queue_position", req.accepted.queue_position)
             req.queue_span.set_attribute("shortline.predicted_tokens", job.predicted)
-        req.ready.set()
+        req.changed()  # journaled, then its streams get Accepted
         self._pump()
 
     def cancel(self, req: Request, reason: str = "cancelled") -> None:
@@ -349,6 +386,7 @@ class SchedulerService:
                 self._finalize(req)
                 return
             self.workers.start(req, decision.worker_id)
+            req.changed()  # the journal keeps its first dispatch and counts
         else:
             assert isinstance(decision, Stop)
             if decision.preempt:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 TARGETS_REFRESH_S = 300.0
 # gRPC's reconnect backoff grows to 120 s: a predictor that restarted (or started
 # after the scheduler) would cost that long in fallback predictions.
-RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 TARGETS_RETRY_S = 5.0
 
 

@@ -18,7 +18,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -26,6 +26,9 @@ from services.scheduler import metrics
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.service.streams import Request
+
+if TYPE_CHECKING:
+    from services.scheduler.service.journal import Journal
 from services.scheduler.service.tenancy import shown_id
 from shortline.common.outcomes import Outcome, OutcomeLog
 from shortline.common.v1 import common_pb2
@@ -70,6 +73,8 @@ class ResultStore:
         self.ttl_s = ttl_s
         self.max_results = max_results
         self._done: dict[str, Request] = {}  # insertion order = finishing order
+        # Told each key the store lets go of (the journal deletes its rows).
+        self.on_drop: Callable[[str], None] | None = None
 
     def add(self, req: Request) -> None:
         self._done[req.job.id] = req
@@ -77,7 +82,12 @@ class ResultStore:
             # Bounded whatever the TTL: the oldest unread record goes first.
             oldest = next((k for k, r in self._done.items() if not r.subscribers), None)
             if oldest is not None:
-                del self._done[oldest]
+                self._drop(oldest)
+
+    def _drop(self, key: str) -> None:
+        del self._done[key]
+        if self.on_drop is not None:
+            self.on_drop(key)
 
     def get(self, key: str) -> Request | None:
         return self._done.get(key)
@@ -92,7 +102,7 @@ class ResultStore:
             if not r.subscribers:
                 stale.append(rid)
         for rid in stale:
-            del self._done[rid]
+            self._drop(rid)
 
     def next_due(self, now: float) -> float | None:
         first = next(iter(self._done.values()), None)
@@ -120,6 +130,11 @@ class Results:
         self.outcome_log = outcome_log
         self._spawn = spawn
         self._flush_due: float | None = None
+        # The admission journal keeps each outcome row until the outcome log has it.
+        self.journal: Journal | None = None
+        self._unlogged: list[str] = []
+        # Ended requests the store does not keep: their journal rows go once logged.
+        self._unkept: set[str] = set()
 
     def finalize(self, req: Request, error: StatusError | None = None) -> None:
         """Ends ``req`` once: its final message to every stream, metrics, outcome row."""
@@ -165,11 +180,19 @@ class Results:
                     worker_id=req.worker_id,
                 )
             )
-        req.ready.set()
-        req.broadcast(req.final)
-        self.store.add(req)
+        if req.accepted is not None or error is None:
+            self.store.add(req)
+        else:
+            # Refused before Accepted (shed): nothing to replay, and a retry may be
+            # admitted once the queue is shorter. Kept, these records were most of the
+            # scheduler's growth under sustained overload.
+            if self.journal is not None:
+                self._unkept.add(job.id)
         self._observe(req, reason, now, since)
         self._log(req, reason, now, since)
+        req.changed()  # journaled, then sent to the streams
+        if job.id in self._unkept and self.outcome_log is None:
+            self._drop_journaled([job.id])
         # A retried id needs the text and timings, not the prompt (its fingerprint
         # answers ALREADY_EXISTS) or the embedding: under overload the kept results
         # are most of the scheduler's memory.
@@ -189,8 +212,8 @@ class Results:
             grpc.StatusCode.UNAVAILABLE,
             f"request {shown_id(req.id)}: {why}; retry with the same request id",
         )
-        req.ready.set()
-        req.broadcast(req.final)
+        req.interrupted = True  # the journal keeps it live, for the next scheduler
+        req.changed()
 
     def _observe(
         self, req: Request, reason: str, now: float, since: Callable[[float | None], float]
@@ -217,36 +240,51 @@ class Results:
         if self.outcome_log is None:
             return
         job = req.job
-        due = self.outcome_log.append(
-            Outcome(
-                ts=time.time(),
-                request_id=req.id,
-                model=job.model,
-                length_model=job.length_model,
-                prompt=job.prompt,
-                predicted_tokens=job.predicted,
-                actual_tokens=req.tokens,
-                queue_wait_s=since(job.first_dispatch),
-                ttft_s=since(job.first_token),
-                completion_s=since(job.finish or now),
-                preemptions=job.preemptions,
-                finish_reason=reason,
-                prediction_source=job.prediction_source,
-                # The predictor's embedding (kept in digest mode); None when the
-                # request fell back.
-                embedding=job.embedding,
-            )
+        outcome = Outcome(
+            ts=time.time(),
+            request_id=req.id,
+            model=job.model,
+            length_model=job.length_model,
+            prompt=job.prompt,
+            predicted_tokens=job.predicted,
+            actual_tokens=req.tokens,
+            queue_wait_s=since(job.first_dispatch),
+            ttft_s=since(job.first_token),
+            completion_s=since(job.finish or now),
+            preemptions=job.preemptions,
+            finish_reason=reason,
+            prediction_source=job.prediction_source,
+            # The predictor's embedding (kept in digest mode); None when the
+            # request fell back.
+            embedding=job.embedding,
         )
-        if due:
+        if self.journal is not None:
+            self.journal.outcome(req, outcome)
+            self._unlogged.append(job.id)
+        if self.outcome_log.append(outcome):
             self.flush()
         elif self._flush_due is None:
             self._flush_due = now + FLUSH_AFTER_S
 
     def flush(self) -> None:
-        """Commits the buffered rows off the event loop."""
+        """Commits the buffered rows off the event loop (then the journal drops its
+        copies of them)."""
         self._flush_due = None
         if self.outcome_log is not None:
-            self._spawn(asyncio.to_thread(self.outcome_log.flush))
+            keys, self._unlogged = self._unlogged, []
+            self._spawn(self._flush(self.outcome_log, keys))
+
+    async def _flush(self, outcome_log: OutcomeLog, keys: list[str]) -> None:
+        await asyncio.to_thread(outcome_log.flush)
+        if self.journal is not None and keys:
+            self.journal.logged(keys)
+        self._drop_journaled([k for k in keys if k in self._unkept])
+
+    def _drop_journaled(self, keys: list[str]) -> None:
+        for key in keys:
+            self._unkept.discard(key)
+            if self.journal is not None:
+                self.journal.forget(key)
 
     def on_timer(self, now: float) -> None:
         self.store.prune(now)

@@ -20,8 +20,10 @@ from typing import cast
 import grpc
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.service.clock import MonotonicClock
 from services.scheduler.service.dataplane import SchedulerService
 from services.scheduler.service.internal import SchedulerInternalServicer
+from services.scheduler.service.journal import Journal, JournalError, journal_path
 from services.scheduler.service.servicer import INTERNAL_SERVICE_NAME, SchedulerServicer
 from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import (
@@ -91,7 +93,11 @@ class SchedulerServer:
             max_rows=cfg.outcome_log_max_rows,
             max_age_s=cfg.outcome_log_max_age_days * 86400.0,
         )
-        self.servicer = DrainingServicer(cfg, self.outcome_log, tenancy)
+        # Admissions, predictions and delivered text, for a restart after a crash; one
+        # scheduler per file (JournalError names it).
+        path = journal_path(cfg.journal, cfg.port, paths.run_dir())
+        self.journal = Journal(path, MonotonicClock()) if path is not None else None
+        self.servicer = DrainingServicer(cfg, self.outcome_log, tenancy, self.journal)
         self.address = f"{cfg.host}:{cfg.port}"
         # Public: TLS, never client certificates (tokens identify clients there).
         self.server, self.health = grpc_server.build_server(
@@ -139,6 +145,10 @@ class SchedulerServer:
             self.outcome_log.path,
         )
         log.info("TLS %s", tls.describe(self.tls))
+        log.info(
+            "journal %s",
+            self.journal.path if self.journal else "off: a crash loses the queue (--journal)",
+        )
 
     def unfinished(self) -> list[Request]:
         """Admitted requests not ended yet (queued, awaiting prediction, running)."""
@@ -161,10 +171,9 @@ class SchedulerServer:
         while left and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
             left = self.unfinished()
-        for req in left:
-            self.plane.results.interrupt(
-                req, f"the scheduler drained for {grace_s:g} s and stopped before it finished"
-            )
+        self.plane.interrupt(
+            left, f"the scheduler drained for {grace_s:g} s and stopped before it finished"
+        )
         if left:
             log.warning("drained: %d requests unfinished after %g s ended", len(left), grace_s)
         else:
@@ -183,7 +192,7 @@ async def serve(cfg: SchedulerConfig) -> None:
     setup_tracing("scheduler")
     try:
         server = SchedulerServer(cfg)
-    except (TokensFileError, TenancyConfigError, OutcomeLogError) as exc:
+    except (TokensFileError, TenancyConfigError, OutcomeLogError, JournalError) as exc:
         raise SystemExit(f"scheduler: {exc}") from exc
     prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
     await server.start()

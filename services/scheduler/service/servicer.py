@@ -25,6 +25,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.admission import TenantCapError
 from services.scheduler.core.interface import QueueFullError
 from services.scheduler.service.dataplane import SchedulerService
+from services.scheduler.service.journal import Journal
 from services.scheduler.service.streams import Request, Subscription, follow
 from services.scheduler.service.tenancy import (
     Tenancy,
@@ -51,13 +52,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         cfg: SchedulerConfig,
         outcome_log: OutcomeLog | None = None,
         tenancy: Tenancy | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.cfg = cfg
         # Named by the deprecated worker RPCs; the server sets the bound address.
         self.internal_address = f"{cfg.internal_host}:{cfg.internal_port}"
         # Every public RPC asks it first who calls (UNAUTHENTICATED without a token).
         self.tenancy = tenancy if tenancy is not None else Tenancy(cfg.tokens_file)
-        self.plane = SchedulerService(cfg, outcome_log)
+        self.plane = SchedulerService(cfg, outcome_log, journal)
         self._tracer = tracer("shortline.scheduler")
 
     async def Generate(

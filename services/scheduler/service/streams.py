@@ -19,6 +19,13 @@ stops iterating the handler of a cancelled RPC without closing it, so a
 The record hangs off the core's job (``job.attachment``) while the job is live:
 the core's table of jobs is the one registry of requests; finished records are
 kept by ``results.ResultStore`` for retried ids.
+
+What the streams get is published, not written straight to them: a change
+(text, the end) calls ``on_change``, the admission journal's hook, which
+commits the change and then calls :meth:`Request.publish`; without a journal
+the change is published at once. Streams read only the published part
+(``text[:shown]``, ``final_shown``), so none ever holds text a restarted
+scheduler would not have (``journal``).
 """
 
 from __future__ import annotations
@@ -51,17 +58,28 @@ class Request:
     id: str
     job: Job
     sampling: common_pb2.SamplingParams
+    tenant: str = ""
     # What the request was made of, field by field (``tenancy.fingerprint``): a
     # reused id must be the same request. Digests only: the prompt is the job's.
     fingerprint: tuple[bytes, ...] = ()
     # The current run's job id on its worker: random, so workers learn no request id.
     run_key: str = ""
+    # Generated so far (a resumed run continues from it) and, of it, what the streams
+    # were sent: ``text[:shown]``, ``shown_tokens`` tokens.
     text: str = ""
     tokens: int = 0
+    shown: int = 0
+    shown_tokens: int = 0
     subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     accepted: scheduler_pb2.Accepted | None = None
     final: Final = None  # GenerateResponse (result) or (StatusCode, message)
+    final_shown: bool = False  # ``final`` was sent to the streams
+    # The end is the scheduler stopping, not the request's: nothing to journal.
+    interrupted: bool = False
+    # Called on every change; None publishes at once (no journal).
+    on_change: Callable[[Request], None] | None = None
+    journal_mark: Any = None  # what the journal holds of it (``journal.Mark``)
     finished_at: float | None = None
     worker_id: str = ""
     # How long the request outlives its last stream (0: cancelled at once), capped by
@@ -86,12 +104,33 @@ class Request:
             q.put_nowait(item)
 
     def add_text(self, text: str, tokens: int) -> None:
-        """A delta from the worker: kept for resumes and late streams, sent to the live ones."""
+        """A delta from the worker: kept for resumes and late streams, published to the
+        live ones."""
         self.text += text
         self.tokens += tokens
-        self.broadcast(
-            scheduler_pb2.GenerateResponse(delta=scheduler_pb2.TextDelta(text=text, tokens=tokens))
-        )
+        self.changed()
+
+    def changed(self) -> None:
+        """Something the streams will see changed (accepted, text, the end)."""
+        if self.on_change is None:
+            self.publish()
+        else:
+            self.on_change(self)
+
+    def publish(self) -> None:
+        """Sends the streams what they have not had yet: the text since the last
+        publish as one delta, then the end; releases streams waiting for Accepted."""
+        if not self.final_shown and len(self.text) > self.shown:
+            delta = scheduler_pb2.TextDelta(
+                text=self.text[self.shown :], tokens=self.tokens - self.shown_tokens
+            )
+            self.shown, self.shown_tokens = len(self.text), self.tokens
+            self.broadcast(scheduler_pb2.GenerateResponse(delta=delta))
+        if self.final is not None and not self.final_shown:
+            self.final_shown = True
+            self.broadcast(self.final)
+        if self.accepted is not None or self.final_shown:
+            self.ready.set()
 
     def cancel_disconnect_timer(self) -> None:
         if self.disconnect_timer is not None:
@@ -127,26 +166,31 @@ class Subscription:
         req.subscribers.discard(self.queue)
         if req.subscribers or req.final is not None:
             return
-        loop = asyncio.get_running_loop()
-        if req.reattach_grace_s > 0.0:
-            req.disconnect_timer = loop.call_later(
-                req.reattach_grace_s, _disconnected, req, self._on_disconnect
-            )
-        else:
-            req.disconnect_timer = loop.call_soon(_disconnected, req, self._on_disconnect)
+        await_reattach(req, req.reattach_grace_s, self._on_disconnect)
+
+
+def await_reattach(req: Request, grace_s: float, on_disconnect: Callable[[Request], None]) -> None:
+    """Cancels ``req`` (``on_disconnect``) unless a stream attaches within ``grace_s``
+    (0: on the next loop turn, so a stream attaching in between keeps it)."""
+    loop = asyncio.get_running_loop()
+    if grace_s > 0.0:
+        req.disconnect_timer = loop.call_later(grace_s, _disconnected, req, on_disconnect)
+    else:
+        req.disconnect_timer = loop.call_soon(_disconnected, req, on_disconnect)
 
 
 async def follow(sub: Subscription) -> AsyncIterator[Any]:
     """One client stream: Accepted, the text so far, live deltas, the result."""
     req, queue = sub.req, sub.queue
     try:
-        if not req.ready.is_set() and req.final is None:
+        if not req.ready.is_set():
             await req.ready.wait()
-        if isinstance(req.final, tuple) and req.accepted is None:
+        if isinstance(req.final, tuple) and req.final_shown and req.accepted is None:
             yield req.final
             return
-        # No await between the snapshot and the live deltas that follow it.
-        text, tokens = req.text, req.tokens
+        # The published part only, and no await between this snapshot and the live
+        # items that follow it (published later, so queued after it).
+        text, tokens, ended = req.text[: req.shown], req.shown_tokens, req.final_shown
         while not queue.empty():
             queue.get_nowait()
         if req.accepted is not None:
@@ -155,13 +199,7 @@ async def follow(sub: Subscription) -> AsyncIterator[Any]:
             yield scheduler_pb2.GenerateResponse(
                 delta=scheduler_pb2.TextDelta(text=text, tokens=tokens)
             )
-        if req.final is not None:
-            # Finished before or while we caught up: the snapshot is the whole text.
-            text_now = req.text[len(text) :]
-            if text_now:
-                yield scheduler_pb2.GenerateResponse(
-                    delta=scheduler_pb2.TextDelta(text=text_now, tokens=req.tokens - tokens)
-                )
+        if ended:
             yield req.final
             return
         while True:
