@@ -207,3 +207,24 @@ async def test_a_request_refused_before_accepted_is_neither_kept_nor_journaled(
     await asyncio.sleep(0.01)
     assert _rows(path, "SELECT count(*) FROM requests") == [(0,)]
     await plane.close()
+
+
+async def test_a_failed_commit_holds_the_text_back_and_is_retried(tmp_path: Path) -> None:
+    """A full disk (here SQLite's own page limit: a real SQLITE_FULL) must not let text
+    reach a client before it is written, nor leave it waiting once space is back."""
+    journal = Journal(tmp_path / "j.sqlite", MonotonicClock())
+    req = _request()
+    journal.track(req)
+    journal.commit()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    req.subscribers.add(queue)
+    pages = journal._conn.execute("PRAGMA page_count").fetchone()[0]
+    journal._conn.execute(f"PRAGMA max_page_count={pages}")
+    req.add_text("x" * 50_000, 1)
+    await asyncio.sleep(0)
+    assert queue.empty() and req.shown == 0
+    journal._conn.execute("PRAGMA max_page_count=1000000")
+    item = await asyncio.wait_for(queue.get(), 5.0)
+    assert isinstance(item, scheduler_pb2.GenerateResponse)
+    assert item.delta.text == "x" * 50_000
+    journal.close()

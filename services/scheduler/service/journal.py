@@ -57,6 +57,7 @@ from shortline.common.outcomes import Outcome, embedding_blob, private_file
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_S = 1.0
+RETRY_AFTER_S = 0.5  # after a failed commit (disk full, I/O error)
 
 
 class JournalError(RuntimeError):
@@ -164,6 +165,14 @@ class Journal:
         self._forget.append(key)
         self._soon()
 
+    def _retry(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: the caller commits again
+        self._scheduled = True
+        loop.call_later(RETRY_AFTER_S, self.commit)
+
     def _soon(self) -> None:
         if self._since is None:
             self._since = time.perf_counter()
@@ -203,16 +212,26 @@ class Journal:
                 self._conn.execute("DELETE FROM requests WHERE key=?", (key,))
                 self._conn.execute("DELETE FROM deltas WHERE key=?", (key,))
             self._conn.execute("COMMIT")
-        except sqlite3.Error:
-            # Nothing is published that is not written: the streams wait, and the next
-            # change retries. A full disk shows here, in the log, named.
-            log.exception("journal %s: commit failed; %d requests wait", self.path, len(dirty))
+        except sqlite3.Error as exc:
+            # Nothing is published that is not written: the streams wait and the commit
+            # is retried. A full disk shows here, in the log, naming the file.
+            log.error(
+                "journal %s: commit failed (%s); %d requests wait, retrying in %g s",
+                self.path,
+                exc,
+                len(dirty),
+                RETRY_AFTER_S,
+            )
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-            for req in dirty.values():
-                req.journal_mark = Mark()  # written again from the start next time
+            for req in dirty.values():  # written again from the start
+                req.journal_mark = Mark(outcome=req.journal_mark.outcome)
             self._dirty.update(dirty)
+            self._forget.extend(forget)
+            self._logged.extend(logged)
+            self._since = since
             metrics.JOURNAL_ERRORS.inc()
+            self._retry()
             return
         self.commits += 1
         done = time.perf_counter()
