@@ -17,7 +17,7 @@ import re
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,26 @@ def judge(judged: Judged, text: str, n: int, *, error: str | None, hung: bool) -
             judged.errors.append(error)
 
 
+def task_error(task: asyncio.Task[Any], pending: set[asyncio.Task[Any]]) -> str | None:
+    """How a stream's task ended: None when it finished (or is still pending)."""
+    if task in pending or task.exception() is None:
+        return None
+    return repr(task.exception())[:200]
+
+
+def judge_tasks(
+    judged: Judged,
+    streams: Sequence[Any],
+    tasks: Sequence[asyncio.Task[Any]],
+    pending: set[asyncio.Task[Any]],
+    tokens: int,
+) -> None:
+    """Judges replay streams of ``tokens`` tokens by their texts and how their tasks ended."""
+    for stream, task in zip(streams, tasks, strict=True):
+        error = task_error(task, pending)
+        judge(judged, stream.text, tokens, error=error, hung=task in pending)
+
+
 STREAM_TIMEOUT_S = 90.0
 
 
@@ -193,11 +213,6 @@ async def signal_mid_streams(
         all_done = time.monotonic() - signalled_at
         for task in pending:
             task.cancel()
-        for stream, task in zip(streams, tasks, strict=True):
-            hung = task in pending
-            error = None
-            if not hung and task.exception() is not None:
-                error = repr(task.exception())[:200]
-            judge(judged, stream.text, tokens, error=error, hung=hung)
+        judge_tasks(judged, streams, tasks, pending, tokens)
     workers = {s.result.worker_id for s in streams if s.result is not None}
     return judged, all_done, workers

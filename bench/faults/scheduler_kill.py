@@ -1,10 +1,12 @@
 """Scenario ``scheduler-kill``: kill -9 the scheduler mid-stream, under ``shortline up``.
 
-Two workers of 8 slots; 20 long replay streams (12 with ``--quick``), so
-most run and the rest wait in the queue, each from an SDK client that retries
-across the restart with the same id (``retries``, ``reattach_grace_seconds``).
-Just before the kill, a batch of short requests finishes: their outcome rows
-must be in the outcome log afterwards although the log flushes once a second.
+Two workers of 6 slots; 20 long replay streams (16 with ``--quick``), so 12
+run (fewer beside SmolLM2 streams) and the rest wait in the queue, each from
+an SDK client that retries across the restart with the same id
+(``retries``, ``reattach_grace_seconds``).
+Just before the long streams start, a batch of short requests finishes: their
+outcome rows must be in the outcome log afterwards although the kill comes
+before the log's next flush (once a second).
 Once every running stream has text, the scheduler gets SIGKILL; the launcher
 restarts it, it reloads its journal (``services/scheduler/service/journal.py``)
 and the clients reattach.
@@ -36,7 +38,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.faults.live import STREAM_TIMEOUT_S, Judged, judge, pid, running_stack
+from bench.faults.live import (
+    STREAM_TIMEOUT_S,
+    Judged,
+    judge_tasks,
+    pid,
+    running_stack,
+    task_error,
+)
 from shortline.stack import Stack
 
 VICTIM = "scheduler"
@@ -70,58 +79,66 @@ async def _short_batch(address: str, n: int) -> list[str]:
     return [s.request_id for s in streams]
 
 
+async def _wait(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def _kill_mid_streams(
     stack: Stack, n: int, tokens: int, smollm2: int
 ) -> tuple[Judged, float, dict[str, Any]]:
+    """SmolLM2 streams first (mid-generation at the kill), then the replay streams: as
+    many as there are free slots run, the rest are accepted and queued (the short batch
+    just before them: it would wait behind them); then the kill."""
     from shortline.client import AsyncGenerateStream, AsyncShortlineClient
 
     address = stack.scheduler_address
     judged = Judged()
     extra: dict[str, Any] = {}
     async with AsyncShortlineClient(_options(address)) as client:
-        streams: list[AsyncGenerateStream] = [
-            client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
-            for i in range(n)
-        ]
         sampled: list[AsyncGenerateStream] = [
             client.generate(
-                f"Write a short story about a lighthouse keeper, number {i}.",
+                f"Write a long story about a lighthouse keeper, number {i}.",
                 model=SMOLLM2,
-                max_tokens=120,
+                max_tokens=400,
                 temperature=0.8,
             )
             for i in range(smollm2)
         ]
-        tasks = [asyncio.create_task(s.collect()) for s in (*streams, *sampled)]
-        running = stack.cfg.workers * stack.cfg.slots
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            started = sum(1 for s in streams if s.text) + sum(1 for s in sampled if s.text)
-            if started >= min(running, n + smollm2):
-                break
-            await asyncio.sleep(0.05)
+        tasks = [asyncio.create_task(s.collect()) for s in sampled]
+        await _wait(lambda: all(s.text for s in sampled), 120.0)
+        free = stack.cfg.workers * stack.cfg.slots - smollm2
         short_ids = await _short_batch(address, 10)
+        streams: list[AsyncGenerateStream] = [
+            client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
+            for i in range(n)
+        ]
+        tasks = [*(asyncio.create_task(s.collect()) for s in streams), *tasks]
+        await _wait(
+            lambda: (
+                sum(1 for s in streams if s.text) >= min(free, n)
+                and all(s.accepted is not None for s in streams)
+            )
+        )
         before = {id(s): s.text for s in (*streams, *sampled)}
         extra["owed"] = sum(tokens - s.text.count(" replay") for s in streams)
+        extra["queued_at_kill"] = sum(1 for s in streams if not s.text)
         os.kill(pid(stack, VICTIM), signal.SIGKILL)
         killed_at = time.monotonic()
         _done, pending = await asyncio.wait(tasks, timeout=STREAM_TIMEOUT_S + 30)
         extra["all_done_s"] = time.monotonic() - killed_at
         for task in pending:
             task.cancel()
-        outcomes = list(zip((*streams, *sampled), tasks, strict=True))
-        for stream, task in outcomes[:n]:
-            hung = task in pending
-            error = None if hung or task.exception() is None else repr(task.exception())[:200]
-            if error is not None and "StreamDivergedError" in error:
-                judged.spliced += 1
-            judge(judged, stream.text, tokens, error=error, hung=hung)
+        judge_tasks(judged, streams, tasks[:n], pending, tokens)
+        judged.spliced += sum("StreamDivergedError" in e for e in judged.errors)
         extra["started_before_kill"] = sum(1 for s in streams if before[id(s)])
-        for stream, task in outcomes[n:]:
+        # SmolLM2 streams: characters each had before the kill, and at the end.
+        extra["smollm2_chars"] = [(len(before[id(s)]), len(s.text)) for s in sampled]
+        for stream, task in zip(sampled, tasks[n:], strict=True):
             judged.accepted += 1
-            hung = task in pending
-            error = None if hung or task.exception() is None else repr(task.exception())[:200]
-            if hung:
+            error = task_error(task, pending)
+            if task in pending:
                 judged.hung += 1
             elif error is not None:
                 judged.lost += 1
@@ -178,13 +195,15 @@ def _p99(buckets: dict[str, float]) -> str:
 
 def scheduler_kill(quick: bool) -> dict[str, Any]:
     """kill -9 the scheduler mid-stream and let the launcher restart it (module docstring)."""
-    n, tokens, smollm2 = (12, 300, 0) if quick else (20, 600, 4)
+    # 2 workers x 6 slots: some replay streams run, the rest wait in the queue.
+    n, tokens, smollm2 = (16, 300, 0) if quick else (20, 600, 4)
     with tempfile.TemporaryDirectory(prefix="shortline-schedkill-") as tmp:
         outcome_log = Path(tmp) / "outcomes.sqlite"
         journal = Path(tmp) / "journal.sqlite"
         models = "replay" if not smollm2 else f"replay,{SMOLLM2}"
         with running_stack(
             triton_models=models,
+            slots=6,
             extra_scheduler_args=f"--outcome-log {outcome_log} --journal {journal}",
         ) as (stack, lines):
             judged, _killed, extra = asyncio.run(_kill_mid_streams(stack, n, tokens, smollm2))
@@ -218,6 +237,8 @@ def scheduler_kill(quick: bool) -> dict[str, Any]:
         "tokens": tokens,
         "smollm2_streams": smollm2,
         "started_before_kill": extra["started_before_kill"],
+        "queued_at_kill": extra["queued_at_kill"],
+        "smollm2_chars_before_and_after": extra["smollm2_chars"],
         "all_done_s": round(extra["all_done_s"], 2),
         "finished_before_kill_logged": f"{logged}/{len(extra['short_ids'])}",
         "journal_delay_p99": _p99(delay),

@@ -38,7 +38,7 @@ from bench.faults.live import (
     Judged,
     child,
     internal_stats,
-    judge,
+    judge_tasks,
     pid,
     running_stack,
 )
@@ -150,12 +150,7 @@ async def _streams(
         await watcher
         for task in pending:
             task.cancel()
-        for stream, task in zip(streams, tasks, strict=True):
-            hung = task in pending
-            error = None
-            if not hung and task.exception() is not None:
-                error = repr(task.exception())[:200]
-            judge(judged, stream.text, tokens, error=error, hung=hung)
+        judge_tasks(judged, streams, tasks, pending, tokens)
     ready = outage.triton_ready_at
     after = [t for t in arrivals if ready is not None and t >= ready]
     return judged, outage, min(after) if after else None, ended

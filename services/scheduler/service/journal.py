@@ -68,6 +68,19 @@ def _wall(mono: float | None, now_mono: float, now_wall: float) -> float | None:
     return None if mono is None else now_wall - (now_mono - mono)
 
 
+def meta_of(req: Request) -> tuple[Any, ...]:
+    """What of a request changes now and then (dispatch, counts): rewritten when it does."""
+    job = req.job
+    return (
+        job.first_dispatch,
+        job.first_token,
+        job.preemptions,
+        job.requeues,
+        req.worker_id,
+        req.reattach_grace_s,
+    )
+
+
 @dataclass
 class Mark:
     """What of one request the journal already holds (compared at each commit)."""
@@ -279,14 +292,7 @@ class Journal:
                 (job.predicted, job.prediction_source, job.id),
             )
             mark.predicted = True
-        meta = (
-            job.first_dispatch,
-            job.first_token,
-            job.preemptions,
-            job.requeues,
-            req.worker_id,
-            req.reattach_grace_s,
-        )
+        meta = meta_of(req)
         if meta != mark.meta:
             c.execute(
                 "UPDATE requests SET first_dispatch=?, first_token=?, preemptions=?,"

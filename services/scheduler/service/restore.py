@@ -27,7 +27,7 @@ from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.policies import Policy
 from services.scheduler.core.scheduler import SchedulerCore
-from services.scheduler.service.journal import Journal, Mark
+from services.scheduler.service.journal import Journal, Mark, meta_of
 from services.scheduler.service.journal_rows import Loaded, Record
 from services.scheduler.service.results import Results, prediction_source
 from services.scheduler.service.streams import Request, await_reattach
@@ -132,20 +132,12 @@ def _request(record: Record, mono: Shift) -> Request:
 
 def _held(req: Request, record: Record) -> Mark:
     """The journal's mark for a reloaded request: all of it is in the file."""
-    job = req.job
     return Mark(
         admitted=True,
         chars=len(req.text),
         tokens=req.tokens,
         predicted=record.predicted is not None,
-        meta=(
-            job.first_dispatch,
-            job.first_token,
-            job.preemptions,
-            job.requeues,
-            req.worker_id,
-            req.reattach_grace_s,
-        ),
+        meta=meta_of(req),
         final=record.final is not None,
     )
 
