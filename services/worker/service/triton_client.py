@@ -11,10 +11,23 @@ backoff is bounded (``RECONNECT``; gRPC's default grows to 120 s, which kept
 workers away from a Triton that was back for a minute), and a request that finds
 Triton unreachable tells the worker at once (``on_unreachable``), before its
 next readiness poll, so the worker stops reporting itself serving.
+
+A stream is never cancelled once its request is over. After the final response
+Triton ends the stream by itself (we half-closed it), but a cancel that lands in
+between is lost in Triton's gRPC frontend (2.51): the stream's state is marked
+CANCELLATION_ISSUED and waits for a response callback that never comes, so it
+keeps its inference request, and with it the model, forever. Triton then cannot
+unload the model on stop ("Found 1 live models and 0 in-flight", "Exit timeout
+expired"). The worker cancelled every stream as its job ended, right after the
+final chunk, and about a third of them lost that race. So a stream reads on to
+Triton's end of the call once its request is over, and ``cancel()`` is a no-op
+from then on; only a stream still running is cancelled (preemption, a client gone).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -36,6 +49,10 @@ RECONNECT = (
     ("grpc.min_reconnect_backoff_ms", 1000),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+
+# How long a stream whose request is over waits for Triton to end the call (it does at
+# once); past that it is left to be cancelled, which only risks the leak described above.
+END_WAIT_S = 2.0
 
 
 def channel_args() -> list[tuple[str, int]]:
@@ -119,15 +136,29 @@ class TritonStream:
         self._url = url
         self._on_unreachable = on_unreachable
         self.cancelled = False
+        # The request is over (final response or an error): nothing left to cancel.
+        self.ended = False
 
     def cancel(self) -> None:
+        """Stops a running request; a no-op once it is over (see the module docstring)."""
+        if self.ended:
+            return
         self.cancelled = True
         self._call.cancel()
+
+    async def _await_end(self) -> None:
+        """Reads on until Triton ends the call, so that nothing cancels a finished request."""
+        self.ended = True
+        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, InferenceServerException):
+            async with asyncio.timeout(END_WAIT_S):
+                async for _ in self._call:
+                    pass  # nothing follows a final response
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
             async for result, error in self._call:
                 if error is not None:
+                    await self._await_end()  # our models' errors are final
                     message = str(error.message() if hasattr(error, "message") else error)
                     if "unknown model" in message.lower() or "not found" in message.lower():
                         raise ModelNotFound(message)
@@ -142,6 +173,8 @@ class TritonStream:
                 reason = _scalar(result, "finish_reason")
                 step = _scalar(result, "step")
                 batch = _scalar(result, "batch_size")
+                if final:  # before the yield: a consumer may stop reading at the final chunk
+                    await self._await_end()
                 yield Chunk(
                     text=text,
                     tokens=int(count) if count is not None else (1 if text else 0),
@@ -152,6 +185,7 @@ class TritonStream:
                 )
                 if final:
                     return
+            self.ended = True  # Triton ended the call: a cancel now would do nothing anyway
         except (grpc.aio.AioRpcError, InferenceServerException) as exc:
             if isinstance(exc, grpc.aio.AioRpcError) and (
                 exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
