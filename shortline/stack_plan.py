@@ -84,6 +84,9 @@ class StackConfig:
     extra_scheduler_args: str = dataclasses.field(
         default="", metadata={"help": "extra flags passed to `shortline scheduler serve`"}
     )
+    extra_worker_args: str = dataclasses.field(
+        default="", metadata={"help": "extra flags passed to every `shortline worker serve`"}
+    )
     triton_models: str = dataclasses.field(
         default="", metadata={"help": "models Triton loads, comma-separated (default: all)"}
     )
@@ -256,6 +259,9 @@ def plan(cfg: StackConfig) -> list[Child]:
                 cfg.policy,
                 "--batching",
                 cfg.batching,
+                # The scheduler caps the slots it uses per worker: the same K as the workers'.
+                "--slots",
+                str(cfg.slots),
                 "--metrics-port",
                 str(cfg.metrics_base_port),
                 "--drain-grace-s",
@@ -292,6 +298,7 @@ def plan(cfg: StackConfig) -> list[Child]:
                     "--drain-grace-s",
                     str(cfg.drain_grace_s),
                     *_tls_args(cfg, f"worker-{i + 1}"),
+                    *cfg.extra_worker_args.split(),
                 ],
                 f"{h}:{cfg.worker_base_port + i}",
                 ports=(cfg.worker_base_port + i, cfg.metrics_base_port + 2 + i),

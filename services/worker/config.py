@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from shortline.common.tls import TlsSettings
@@ -93,6 +94,16 @@ class WorkerConfig(TlsSettings):
     triton_timeout_s: float = field(
         default=600.0, metadata={"help": "longest a single Triton stream may run (s)"}
     )
+    coalesce_ms: float = field(
+        default=100.0,
+        metadata={
+            "help": "send a stream's tokens in chunks: the first at once, then what arrived "
+            "every this many ms (or --coalesce-tokens, or the end); 0: every token alone"
+        },
+    )
+    coalesce_tokens: int = field(
+        default=16, metadata={"help": "send a chunk once this many tokens are waiting"}
+    )
     drain_grace_s: float = field(
         default=20.0,
         metadata={
@@ -100,3 +111,9 @@ class WorkerConfig(TlsSettings):
             "is taken; the rest are then handed back to the scheduler to resume elsewhere"
         },
     )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.coalesce_ms) and self.coalesce_ms >= 0):
+            raise ValueError(f"--coalesce-ms must be >= 0 (0: off), got {self.coalesce_ms}")
+        if self.coalesce_tokens < 1:
+            raise ValueError(f"--coalesce-tokens must be >= 1, got {self.coalesce_tokens}")

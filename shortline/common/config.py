@@ -78,4 +78,7 @@ def from_args(cls: type[T], args: argparse.Namespace | None, prefix: str) -> T:
                     ) from exc
         if value is not None:
             values[field.name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a config's own check (``__post_init__``) names the flag
+        raise SystemExit(f"invalid configuration: {exc}") from exc

@@ -161,9 +161,10 @@ async def test_a_deadline_that_cannot_be_met_is_refused_before_accepted(
             assert took < 1.0  # at admission, not when the 3 s are over
             details = err.details() or ""
             assert "deadline cannot be met" in details and "s left" in details
-            shed = plane.lookup("hopeless")
-            assert shed is not None and shed.job.finish_reason == "shed"
-            assert plane.core.get("hopeless") is None  # it holds no place
+            # It holds no place, and no record is kept: a retry may pass once the
+            # queue is shorter.
+            assert plane.core.get("hopeless") is None
+            assert plane.lookup("hopeless") is None
             # A deadline the queue allows is admitted.
             patient, msg = await first_message(s, "patient", timeout=600.0)
             assert msg.HasField("accepted")

@@ -340,6 +340,9 @@ class WorkerPool:
                     resume_tokens=req.tokens,
                 )
             )
+            # The run's series, looked up once: labels() takes a lock and builds a key
+            # (about 1 us of the ~1.3 us a per-message lookup and inc cost).
+            generated = metrics.GENERATED_TOKENS.labels(metrics.MODELS.label(job.model))
             async for msg in call:
                 if not current():
                     call.cancel()
@@ -350,7 +353,7 @@ class WorkerPool:
                         continue
                     req.add_text(d.text, d.tokens)
                     self.core.on_progress(job.id, req.tokens)
-                    metrics.GENERATED_TOKENS.labels(metrics.MODELS.label(job.model)).inc(d.tokens)
+                    generated.inc(d.tokens)
                 else:
                     reason = msg.result.finish_reason
                     req.worker_id = msg.result.worker_id or worker.id

@@ -29,6 +29,7 @@ from services.worker import metrics
 from services.worker import sampling as sampling_mod
 from services.worker.config import WorkerConfig
 from services.worker.prompts import ModelSpec, format_prompt, model_limits, parse_models
+from services.worker.service.coalesce import chunks
 from services.worker.service.slots import DuplicateJob, Execution, Slots, SlotsFull
 from services.worker.service.triton_client import (
     ModelNotFound,
@@ -208,19 +209,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             if execution.stop_reason is not None:  # stopped while the stream was being opened
                 execution.stream.cancel()
-            async for chunk in execution.stream:
-                if execution.stop_reason is not None:
-                    break
+            sent = 0
+            coalesce_s = self.config.coalesce_ms / 1e3
+            async for chunk in chunks(
+                execution.stream, execution, coalesce_s, self.config.coalesce_tokens
+            ):
                 if chunk.tokens or chunk.text:
                     if not first_token:
                         first_token = time.perf_counter() - started
-                    execution.text += chunk.text
-                    execution.tokens += chunk.tokens
+                    sent += chunk.tokens
                     yield worker_pb2.ExecuteResponse(
                         delta=worker_pb2.TextDelta(
                             text=chunk.text,
                             tokens=chunk.tokens,
-                            total_tokens=execution.tokens,
+                            total_tokens=sent,
                             step=chunk.step,
                             batch_size=chunk.batch_size,
                         )

@@ -26,7 +26,8 @@ class Execution:
     job_id: str
     model: str
     started: float = field(default_factory=time.perf_counter)
-    # Exactly what the Execute stream has handed to gRPC, and its tokens.
+    # Exactly what the Execute stream has taken from Triton and sends before its result
+    # (``coalesce.chunks`` stops taking at the stop flag), and its tokens.
     text: str = ""
     tokens: int = 0
     # Set by Cancel or Preempt (a FinishReason value); the stream stops at once.

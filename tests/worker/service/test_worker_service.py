@@ -24,8 +24,11 @@ SLOTS = 3
 
 @pytest.fixture(scope="session")
 async def worker(embedded_triton: Any) -> AsyncIterator[WorkerServer]:
+    # One message per token (coalescing off): these tests look at each token's decoding
+    # step; the coalesced stream (the default) has tests of its own below.
     server = WorkerServer(
-        WorkerConfig(slots=SLOTS, health_poll_s=0.5, worker_id="w-test"), embedded_triton.grpc_url
+        WorkerConfig(slots=SLOTS, health_poll_s=0.5, worker_id="w-test", coalesce_ms=0.0),
+        embedded_triton.grpc_url,
     )
     await server.start()
     yield server
@@ -354,3 +357,57 @@ async def test_cancel_right_after_start_is_consistent(stub: Any) -> None:
     assert stop.tokens == result.tokens == len(deltas) <= 3
     assert result.finish_reason == common_pb2.FINISH_REASON_CANCELLED
     assert await _slots_used(stub) == 0
+
+
+@pytest.fixture(scope="module")
+async def coalescing(embedded_triton: Any) -> AsyncIterator[worker_pb2_grpc.WorkerServiceStub]:
+    """A coalescing worker. Its interval is longer than the default 20 ms: the test
+    session's replay model takes 10-13 ms a token, so 20 ms would merge only two."""
+    server = WorkerServer(
+        WorkerConfig(slots=SLOTS, health_poll_s=0.5, worker_id="w-coalesce", coalesce_ms=60.0),
+        embedded_triton.grpc_url,
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            yield worker_pb2_grpc.WorkerServiceStub(channel)
+    finally:
+        await server.stop(0.5)
+
+
+async def test_coalesced_streams_carry_the_same_text_in_fewer_messages(coalescing: Any) -> None:
+    calls = [_collect(coalescing.Execute(_req(f"k{i}", max_tokens=120))) for i in range(SLOTS)]
+    for deltas, result in await asyncio.gather(*calls):
+        assert "".join(d.text for d in deltas) == "".join(f" replay{i}" for i in range(1, 121))
+        assert sum(d.tokens for d in deltas) == 120 == result.tokens
+        assert deltas[0].tokens == 1  # the first token alone: time to first token unchanged
+        assert deltas[-1].total_tokens == 120
+        assert len(deltas) < 50  # 120, one message per token, without coalescing
+
+
+async def test_a_coalesced_stream_stops_with_exactly_what_it_sent(coalescing: Any) -> None:
+    for rpc, reason in (
+        (coalescing.Cancel, common_pb2.FINISH_REASON_CANCELLED),
+        (coalescing.Preempt, common_pb2.FINISH_REASON_PREEMPTED),
+    ):
+        job = f"s{reason}"
+        call = coalescing.Execute(_req(job, max_tokens=3000))
+        seen: list[Any] = []
+        stop = result = None
+        async for msg in call:
+            if msg.HasField("delta"):
+                seen.append(msg.delta)
+                if len(seen) == 3:
+                    request = (
+                        worker_pb2.CancelRequest(job_id=job)
+                        if rpc is coalescing.Cancel
+                        else worker_pb2.PreemptRequest(job_id=job)
+                    )
+                    stop = await rpc(request)
+            else:
+                result = msg.result
+        assert stop is not None and result is not None
+        assert result.finish_reason == reason
+        assert stop.text == "".join(d.text for d in seen)
+        assert stop.tokens == sum(d.tokens for d in seen) == result.tokens
+        assert stop.text == "".join(f" replay{i}" for i in range(1, stop.tokens + 1))

@@ -1,0 +1,1 @@
+"""What the admission journal adds to streaming latency: ``python -m bench.journal``."""

@@ -1,0 +1,1 @@
+"""What relaying a token costs each service, coalescing off and on: ``python -m bench.relay``."""
