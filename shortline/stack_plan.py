@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.scheduler.core.policies import DEFAULT_POLICY
+from shortline.common.net import free_ports
 from shortline.common.paths import run_dir
 
 # The launcher's own certificate: its health checks reach services with mutual TLS.
@@ -179,6 +180,32 @@ def all_ports(cfg: StackConfig) -> dict[str, int]:
         ports[f"worker-{i + 1}"] = cfg.worker_base_port + i
         ports[f"worker-{i + 1} metrics"] = cfg.metrics_base_port + 2 + i
     return ports
+
+
+def free_config(taken: set[int] | None = None, **fields: object) -> StackConfig:
+    """A config with ``fields`` whose every port is free now (and not in ``taken``, which
+    gets them): for benchmarks and tests that run stacks side by side. The worker and
+    metrics ports are ``base + i`` blocks, so a block is tried until all of it is free."""
+    taken = set() if taken is None else taken
+    for _ in range(50):
+        singles = free_ports(7)
+        base = singles[6]
+        cfg = dataclasses.replace(
+            StackConfig(**fields),  # type: ignore[arg-type]
+            scheduler_port=singles[0],
+            scheduler_internal_port=singles[1],
+            predictor_port=singles[2],
+            triton_grpc_port=singles[3],
+            triton_http_port=singles[4],
+            triton_metrics_port=singles[5],
+            worker_base_port=base + 1,
+        )
+        cfg = dataclasses.replace(cfg, metrics_base_port=base + 1 + cfg.workers)
+        ports = set(all_ports(cfg).values())
+        if not ports & taken and all(port_is_free(cfg.host, p) for p in ports):
+            taken.update(ports)
+            return cfg
+    raise StackError("no free block of ports for a stack")
 
 
 def check_ports(cfg: StackConfig) -> None:

@@ -51,6 +51,10 @@ Scenarios, numbered as in issue 16:
    worker on an embedded Triton serving ``replay``, the predictor): counts the
    status of each call per RPC (``bench/faults/fuzz.py``).
 
+``worker-kill-tls`` and ``scheduler-kill-tls``: scenarios 1 and 4 as deployed,
+with TLS on every listener, mutual TLS between the services and a bearer token
+for the clients (``shortline up --tls``).
+
 The live scenarios share ``bench/faults/live.py`` (stack, replay judge, stats).
 """
 
@@ -113,6 +117,13 @@ def worker_kill(quick: bool) -> dict[str, Any]:
     return scenario(quick)
 
 
+def worker_kill_tls(quick: bool) -> dict[str, Any]:
+    """``worker-kill`` with TLS, mutual TLS between the services and a client token."""
+    from bench.faults.worker_kill import worker_kill as scenario
+
+    return {**scenario(quick, tls=True), "name": "worker-kill-tls"}
+
+
 def heartbeat_stop(quick: bool) -> dict[str, Any]:
     """SIGSTOP a worker mid-stream, then SIGCONT (``bench/faults/heartbeat_stop.py``)."""
     from bench.faults.heartbeat_stop import heartbeat_stop as scenario
@@ -162,6 +173,13 @@ def scheduler_kill(quick: bool) -> dict[str, Any]:
     return scenario(quick)
 
 
+def scheduler_kill_tls(quick: bool) -> dict[str, Any]:
+    """``scheduler-kill`` with TLS, mutual TLS between the services and a client token."""
+    from bench.faults.scheduler_kill import scheduler_kill as scenario
+
+    return {**scenario(quick, tls=True), "name": "scheduler-kill-tls"}
+
+
 SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "worker-kill": worker_kill,
     "triton-kill": triton_kill,
@@ -172,6 +190,8 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "overload": overload,
     "disconnects": disconnects,
     "fuzz": fuzz,
+    "worker-kill-tls": worker_kill_tls,
+    "scheduler-kill-tls": scheduler_kill_tls,
 }
 
 

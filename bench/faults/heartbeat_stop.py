@@ -49,7 +49,7 @@ def heartbeat_stop(quick: bool) -> dict[str, Any]:
         victim = pid(stack, VICTIM)
         try:
             judged, all_done, _ = asyncio.run(
-                signal_mid_streams(stack.scheduler_address, n, tokens, victim, signal.SIGSTOP)
+                signal_mid_streams(stack, n, tokens, victim, signal.SIGSTOP)
             )
         finally:
             dead_before = not _listed_alive(stack)

@@ -25,7 +25,8 @@ from typing import Any
 import grpc
 
 from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
-from shortline.stack import Child, Stack, StackConfig, all_ports, port_is_free
+from shortline.stack import Child, Stack, StackConfig
+from shortline.stack_plan import free_config
 
 _WORD = re.compile(r" replay(\d+)")
 
@@ -35,31 +36,17 @@ def replay_text(n: int) -> str:
 
 
 def stack_config(tmp: Path, **overrides: Any) -> StackConfig:
-    """A config whose every port is free (worker and metrics ports are ``base + i``
-    blocks, so a whole block is tried until every port in it is free)."""
-    for attempt in range(50):
-        base = 20000 + (os.getpid() * 7 + int(time.time() * 1000) + 97 * attempt) % 20000
-        fields: dict[str, Any] = dict(
-            scheduler_port=base,
-            scheduler_internal_port=base + 5,
-            predictor_port=base + 1,
-            triton_grpc_port=base + 2,
-            triton_http_port=base + 3,
-            triton_metrics_port=base + 4,
-            worker_base_port=base + 10,
-            metrics_base_port=base + 20,
-            log_dir=str(tmp / "logs"),
-            workers=2,
-            slots=8,
-            triton_models="replay",
-            replay_step_a_ms=10.0,
-            replay_step_b_ms=1.0,
-        )
-        fields.update(overrides)
-        cfg = StackConfig(**fields)
-        if all(port_is_free("127.0.0.1", p) for p in all_ports(cfg).values()):
-            return cfg
-    raise RuntimeError("no free port range for the stack")
+    """A config on free ports: two workers of 8 slots, Triton serving only ``replay``."""
+    fields: dict[str, Any] = dict(
+        log_dir=str(tmp / "logs"),
+        workers=2,
+        slots=8,
+        triton_models="replay",
+        replay_step_a_ms=10.0,
+        replay_step_b_ms=1.0,
+    )
+    fields.update(overrides)
+    return free_config(**fields)
 
 
 class Lines(list[str]):
@@ -76,9 +63,13 @@ class Lines(list[str]):
 
 
 @contextlib.contextmanager
-def running_stack(**overrides: Any) -> Iterator[tuple[Stack, Lines]]:
-    """``shortline up`` (supervising) in a scratch folder, stopped on exit."""
+def running_stack(*, tls: bool = False, **overrides: Any) -> Iterator[tuple[Stack, Lines]]:
+    """``shortline up`` (supervising) in a scratch folder, stopped on exit. With ``tls``
+    as deployed: TLS on every listener, mutual TLS between the services, and a bearer
+    token for clients (``stack.client_options()`` carries the CA and the token)."""
     with tempfile.TemporaryDirectory(prefix="shortline-faults-") as tmp:
+        if tls:
+            overrides.update(tls=True, certs_dir=f"{tmp}/certs", tokens_file=f"{tmp}/tokens.toml")
         lines = Lines()
         stack = Stack(stack_config(Path(tmp), **overrides), say=lines.append)
         with stack:
@@ -188,15 +179,15 @@ STREAM_TIMEOUT_S = 90.0
 
 
 async def signal_mid_streams(
-    address: str, n: int, tokens: int, victim: int, sig: signal.Signals
+    stack: Stack, n: int, tokens: int, victim: int, sig: signal.Signals
 ) -> tuple[Judged, float, set[str]]:
     """``n`` replay streams; once each has text, ``sig`` to process ``victim``.
 
     Returns the judged streams, the seconds from the signal until they all
     ended, and the workers that produced their last tokens."""
-    from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+    from shortline.client import AsyncGenerateStream, AsyncShortlineClient
 
-    options = ClientOptions(target=address, timeout_seconds=STREAM_TIMEOUT_S)
+    options = stack.client_options(timeout_seconds=STREAM_TIMEOUT_S)
     judged = Judged()
     async with AsyncShortlineClient(options) as client:
         streams: list[AsyncGenerateStream] = [

@@ -52,13 +52,10 @@ VICTIM = "scheduler"
 SMOLLM2 = "smollm2-135m-instruct"
 
 
-def _options(address: str) -> Any:
-    from shortline.client import ClientOptions
-
+def _options(stack: Stack) -> Any:
     # Retries that outlast a restart (0.2 s doubling: 25 s over 8 attempts), and a
     # grace that keeps each request for the client while it comes back.
-    return ClientOptions(
-        target=address,
+    return stack.client_options(
         timeout_seconds=STREAM_TIMEOUT_S,
         retries=8,
         backoff_seconds=0.2,
@@ -66,11 +63,11 @@ def _options(address: str) -> Any:
     )
 
 
-async def _short_batch(address: str, n: int) -> list[str]:
+async def _short_batch(stack: Stack, n: int) -> list[str]:
     """``n`` short requests, finished: their ids (for the outcome log check)."""
     from shortline.client import AsyncShortlineClient
 
-    async with AsyncShortlineClient(_options(address)) as client:
+    async with AsyncShortlineClient(_options(stack)) as client:
         streams = [
             client.generate(f"short {i}", model="replay", max_tokens=3, ignore_eos=True)
             for i in range(n)
@@ -93,10 +90,9 @@ async def _kill_mid_streams(
     just before them: it would wait behind them); then the kill."""
     from shortline.client import AsyncGenerateStream, AsyncShortlineClient
 
-    address = stack.scheduler_address
     judged = Judged()
     extra: dict[str, Any] = {}
-    async with AsyncShortlineClient(_options(address)) as client:
+    async with AsyncShortlineClient(_options(stack)) as client:
         sampled: list[AsyncGenerateStream] = [
             client.generate(
                 f"Write a long story about a lighthouse keeper, number {i}.",
@@ -109,7 +105,7 @@ async def _kill_mid_streams(
         tasks = [asyncio.create_task(s.collect()) for s in sampled]
         await _wait(lambda: all(s.text for s in sampled), 120.0)
         free = stack.cfg.workers * stack.cfg.slots - smollm2
-        short_ids = await _short_batch(address, 10)
+        short_ids = await _short_batch(stack, 10)
         streams: list[AsyncGenerateStream] = [
             client.generate(f"stream {i}", model="replay", max_tokens=tokens, ignore_eos=True)
             for i in range(n)
@@ -193,8 +189,9 @@ def _p99(buckets: dict[str, float]) -> str:
     return "-"
 
 
-def scheduler_kill(quick: bool) -> dict[str, Any]:
-    """kill -9 the scheduler mid-stream and let the launcher restart it (module docstring)."""
+def scheduler_kill(quick: bool, tls: bool = False) -> dict[str, Any]:
+    """kill -9 the scheduler mid-stream and let the launcher restart it (module docstring);
+    ``tls``: TLS, mutual TLS and a token, as deployed."""
     # 2 workers x 6 slots: some replay streams run, the rest wait in the queue.
     n, tokens, smollm2 = (16, 300, 0) if quick else (20, 600, 4)
     with tempfile.TemporaryDirectory(prefix="shortline-schedkill-") as tmp:
@@ -202,6 +199,7 @@ def scheduler_kill(quick: bool) -> dict[str, Any]:
         journal = Path(tmp) / "journal.sqlite"
         models = "replay" if not smollm2 else f"replay,{SMOLLM2}"
         with running_stack(
+            tls=tls,
             triton_models=models,
             slots=6,
             extra_scheduler_args=f"--outcome-log {outcome_log} --journal {journal}",
@@ -231,6 +229,7 @@ def scheduler_kill(quick: bool) -> dict[str, Any]:
         )
     return {
         "name": "scheduler-kill",
+        "tls": tls,
         **judged.columns(),
         "seconds_to_recover": recovered,
         "streams": n,

@@ -20,14 +20,15 @@ from bench.faults.live import pid, running_stack, signal_mid_streams
 VICTIM = "worker-1"
 
 
-def worker_kill(quick: bool) -> dict[str, Any]:
-    """kill -9 a worker mid-stream (see the module docstring)."""
+def worker_kill(quick: bool, tls: bool = False) -> dict[str, Any]:
+    """kill -9 a worker mid-stream (see the module docstring); ``tls``: TLS, mutual TLS
+    and a token, as deployed."""
     n, tokens = (12, 300) if quick else (16, 600)
-    with running_stack() as (stack, lines):
+    with running_stack(tls=tls) as (stack, lines):
         victim = pid(stack, VICTIM)
         killed_at = time.monotonic()
         judged, _, workers = asyncio.run(
-            signal_mid_streams(stack.scheduler_address, n, tokens, victim, signal.SIGKILL)
+            signal_mid_streams(stack, n, tokens, victim, signal.SIGKILL)
         )
         serving = lines.wait_for(f"{VICTIM} is SERVING again", 90)
         recovered = time.monotonic() - killed_at if serving else None
@@ -42,6 +43,7 @@ def worker_kill(quick: bool) -> dict[str, Any]:
         problems.append(f"{VICTIM} restarted {restarts} times, not once")
     return {
         "name": "worker-kill",
+        "tls": tls,
         **judged.columns(),
         "seconds_to_recover": recovered,
         "streams": n,

@@ -54,9 +54,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from shortline.client import AsyncShortlineClient
-from shortline.common.net import free_ports
-from shortline.stack import Stack, StackConfig, port_is_free
-from shortline.stack_plan import all_ports
+from shortline.stack import Stack, StackConfig
+from shortline.stack_plan import free_config
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 ARMS = ("on", "off")  # journal on (the default), --journal off
@@ -77,33 +76,16 @@ def stack_config(
     the other stack; its own outcome log, so the two schedulers never share a SQLite file."""
     journal = "off" if arm == "off" else str(journal_dir / f"{arm}.journal.sqlite")
     (tmp / arm).mkdir(parents=True, exist_ok=True)
-    for _ in range(50):
-        singles = free_ports(7)
-        base = singles[6]
-        cfg = StackConfig(
-            scheduler_port=singles[0],
-            scheduler_internal_port=singles[1],
-            predictor_port=singles[2],
-            triton_grpc_port=singles[3],
-            triton_http_port=singles[4],
-            triton_metrics_port=singles[5],
-            worker_base_port=base + 1,
-            metrics_base_port=base + 3,
-            workers=2,
-            slots=8,
-            replay_step_a_ms=step_a_ms,
-            replay_step_b_ms=step_b_ms,
-            triton_models="replay",
-            log_dir=str(tmp / arm / "logs"),
-            extra_scheduler_args=(
-                f"--outcome-log {tmp / arm / 'outcomes.sqlite'} --journal {journal}"
-            ),
-        )
-        ports = set(all_ports(cfg).values())
-        if not ports & taken and all(port_is_free("127.0.0.1", p) for p in ports):
-            taken.update(ports)
-            return cfg
-    raise RuntimeError("no free block of ports for a stack")
+    return free_config(
+        taken,
+        workers=2,
+        slots=8,
+        replay_step_a_ms=step_a_ms,
+        replay_step_b_ms=step_b_ms,
+        triton_models="replay",
+        log_dir=str(tmp / arm / "logs"),
+        extra_scheduler_args=(f"--outcome-log {tmp / arm / 'outcomes.sqlite'} --journal {journal}"),
+    )
 
 
 def fs_type(path: Path) -> str:

@@ -50,9 +50,8 @@ import numpy as np
 
 from bench.relay import load, procstat
 from bench.relay import profile as prof
-from shortline.common.net import free_ports
-from shortline.stack import Stack, StackConfig, port_is_free
-from shortline.stack_plan import all_ports
+from shortline.stack import Stack, StackConfig
+from shortline.stack_plan import free_config
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 SETTINGS = ("off", "on")
@@ -87,37 +86,22 @@ def worker_args(setting: str, has_flag: bool, on_ms: float | None, on_tokens: in
 def stack_config(tmp: Path, setting: str, taken: set[int], args: argparse.Namespace) -> StackConfig:
     """Free ports for one stack, none shared with the other; its own journal and outcome
     log in this run's temporary folder (the scheduler journals, as deployed)."""
-    for _ in range(50):
-        singles = free_ports(7)
-        base = singles[6]
-        cfg = StackConfig(
-            scheduler_port=singles[0],
-            scheduler_internal_port=singles[1],
-            predictor_port=singles[2],
-            triton_grpc_port=singles[3],
-            triton_http_port=singles[4],
-            triton_metrics_port=singles[5],
-            worker_base_port=base + 1,
-            metrics_base_port=base + 1 + args.workers,
-            workers=args.workers,
-            slots=args.slots,
-            replay_step_a_ms=args.step_a_ms,
-            replay_step_b_ms=args.step_b_ms,
-            triton_models="replay",
-            log_dir=str(tmp / setting / "logs"),
-            extra_scheduler_args=(
-                f"--outcome-log {tmp / setting / 'outcomes.sqlite'} "
-                f"--journal {tmp / setting / 'journal.sqlite'} {args.scheduler_args}"
-            ),
-            extra_worker_args=worker_args(
-                setting, args.has_flag, args.coalesce_ms, args.coalesce_tokens
-            ),
-        )
-        ports = set(all_ports(cfg).values())
-        if not ports & taken and all(port_is_free("127.0.0.1", p) for p in ports):
-            taken.update(ports)
-            return cfg
-    raise RuntimeError("no free block of ports for a stack")
+    return free_config(
+        taken,
+        workers=args.workers,
+        slots=args.slots,
+        replay_step_a_ms=args.step_a_ms,
+        replay_step_b_ms=args.step_b_ms,
+        triton_models="replay",
+        log_dir=str(tmp / setting / "logs"),
+        extra_scheduler_args=(
+            f"--outcome-log {tmp / setting / 'outcomes.sqlite'} "
+            f"--journal {tmp / setting / 'journal.sqlite'} {args.scheduler_args}"
+        ),
+        extra_worker_args=worker_args(
+            setting, args.has_flag, args.coalesce_ms, args.coalesce_tokens
+        ),
+    )
 
 
 def service_roots(stack: Stack) -> dict[str, list[int]]:

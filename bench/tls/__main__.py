@@ -30,34 +30,17 @@ from typing import Any
 import numpy as np
 
 from shortline.client import ShortlineClient
-from shortline.common.net import free_ports
-from shortline.stack import Stack, StackConfig, port_is_free
+from shortline.stack import Stack, StackConfig
+from shortline.stack_plan import free_config
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def stack_config(tmp: Path, tls: bool, taken: set[int], step_ms: float) -> StackConfig:
-    """Free ports for one stack (worker and metrics ports are base + i blocks)."""
-    while True:
-        singles = free_ports(7)
-        base = singles[6]
-        block = [base + i for i in range(1, 6)]
-        if (
-            all(port_is_free("127.0.0.1", p) for p in block)
-            and not (set(singles) | set(block)) & taken
-        ):
-            break
-    taken.update(singles, block)
+    """Free ports for one stack, none shared with the other."""
     name = "tls" if tls else "plain"
-    return StackConfig(
-        scheduler_port=singles[0],
-        scheduler_internal_port=singles[1],
-        predictor_port=singles[2],
-        triton_grpc_port=singles[3],
-        triton_http_port=singles[4],
-        triton_metrics_port=singles[5],
-        worker_base_port=base + 1,
-        metrics_base_port=base + 2,
+    return free_config(
+        taken,
         workers=1,
         slots=4,
         replay_step_a_ms=step_ms,
