@@ -110,3 +110,13 @@ async def test_zero_interval_sends_every_chunk_as_it_comes() -> None:
     got = await collect(source(10, 0.001), execution, interval_s=0.0)
     assert [c.tokens for _, c in got] == [1] * 10
     assert execution.text == text_of(10)
+
+
+def test_bad_coalescing_settings_are_refused_naming_the_flag() -> None:
+    from services.worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="--coalesce-ms"):
+        WorkerConfig(coalesce_ms=-1.0)
+    with pytest.raises(ValueError, match="--coalesce-tokens"):
+        WorkerConfig(coalesce_tokens=0)
+    assert WorkerConfig(coalesce_ms=0.0).coalesce_ms == 0.0  # off is allowed
