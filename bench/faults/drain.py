@@ -54,7 +54,7 @@ from bench.faults.live import (
     judge,
     running_stack,
 )
-from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+from shortline.client import AsyncGenerateStream, AsyncShortlineClient
 from shortline.stack import Child, Stack
 
 VICTIM = "worker-1"
@@ -229,7 +229,7 @@ async def _worker_drain(stack: Stack, lines: Lines, size: Size) -> tuple[Judged,
     proc = target.process
     assert proc is not None
     problems: list[str] = []
-    options = ClientOptions(target=stack.scheduler_address, timeout_seconds=STREAM_TIMEOUT_S)
+    options = stack.client_options(timeout_seconds=STREAM_TIMEOUT_S)
     if not await asyncio.to_thread(_all_in_pool, stack, START_TIMEOUT_S):
         problems.append(f"not every worker in the scheduler's pool within {START_TIMEOUT_S:g} s")
     async with AsyncShortlineClient(options) as client:
@@ -327,7 +327,7 @@ async def _refuse_while_draining(
     if serving:
         problems.append(f"the scheduler not NOT_SERVING within {NOT_SERVING_WITHIN_S * 5:g} s")
         return counts, problems
-    options = ClientOptions(target=stack.scheduler_address, timeout_seconds=5.0, retries=0)
+    options = stack.client_options(timeout_seconds=5.0, retries=0)
     async with AsyncShortlineClient(options) as prober:
         i = 0
         while sched.poll() is None and not all(t.done() for t in streams.tasks):
@@ -352,7 +352,7 @@ async def _stack_drain(stack: Stack, lines: Lines, size: Size) -> tuple[Judged, 
     procs = {c.name: c.process for c in stack.children if c.process is not None}
     sched = procs["scheduler"]
     problems: list[str] = []
-    options = ClientOptions(target=stack.scheduler_address, timeout_seconds=STREAM_TIMEOUT_S)
+    options = stack.client_options(timeout_seconds=STREAM_TIMEOUT_S)
     if not await asyncio.to_thread(_all_in_pool, stack, START_TIMEOUT_S):
         problems.append(f"not every worker in the scheduler's pool within {START_TIMEOUT_S:g} s")
     async with AsyncShortlineClient(options) as client:

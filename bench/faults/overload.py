@@ -39,7 +39,7 @@ import grpc
 import psutil
 
 from bench.faults.live import Judged, judge, pid, replay_text, running_stack
-from shortline.client import AsyncShortlineClient, ClientOptions
+from shortline.client import AsyncShortlineClient
 from shortline.common.stats import percentile
 from shortline.stack import Stack
 
@@ -202,7 +202,7 @@ async def _drive(stack: Stack, window_s: float, rss: Rss) -> tuple[list[Outcome]
     """The two windows back to back, then waits for every request; returns the
     outcomes, the judged admitted streams and the seconds from the end of the
     load until the last request ended."""
-    options = ClientOptions(target=stack.scheduler_address, retries=0)
+    options = stack.client_options(retries=0)
     judged = Judged()
     outcomes: list[Outcome] = []
     tasks: list[asyncio.Task[None]] = []

@@ -112,11 +112,11 @@ async def _requests(
     """Requests every ``gap`` s: ``before_s`` before the kill, then until ``after_s``
     after the predictor serves again. Returns the judged streams, each request's send
     time and prediction source, the kill and when the predictor served again."""
-    from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+    from shortline.client import AsyncGenerateStream, AsyncShortlineClient
 
     victim = pid(stack, VICTIM)
     predictor = child(stack, VICTIM)
-    options = ClientOptions(target=stack.scheduler_address, timeout_seconds=STREAM_TIMEOUT_S)
+    options = stack.client_options(timeout_seconds=STREAM_TIMEOUT_S)
     judged = Judged()
     sent: list[Sent] = []
     streams: list[AsyncGenerateStream] = []

@@ -120,7 +120,7 @@ async def _streams(
     """``n`` replay streams; once each has text, kill -9 ``victim``. Returns the judged
     streams, the outage, the first token after Triton was ready again, and when the
     last stream ended."""
-    from shortline.client import AsyncGenerateStream, AsyncShortlineClient, ClientOptions
+    from shortline.client import AsyncGenerateStream, AsyncShortlineClient
 
     arrivals: list[float] = []  # when each piece of text reached a client
 
@@ -129,7 +129,7 @@ async def _streams(
             arrivals.append(time.monotonic())
         return stream.text
 
-    options = ClientOptions(target=stack.scheduler_address, timeout_seconds=STREAM_TIMEOUT_S)
+    options = stack.client_options(timeout_seconds=STREAM_TIMEOUT_S)
     judged = Judged()
     async with AsyncShortlineClient(options) as client:
         streams = [

@@ -39,8 +39,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,21 +59,7 @@ DEFAULT = {"streams": 64, "tokens": 400, "rounds": 3}
 WARMUP_TOKENS = 20
 
 
-def worker_has_coalescing() -> bool:
-    """Whether ``shortline worker serve`` takes ``--coalesce-ms`` (an unknown flag would
-    stop the worker from starting)."""
-    helped = subprocess.run(
-        [sys.executable, "-m", "shortline.cli", "worker", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return "--coalesce-ms" in helped.stdout
-
-
-def worker_args(setting: str, has_flag: bool, on_ms: float | None, on_tokens: int | None) -> str:
-    if not has_flag:
-        return ""
+def worker_args(setting: str, on_ms: float | None, on_tokens: int | None) -> str:
     if setting == "off":
         return "--coalesce-ms 0"
     args = [] if on_ms is None else ["--coalesce-ms", str(on_ms)]
@@ -98,9 +82,7 @@ def stack_config(tmp: Path, setting: str, taken: set[int], args: argparse.Namesp
             f"--outcome-log {tmp / setting / 'outcomes.sqlite'} "
             f"--journal {tmp / setting / 'journal.sqlite'} {args.scheduler_args}"
         ),
-        extra_worker_args=worker_args(
-            setting, args.has_flag, args.coalesce_ms, args.coalesce_tokens
-        ),
+        extra_worker_args=worker_args(setting, args.coalesce_ms, args.coalesce_tokens),
     )
 
 
@@ -286,9 +268,6 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in size.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.has_flag = worker_has_coalescing()
-    if not args.has_flag:
-        print("note: the worker has no --coalesce-ms yet: both settings run the same worker")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shortline-bench-relay-") as tmp:
@@ -308,10 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         "slots": args.slots,
         "replay_step_a_ms": args.step_a_ms,
         "replay_step_b_ms": args.step_b_ms,
-        "worker_has_coalescing": args.has_flag,
         "worker_args": {
-            s: worker_args(s, args.has_flag, args.coalesce_ms, args.coalesce_tokens)
-            for s in SETTINGS
+            s: worker_args(s, args.coalesce_ms, args.coalesce_tokens) for s in SETTINGS
         },
         "scheduler_args": args.scheduler_args,
         "profiled": bool(args.profile_scheduler),

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from shortline.client.channel import aio_channel, call_metadata, is_retryable
+from shortline.client.channel import aio_channel, call_metadata
 from shortline.client.resume import StreamState
 from shortline.client.types import (
     Accepted,
@@ -95,12 +95,8 @@ class AsyncGenerateStream:
                         raise StreamClosedError(self.request_id) from None
                     raise
                 except grpc.aio.AioRpcError as exc:
-                    if self._closed:
-                        raise StreamClosedError(self.request_id) from exc
-                    if not is_retryable(exc) or attempt >= options.retries:
-                        raise
                     attempt += 1
-                    await asyncio.sleep(state.backoff(options.backoff_seconds, attempt))
+                    await asyncio.sleep(state.retry_after(exc, attempt, options, self._closed))
                 except StreamDivergedError:
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await self.cancel()  # a diverged job is of no use to this caller

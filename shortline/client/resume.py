@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import time
 
+import grpc
+
+from shortline.client.channel import is_retryable
 from shortline.client.types import (
     Accepted,
+    ClientOptions,
     Result,
+    StreamClosedError,
     StreamDivergedError,
     accepted_from_pb,
     result_from_pb,
@@ -88,8 +93,18 @@ class StreamState:
             return None
         return max(0.0, self.deadline - time.monotonic())
 
-    def backoff(self, base_seconds: float, attempt: int) -> float:
-        return base_seconds * (2 ** (attempt - 1))
+    def retry_after(
+        self, exc: grpc.RpcError, attempt: int, options: ClientOptions, closed: bool
+    ) -> float:
+        """Seconds to wait before ``attempt`` (1 for the first retry) after ``exc`` ended
+        the previous one; raises what the caller gets instead: StreamClosedError when
+        the stream was closed, ``exc`` itself when it is not worth retrying or the
+        retries are spent. One rule for the sync and the asyncio stream."""
+        if closed:
+            raise StreamClosedError(self.request.request_id) from exc
+        if not is_retryable(exc) or attempt > options.retries:
+            raise exc
+        return options.backoff_seconds * (2 ** (attempt - 1))
 
     def handle(self, msg: scheduler_pb2.GenerateResponse) -> str:
         """Records one message; returns text not delivered before (may be empty).

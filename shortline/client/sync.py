@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from shortline.client.channel import call_metadata, is_retryable, sync_channel
+from shortline.client.channel import call_metadata, sync_channel
 from shortline.client.resume import StreamState
 from shortline.client.types import (
     Accepted,
@@ -88,12 +88,8 @@ class GenerateStream:
                             yield fresh
                     return
                 except grpc.RpcError as exc:
-                    if self._closed:
-                        raise StreamClosedError(self.request_id) from exc
-                    if not is_retryable(exc) or attempt >= options.retries:
-                        raise
                     attempt += 1
-                    time.sleep(state.backoff(options.backoff_seconds, attempt))
+                    time.sleep(state.retry_after(exc, attempt, options, self._closed))
                 except StreamDivergedError:
                     self._cancel_job()
                     raise

@@ -35,5 +35,4 @@ def test_quick_run_measures_both_settings(tmp_path: Path) -> None:
         for service in ("scheduler", "worker", "triton"):
             assert r[f"{service}_cpu_us_per_token"] > 0, (setting, service)
         assert set(SERVICES) <= {k.removesuffix("_cpu_us_per_token") for k in r}
-    if report["worker_has_coalescing"]:
-        assert report["worker_args"]["off"] == "--coalesce-ms 0"
+    assert report["worker_args"]["off"] == "--coalesce-ms 0"

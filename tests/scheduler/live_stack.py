@@ -24,6 +24,20 @@ def replay_text(first: int, last: int) -> str:
     return "".join(f" replay{i}" for i in range(first, last + 1))
 
 
+def replay_request(
+    request_id: str, max_tokens: int, prompt: str = "go", **fields: Any
+) -> scheduler_pb2.GenerateRequest:
+    """A ``replay`` request of exactly ``max_tokens`` tokens (EOS ignored)."""
+    return scheduler_pb2.GenerateRequest(
+        request_id=request_id,
+        model=fields.pop("model", "replay"),
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=common_pb2.SamplingParams(ignore_eos=True),
+        **fields,
+    )
+
+
 @dataclass
 class Stack:
     scheduler: SchedulerServer
@@ -42,14 +56,7 @@ class Stack:
         """One whole Generate stream; ``metadata`` carries e.g. the bearer token."""
         msgs = []
         call = self.stub.Generate(
-            scheduler_pb2.GenerateRequest(
-                request_id=request_id,
-                model=kw.pop("model", "replay"),
-                prompt=prompt,
-                max_tokens=max_tokens,
-                sampling=common_pb2.SamplingParams(ignore_eos=True),
-                **kw,
-            ),
+            replay_request(request_id, max_tokens, prompt, **kw),
             timeout=60,
             metadata=metadata,
         )

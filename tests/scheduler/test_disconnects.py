@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
-from live_stack import Stack, replay_text, stack, wait_for
+from live_stack import Stack, replay_request, replay_text, stack, wait_for
 
 from shortline.client import (
     AsyncShortlineClient,
@@ -37,8 +37,7 @@ from shortline.client import (
     StreamClosedError,
 )
 from shortline.common.stats import percentile
-from shortline.common.v1 import common_pb2
-from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shortline.scheduler.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -64,14 +63,7 @@ with ShortlineClient(ClientOptions(target=target)) as client:
 
 
 def request(request_id: str, max_tokens: int = LONG, **fields: Any) -> Any:
-    return scheduler_pb2.GenerateRequest(
-        request_id=request_id,
-        model="replay",
-        prompt="go",
-        max_tokens=max_tokens,
-        sampling=common_pb2.SamplingParams(ignore_eos=True),
-        **fields,
-    )
+    return replay_request(request_id, max_tokens, **fields)
 
 
 async def streaming(s: Stack, request_id: str) -> None:

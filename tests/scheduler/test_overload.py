@@ -13,11 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
-from live_stack import Stack, stack, wait_for
+from live_stack import Stack, replay_request, stack, wait_for
 
 from services.scheduler.service.servicer import RETRY_PUSHBACK_KEY
-from shortline.common.v1 import common_pb2
-from shortline.scheduler.v1 import scheduler_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +24,8 @@ A_TOKEN = "token-of-team-a-overload-0123"
 B_TOKEN = "token-of-team-b-overload-4567"
 
 
-def request(request_id: str, max_tokens: int = LONG) -> scheduler_pb2.GenerateRequest:
-    return scheduler_pb2.GenerateRequest(
-        request_id=request_id,
-        model="replay",
-        prompt="go",
-        max_tokens=max_tokens,
-        sampling=common_pb2.SamplingParams(ignore_eos=True),
-    )
+def request(request_id: str, max_tokens: int = LONG, **fields: Any) -> Any:
+    return replay_request(request_id, max_tokens, **fields)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
