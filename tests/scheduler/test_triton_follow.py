@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from live_stack import replay_text, stack, wait_for
+from live_stack import replay_request, replay_text, stack, wait_for
 
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.clock import VirtualClock
@@ -27,7 +27,6 @@ from services.scheduler.core.scheduler import SchedulerCore
 from services.worker.config import TritonServeConfig
 from services.worker.service.server import WorkerServer
 from shortline.common.net import free_port
-from shortline.common.v1 import common_pb2
 from shortline.scheduler.v1 import internal_pb2_grpc, scheduler_pb2
 
 
@@ -113,16 +112,7 @@ async def _start_triton(grpc_port: int, http_port: int) -> Any:
 
 async def _generate(s: Any, rid: str, n: int) -> str:
     text = ""
-    call = s.stub.Generate(
-        scheduler_pb2.GenerateRequest(
-            request_id=rid,
-            model="replay",
-            prompt="go",
-            max_tokens=n,
-            sampling=common_pb2.SamplingParams(ignore_eos=True),
-        ),
-        timeout=600,
-    )
+    call = s.stub.Generate(replay_request(rid, n), timeout=600)
     async for msg in call:
         if msg.HasField("delta"):
             text += msg.delta.text

@@ -56,6 +56,16 @@ class _Buffer:
         return chunk
 
 
+def _take(execution: Execution, chunk: Chunk) -> bool:
+    """Adds ``chunk`` to what ``execution`` has taken; False (nothing taken) once a stop
+    was asked: the stop's answer is what was taken before it."""
+    if execution.stop_reason is not None:
+        return False
+    execution.text += chunk.text
+    execution.tokens += chunk.tokens
+    return True
+
+
 async def chunks(
     stream: AsyncIterable[Chunk], execution: Execution, interval_s: float, max_tokens: int
 ) -> AsyncIterator[Chunk]:
@@ -63,10 +73,8 @@ async def chunks(
     was taken. Raises what the stream raised, after the text before it."""
     if interval_s <= 0:
         async for chunk in stream:
-            if execution.stop_reason is not None:
+            if not _take(execution, chunk):
                 return
-            execution.text += chunk.text
-            execution.tokens += chunk.tokens
             yield chunk
         return
     loop = asyncio.get_running_loop()
@@ -81,10 +89,8 @@ async def chunks(
     async def read() -> None:
         try:
             async for chunk in stream:
-                if execution.stop_reason is not None:
+                if not _take(execution, chunk):
                     break
-                execution.text += chunk.text
-                execution.tokens += chunk.tokens
                 buffer.text.append(chunk.text)
                 buffer.tokens += chunk.tokens
                 buffer.step, buffer.batch_size = chunk.step, chunk.batch_size
