@@ -125,6 +125,7 @@ async def test_a_worker_follows_its_triton_down_and_back_without_leaving_the_poo
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
     triton = await _start_triton(grpc_port, http_port)
+    tasks: list[asyncio.Task[str]] = []
     try:
         async with stack(triton.grpc_url, tmp_path, workers=1, slots=2) as s:
             plane = s.scheduler.plane
@@ -135,11 +136,13 @@ async def test_a_worker_follows_its_triton_down_and_back_without_leaving_the_poo
 
             # Triton dies mid-stream: the run breaks, the worker stays, nothing goes to it.
             running = asyncio.create_task(_generate(s, "through", 400))
+            tasks.append(running)
             await wait_for(lambda: (r := plane.lookup("through")) is not None and r.tokens > 5)
             await asyncio.to_thread(triton.stop, 0.0)
             await wait_for(lambda: not worker.servicer.serving, timeout=5)
             await wait_for(lambda: not handle.serving, timeout=5)
             waiting = [asyncio.create_task(_generate(s, f"wait{i}", 30)) for i in range(3)]
+            tasks += waiting
             await asyncio.sleep(1.5)  # several heartbeats: no drop, no re-registration
             assert plane.workers.get("w0") is handle
             assert not plane.core.workers["w0"].accepting
@@ -171,4 +174,8 @@ async def test_a_worker_follows_its_triton_down_and_back_without_leaving_the_poo
             )
             assert serving_s < 5.0 and dispatch_s < 5.0
     finally:
+        # On a failure, no stream task is left to die later in another test's log.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(triton.stop, 0.0)

@@ -30,8 +30,6 @@ models unload within Triton's next check (about a second).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import secrets
@@ -68,9 +66,32 @@ def _pytriton_dist() -> tuple[Path, Path]:
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
 
 
-def _set_parent_death_signal() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the process that started us
+# Runs as ``python -c`` between our fork and tritonserver: sets PR_SET_PDEATHSIG
+# (die with the process that started us) and execs the server in place. Not a
+# ``preexec_fn``: that runs Python in the forked child of a process whose gRPC
+# threads are busy, and grpc's fork handlers then crash the child before exec
+# (seen in CI: "Check failed: next_worker->state == KICKED", exit -11). Without
+# a preexec_fn, subprocess uses vfork and no fork handler runs. The parent pid
+# is checked after prctl, in case the parent died before it took effect.
+_EXEC_WITH_PARENT_DEATH_SIGNAL = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _with_parent_death_signal(args: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _EXEC_WITH_PARENT_DEATH_SIGNAL,
+        str(os.getpid()),
+        *args,
+    ]
 
 
 class EmbeddedTriton:
@@ -170,13 +191,12 @@ class EmbeddedTriton:
         try:
             with open(self.log_path, "wb") as out:
                 self._proc = subprocess.Popen(
-                    args,
+                    _with_parent_death_signal(args),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env={**self._env(), STOP_FD_ENV: str(read_end)},
                     cwd=self.workspace,
                     start_new_session=True,
-                    preexec_fn=_set_parent_death_signal,
                     pass_fds=(read_end,),
                 )
         finally:

@@ -155,3 +155,39 @@ async def test_triton_stops_quickly_and_cleanly_after_serving_through_a_worker(
     ours = f"shortline{os.getpid()}x"
     leaked = sorted(p.name for p in shm_regions() - shm_before if p.name.startswith(ours))
     assert not leaked, f"shared memory left behind: {leaked}"
+
+
+async def test_triton_goes_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A starter killed with SIGKILL runs no cleanup; the kernel's parent-death signal
+    (set between fork and exec, embedded.py) still stops its tritonserver, whose
+    process is the server itself (the wrapper exec'd it, no Python left between)."""
+    cmd = [sys.executable, "-m", "shortline.cli", "triton", "serve", "--models", "replay"]
+    cmd += ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    env = {**os.environ, "SHORTLINE_RUN_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    server = 0
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        while "triton ready" not in seen and proc.poll() is None:
+            seen += await asyncio.to_thread(proc.stdout.readline)
+        assert "triton ready" in seen, seen
+        children = descendants(proc.pid)
+        servers = [p for p in children if os.readlink(f"/proc/{p}/exe").endswith("tritonserver")]
+        assert len(servers) == 1, children
+        (server,) = servers
+        ppid = int(Path(f"/proc/{server}/stat").read_text().split()[3])
+        assert ppid == proc.pid  # a direct child: nothing between the starter and the server
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while alive(server) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not alive(server), "tritonserver outlived the process that started it"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server and alive(server):
+            os.killpg(server, signal.SIGKILL)  # its own process group, stubs included
