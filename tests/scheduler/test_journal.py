@@ -228,3 +228,35 @@ async def test_a_failed_commit_holds_the_text_back_and_is_retried(tmp_path: Path
     assert isinstance(item, scheduler_pb2.GenerateResponse)
     assert item.delta.text == "x" * 50_000
     journal.close()
+
+
+@pytest.mark.asyncio
+async def test_commits_start_at_once_when_idle_and_at_most_every_gap_under_load(
+    tmp_path: Path,
+) -> None:
+    """An idle scheduler writes a change on the next loop turn; changes that follow
+    within COMMIT_GAP_S of a commit wait for one commit together (bench.relay: a
+    transaction costs the same whatever it holds)."""
+    from services.scheduler.service.journal import COMMIT_GAP_S
+
+    journal = Journal(tmp_path / "j.sqlite", MonotonicClock())
+    reqs = [_request(f"acme/r{i}", f"r{i}") for i in range(4)]
+    for req in reqs:
+        journal.track(req)
+    await asyncio.sleep(0)  # the first commit: on the next loop turn
+    assert journal.commits == 1
+    await asyncio.sleep(COMMIT_GAP_S * 2)
+    started = time.perf_counter()
+    reqs[0].add_text(" a", 1)
+    await asyncio.sleep(0)
+    assert journal.commits == 2 and reqs[0].shown == 2  # idle again: at once
+    for req in reqs:
+        req.add_text(" b", 1)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert journal.commits == 2 and all(r.shown_tokens < r.tokens for r in reqs)
+    while journal.commits == 2:
+        await asyncio.sleep(0.001)
+    assert time.perf_counter() - started >= COMMIT_GAP_S * 0.9
+    assert journal.commits == 3 and all(r.shown_tokens == r.tokens for r in reqs)
+    journal.close()
