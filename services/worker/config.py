@@ -1,14 +1,27 @@
-"""Configuration of the worker and of the embedded Triton server (flags and env)."""
+"""Configuration of the worker and of the embedded Triton server (flags and env).
+
+Which models a worker serves: ``--models auto`` (the default) registers what its
+Triton serves (its repository index, READY models), each with the prompt format
+and max tokens of ``--model-settings`` and the predictor head of
+``--length-models``; an explicit ``--models NAME=FORMAT:MAX_TOKENS,...`` is used
+as given. The defaults cover the embedded models, so ``shortline up`` needs no flag.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from services.worker.prompts import ModelSpec, parse_models
+from shortline.common.limits import MAX_NAME_CHARS
 from shortline.common.tls import TlsSettings
 
 SMOLLM2 = "smollm2-135m-instruct"
 REPLAY = "replay"
+AUTO = "auto"
+# The scheduler's --default-length-model: the head the embedded models used before
+# the mapping existed (no head is trained on SmolLM2 or on replayed traces).
+DEFAULT_HEAD = "Meta-Llama-3-8B-Instruct"
 
 
 @dataclass(frozen=True)
@@ -78,10 +91,26 @@ class WorkerConfig(TlsSettings):
         },
     )
     models: str = field(
+        default=AUTO,
+        metadata={
+            "help": "auto: serve the models Triton serves (its repository index), with "
+            "--model-settings; or an explicit NAME=PROMPT_FORMAT:MAX_TOKENS,... list; "
+            "formats: smollm2, chatml, llama3, raw"
+        },
+    )
+    model_settings: str = field(
         default=f"{SMOLLM2}=smollm2:4096,{REPLAY}=raw:65536",
         metadata={
-            "help": "served models as NAME=PROMPT_FORMAT:MAX_TOKENS, comma-separated; "
-            "formats: smollm2, chatml, llama3, raw"
+            "help": "with --models auto: NAME=PROMPT_FORMAT:MAX_TOKENS per model Triton may "
+            "serve; a served model without settings stops the worker at start"
+        },
+    )
+    length_models: str = field(
+        default=f"{SMOLLM2}={DEFAULT_HEAD},{REPLAY}={DEFAULT_HEAD}",
+        metadata={
+            "help": "SERVED=TARGET,...: the predictor head (target model) for each served "
+            "model's requests that name no length_model; a model not listed gets the "
+            "scheduler's --default-length-model"
         },
     )
     metrics_port: int = field(default=0, metadata={"help": "Prometheus port (0: off)"})
@@ -117,3 +146,56 @@ class WorkerConfig(TlsSettings):
             raise ValueError(f"--coalesce-ms must be >= 0 (0: off), got {self.coalesce_ms}")
         if self.coalesce_tokens < 1:
             raise ValueError(f"--coalesce-tokens must be >= 1, got {self.coalesce_tokens}")
+        # Parsed now, so that a bad value names its flag before anything starts.
+        if self.models.strip() != AUTO:
+            _parsed("--models", self.models)
+        if self.model_settings.strip():
+            _parsed("--model-settings", self.model_settings)
+        parse_length_models(self.length_models)
+
+    @property
+    def auto(self) -> bool:
+        """Whether the served models come from Triton's repository index."""
+        return self.models.strip() == AUTO
+
+    def explicit_models(self) -> dict[str, ModelSpec]:
+        """``--models`` as given (not ``auto``)."""
+        return parse_models(self.models)
+
+    def settings(self) -> dict[str, ModelSpec]:
+        """``--model-settings``: what an auto worker knows of the models Triton may serve."""
+        return parse_models(self.model_settings) if self.model_settings.strip() else {}
+
+    def head_targets(self) -> dict[str, str]:
+        """``--length-models``: served model -> predictor head."""
+        return parse_length_models(self.length_models)
+
+
+def _parsed(flag: str, spec: str) -> dict[str, ModelSpec]:
+    try:
+        return parse_models(spec)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from exc
+
+
+def parse_length_models(spec: str) -> dict[str, str]:
+    """``SERVED=TARGET,...`` as a mapping; raises ValueError naming --length-models."""
+    mapping: dict[str, str] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        served, sep, target = (s.strip() for s in item.partition("="))
+        if not sep or not served or not target:
+            raise ValueError(f"--length-models: expected SERVED=TARGET, got {item!r}")
+        for name in (served, target):
+            if len(name) > MAX_NAME_CHARS or not name.isprintable():
+                raise ValueError(
+                    f"--length-models: {name[:MAX_NAME_CHARS]!r} must be printable and at "
+                    f"most {MAX_NAME_CHARS} characters"
+                )
+        if served in mapping and mapping[served] != target:
+            raise ValueError(
+                f"--length-models: {served} is mapped twice ({mapping[served]}, {target})"
+            )
+        mapping[served] = target
+    return mapping

@@ -56,6 +56,7 @@ class LimitsMessage(Protocol):
     max_repetition_penalty: float
     max_stop_strings: int
     max_stop_chars: int
+    length_model: str
 
 
 def _f32(x: float) -> float:
@@ -77,6 +78,9 @@ class ModelLimits:
     max_repetition_penalty: float = MAX_REPETITION_PENALTY
     max_stop_strings: int = MAX_STOP_STRINGS
     max_stop_chars: int = MAX_STOP_CHARS
+    # The predictor head for requests naming no length_model; "": the scheduler's default.
+    # Not a limit: it passes through ``narrow`` unchanged (the first worker's that has one).
+    length_model: str = ""
 
     def to_proto(self, message_type: Callable[..., M]) -> M:
         """As a message of ``message_type`` (``scheduler_pb2.ModelLimits``)."""
@@ -86,20 +90,25 @@ class ModelLimits:
     def from_proto(cls, message: LimitsMessage) -> ModelLimits:
         """The advertised limits within the outer bounds; an unset (zero) or non-finite
         field keeps the default, so an older or careless worker cannot widen a range."""
-        defaults = cls(message.model)
+        defaults = cls(message.model, length_model=message.length_model)
         advertised: dict[str, Any] = {}
         for f in fields(cls):
             value = getattr(message, f.name)
-            if f.name != "model" and value and math.isfinite(value):
+            if f.name not in _NAMES and value and math.isfinite(value):
                 advertised[f.name] = value
         return narrow(defaults, replace(defaults, **advertised))
 
 
+_NAMES = frozenset({"model", "length_model"})
+
+
 def narrow(a: ModelLimits, b: ModelLimits) -> ModelLimits:
     """The most restrictive of two limits of one model (several workers, or a worker
-    and the outer bounds): the smaller maximum, the larger minimum."""
+    and the outer bounds): the smaller maximum, the larger minimum; ``a``'s length
+    model, else ``b``'s (the scheduler refuses a worker that maps a model elsewhere)."""
     return ModelLimits(
         model=a.model,
+        length_model=a.length_model or b.length_model,
         max_tokens=min(a.max_tokens, b.max_tokens),
         max_prompt_chars=min(a.max_prompt_chars, b.max_prompt_chars),
         min_temperature=max(a.min_temperature, b.min_temperature),

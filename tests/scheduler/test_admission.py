@@ -222,9 +222,12 @@ async def test_sixty_huge_prompts_leave_the_scheduler_process_flat(tmp_path: Pat
                 assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
                 rss.append(_rss_mb(proc.pid))
             # gRPC's buffers grow once (measured 5-36 MB on a loaded machine), well under
-            # the 234 MB that keeping 60 such prompts would take; then nothing grows.
+            # the 234 MB that keeping 60 such prompts would take; then they settle. On a
+            # busy machine more of a round is in flight at once, and two later rounds
+            # added up to 19 MB (CI, 2 cores shared): a leak of even a tenth of the
+            # prompts would add 47 MB over them.
             assert rss[0] - before < 80, f"VmRSS {before:.0f} -> {rss[0]:.0f} MB"
-            assert rss[2] - rss[0] < 15, f"VmRSS {rss[0]:.0f} -> {rss[2]:.0f} MB"
+            assert rss[2] - rss[0] < 40, f"VmRSS {rss[0]:.0f} -> {rss[2]:.0f} MB"
             assert (log_path.stat().st_size if log_path.exists() else 0) == log_size
     finally:
         proc.terminate()

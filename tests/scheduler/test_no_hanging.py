@@ -248,6 +248,9 @@ async def _add_worker(s: Stack, worker_id: str, triton_url: str, slots: int) -> 
             worker_id=worker_id,
             scheduler=s.scheduler.internal_address,
             health_poll_s=0.5,
+            # As the pool's other workers: its own Triton serves only replay, and a
+            # worker registering what its Triton serves would be another pool.
+            models="smollm2-135m-instruct=smollm2:4096,replay=raw:65536",
         ),
         triton_url,
     )

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 from processes import assert_nothing_left, descendants, shm_regions
 from stacks import stack_config, up_argv, wait_until_serving
 
-from shortline.common.paths import REPO_ROOT
 from shortline.common.v1 import common_pb2
 from shortline.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from shortline.stack import Child, Stack, grpc_serving
@@ -105,20 +103,6 @@ async def all_serving(stack: Stack, stub: scheduler_pb2_grpc.SchedulerServiceAsy
     while not await registered():
         assert time.monotonic() < deadline, "workers did not register again"
         await asyncio.sleep(0.2)
-
-
-def test_kubernetes_waits_for_the_drain_before_it_kills() -> None:
-    """terminationGracePeriodSeconds covers preStop, the drain grace and a margin to
-    stop the servers, for the scheduler and the workers."""
-    docs = list(yaml.safe_load_all((REPO_ROOT / "deploy/k8s/shortline.yaml").read_text()))
-    for name in ("shortline-scheduler", "shortline-worker"):
-        spec = next(d for d in docs if d["metadata"]["name"] == name and "template" in d["spec"])
-        pod = spec["spec"]["template"]["spec"]
-        (container,) = pod["containers"]
-        grace = float(next(a for a in container["args"] if a.startswith("--drain-grace-s="))[16:])
-        sleep = container["lifecycle"]["preStop"]["exec"]["command"]
-        assert sleep[0] == "sleep"
-        assert pod["terminationGracePeriodSeconds"] >= float(sleep[1]) + grace + 10, name
 
 
 @pytest.fixture(scope="module")

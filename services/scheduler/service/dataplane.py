@@ -62,6 +62,9 @@ GUARD_POLL_S = 0.05
 # Never sleep less than this: a timer fires at its time or a hair before it, and a
 # condition checked with ">" (heartbeats) is only true strictly after.
 MIN_DELAY_S = 0.001
+# How long a registration waits for the predictor's first list of heads (it is asked
+# at start; a worker that joins at once must still have its head targets checked).
+HEADS_WAIT_S = 2.0
 
 
 class SchedulerService:
@@ -237,6 +240,25 @@ class SchedulerService:
             return req
         return self.results.store.get(key)
 
+    def length_model(self, request: scheduler_pb2.GenerateRequest) -> str:
+        """The head a request is predicted with: its own; else its model's, as the
+        workers serving it map it (their --length-models); else --default-length-model."""
+        served = self.workers.limits(request.model).length_model
+        return request.length_model or served or self.cfg.default_length_model
+
+    async def head_targets(self) -> frozenset[str] | None:
+        """The predictor's heads; None with no predictor, or when it has not answered
+        within ``HEADS_WAIT_S`` (then nothing can be checked against them)."""
+        targets = self.predictor.known_targets()
+        if targets is not None or not self.cfg.predictor:
+            return targets
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HEADS_WAIT_S
+        while targets is None and loop.time() < deadline:
+            await asyncio.sleep(GUARD_POLL_S)
+            targets = self.predictor.known_targets()
+        return targets
+
     def admit(
         self,
         request: scheduler_pb2.GenerateRequest,
@@ -251,7 +273,7 @@ class SchedulerService:
             scoped_key(tenant, request.request_id),
             arrival=now,
             model=request.model,
-            length_model=request.length_model or self.cfg.default_length_model,
+            length_model=self.length_model(request),
             prompt=request.prompt,
             max_tokens=request.max_tokens,
             true_tokens=request.max_tokens if self.policy.uses_truth else None,

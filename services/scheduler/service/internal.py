@@ -35,6 +35,8 @@ def _bad_names(request: scheduler_pb2.RegisterWorkerRequest) -> str | None:
     if most_models > MAX_MODELS:
         return f"a worker serves at most {MAX_MODELS} models, got {most_models}"
     fields += [("models", m, limits.MAX_NAME_CHARS) for m in request.models]
+    heads = [m.length_model for m in request.limits if m.length_model]
+    fields += [("limits.length_model", h, limits.MAX_NAME_CHARS) for h in heads]
     for name, value, most in fields:
         if len(value) > most:
             return f"{name} must be at most {most} characters, got {len(value)}"
@@ -91,6 +93,8 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         mismatch = self.plane.workers.mismatch(request.worker_id, list(request.models))
+        if mismatch is None:
+            mismatch = await self._bad_heads(request)
         if mismatch is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
         self.plane.workers.register(
@@ -99,6 +103,39 @@ class SchedulerInternalServicer(internal_pb2_grpc.SchedulerInternalServiceServic
         return scheduler_pb2.RegisterWorkerResponse(
             heartbeat_interval_seconds=self.cfg.heartbeat_interval_s
         )
+
+    async def _bad_heads(self, request: scheduler_pb2.RegisterWorkerRequest) -> str | None:
+        """Why the worker's head targets cannot be used (FAILED_PRECONDITION's message).
+
+        A target the predictor has no head for would make every request to the model
+        fall back silently, and two workers mapping one model to different heads
+        would make its predictions depend on placement: both are configuration
+        errors the worker is told about at once (it stops rather than retrying).
+        An empty target means the scheduler's --default-length-model (old workers)."""
+        mapped = {m.model: m.length_model for m in request.limits if m.length_model}
+        if not mapped:
+            return None
+        heads = await self.plane.head_targets()
+        for model, target in sorted(mapped.items()):
+            if heads is not None and target not in heads:
+                return (
+                    f"worker {request.worker_id}: model {model!r} maps to length model "
+                    f"{target!r} (--length-models), which has no predictor head (heads: "
+                    f"{', '.join(sorted(heads))}); map it to one of them, or leave the model "
+                    f"out of --length-models for --default-length-model "
+                    f"({self.cfg.default_length_model})"
+                )
+            for other in self.plane.workers:
+                theirs = other.limits.get(model)
+                if other.id == request.worker_id or theirs is None or not theirs.length_model:
+                    continue
+                if theirs.length_model != target:
+                    return (
+                        f"worker {request.worker_id}: model {model!r} maps to length model "
+                        f"{target!r} (--length-models), but worker {other.id} maps it to "
+                        f"{theirs.length_model!r}; a model pool uses one head per model"
+                    )
+        return None
 
     async def Heartbeat(
         self, request: scheduler_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext

@@ -10,6 +10,12 @@ first heartbeat follows the registration at once, and ``wake`` (set when the
 serving state changes) sends the next one at once, so the scheduler stops and
 resumes dispatching within a round trip instead of a heartbeat interval.
 
+A registration refused with FAILED_PRECONDITION (a model pool that serves other
+models, a length model with no predictor head) is a configuration error that
+retrying cannot fix: ``keep_registered`` raises :class:`RegistrationRefused`
+with the scheduler's message, unless the membership is provisional (an auto
+worker whose Triton has not listed its models yet: the real list may fit).
+
 This module knows nothing of the server that runs it: it is given the
 worker's fixed :class:`Membership` and a callable that returns its current
 :class:`WorkerStatus` at each heartbeat.
@@ -51,6 +57,12 @@ class Membership:
     models: tuple[str, ...]
     # Per served model; the scheduler refuses requests outside them before Accepted.
     limits: tuple[ModelLimits, ...] = ()
+    # False: a guess (Triton has not listed its models yet), so a refusal is retried.
+    final: bool = True
+
+
+class RegistrationRefused(Exception):
+    """The scheduler refused this worker's registration for good (its message)."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +79,12 @@ async def keep_registered(
     status: Callable[[], WorkerStatus],
     material: tls.TlsMaterial | None = None,
     wake: asyncio.Event | None = None,
+    tried: asyncio.Event | None = None,
 ) -> None:
-    """Runs until cancelled. With ``material`` the channel is TLS, presenting the
-    worker's certificate (whose name the scheduler requires to be the worker id);
-    setting ``wake`` sends the next heartbeat now."""
+    """Runs until cancelled, or raises RegistrationRefused. With ``material`` the
+    channel is TLS, presenting the worker's certificate (whose name the scheduler
+    requires to be the worker id); setting ``wake`` sends the next heartbeat now;
+    ``tried`` is set once the first registration has been answered or has failed."""
     async with tls.aio_channel(scheduler, material or tls.TlsMaterial()) as channel:
         stub = internal_pb2_grpc.SchedulerInternalServiceStub(channel)
         registered = False
@@ -93,6 +107,8 @@ async def keep_registered(
                     )
                     interval = reply.heartbeat_interval_seconds or RETRY_S
                     registered = True
+                    if tried is not None:
+                        tried.set()
                     warned = False
                     log.info("registered with scheduler %s as %s", scheduler, membership.worker_id)
                     continue  # the first heartbeat says at once whether it can serve
@@ -111,6 +127,17 @@ async def keep_registered(
                         registered = False
                         continue
             except grpc.aio.AioRpcError as exc:
+                refused = not registered and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                if refused and membership.final:
+                    log.error("scheduler %s refused this worker: %s", scheduler, exc.details())
+                    if tried is not None:
+                        tried.set()
+                    raise RegistrationRefused(
+                        f"scheduler {scheduler} refused worker {membership.worker_id}: "
+                        f"{exc.details()}"
+                    ) from exc
+                if tried is not None:
+                    tried.set()
                 if not warned:
                     log.warning(
                         "scheduler %s: %s %s (will keep trying)",

@@ -12,6 +12,16 @@ running then are handed back: their Execute streams end with a PREEMPTED result
 after exactly the text they streamed, and the scheduler resumes them elsewhere
 from that text.
 
+Which models it serves (``--models``): an explicit list as given, or with ``auto``
+what its Triton lists as READY in its repository index, read at start and again
+whenever Triton comes back after being unreachable (it may return with other
+models; the worker then registers again). Until Triton has answered, an auto
+worker announces the models of ``--model-settings`` and reports itself not
+serving. A configuration that cannot work stops the worker at start
+(:class:`WorkerStartError`, naming the model and the flag): a served model with
+no ``--model-settings``, or a scheduler refusing the registration (a length model
+with no predictor head).
+
 Usage::
 
     server = WorkerServer(WorkerConfig(slots=8, scheduler="127.0.0.1:50051"), "127.0.0.1:8001")
@@ -26,15 +36,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from typing import cast
 
 import grpc
 
 from services.worker.config import WorkerConfig
-from services.worker.service.registration import Membership, WorkerStatus, keep_registered
+from services.worker.prompts import FORMATS, ModelSpec, model_limits
+from services.worker.service.registration import (
+    Membership,
+    RegistrationRefused,
+    WorkerStatus,
+    keep_registered,
+)
 from services.worker.service.servicer import WorkerServicer
 from services.worker.service.slots import Execution
-from services.worker.service.triton_client import TritonClient
+from services.worker.service.triton_client import TritonClient, TritonUnavailable
 from shortline.common import grpc_server, tls
 from shortline.common.limits import max_message_bytes
 from shortline.common.net import free_port
@@ -55,6 +72,13 @@ DRAIN_POLL_S = 0.05
 HAND_OFF_WAIT_S = 5.0
 # How long stop waits for its background tasks after cancelling them.
 TASK_STOP_S = 2.0
+# How long start waits for the scheduler's first answer (RegisterWorker's own timeout
+# is 5 s): a refusal then stops the start; no answer leaves it to retry in the background.
+FIRST_REGISTRATION_S = 6.0
+
+
+class WorkerStartError(Exception):
+    """The worker cannot serve as configured; the message names the model and the flag."""
 
 
 class DrainingServicer(WorkerServicer):
@@ -135,26 +159,122 @@ class WorkerServer:
             credentials=tls.server_credentials(self.tls, internal=True),
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._heads = config.head_targets()
+        # auto: Triton's index is still to be read (at start, and after Triton was away).
+        self._index_due = config.auto
+        self._serve(config.settings() if config.auto else config.explicit_models())
+        self._registration: asyncio.Task[None] | None = None
+        self._membership: Membership | None = None
+        self._tried = asyncio.Event()
+        # Set with the scheduler's message when it refused this worker for good.
+        self.refusal: str | None = None
+        self.refused = asyncio.Event()  # set with ``refusal``: the process should exit
+
+    def _serve(self, specs: dict[str, ModelSpec]) -> None:
+        """Serves ``specs`` from now: the servicer's models and the limits registered,
+        each with its head target (``--length-models``; none: the scheduler's default)."""
+        self.servicer.models = dict(specs)
+        self.servicer.limits = tuple(
+            replace(limits, length_model=self._heads.get(limits.model, ""))
+            for limits in model_limits(specs, self.config.max_prompt_chars)
+        )
+
+    async def _read_index(self, at_start: bool) -> bool:
+        """Serves what Triton lists as READY (``--models auto``); True when that changed
+        what is registered. A served model without ``--model-settings`` stops the worker
+        at start; later (Triton restarted with another model) it is left out, logged,
+        as a running worker must not die under the jobs it runs."""
+        try:
+            names = await self.triton.ready_models()
+        except TritonUnavailable as exc:
+            log.warning("%s; will ask again", exc)
+            return False
+        self._index_due = False
+        settings = self.config.settings()
+        missing = [name for name in names if name not in settings]
+        problem = None
+        if missing:
+            problem = (
+                f"Triton at {self.triton.url} serves {', '.join(missing)} but --model-settings "
+                f"(SHORTLINE_WORKER_MODEL_SETTINGS) has no NAME=FORMAT:MAX_TOKENS for it "
+                f"(formats: {', '.join(FORMATS)}); add it, or give --models explicitly"
+            )
+        elif not names:
+            problem = f"Triton at {self.triton.url} serves no READY model"
+        if problem is not None:
+            if at_start:
+                raise WorkerStartError(problem)
+            log.error("%s; serving the rest", problem)
+        specs = {name: settings[name] for name in names if name in settings}
+        if not specs:
+            return False
+        changed = specs != self.servicer.models or self._registered_guess()
+        self._serve(specs)
+        log.info("Triton at %s serves %s", self.triton.url, ", ".join(sorted(specs)))
+        return changed
+
+    def _registered_guess(self) -> bool:
+        """Whether the registration running announces a guess (Triton had not answered)."""
+        return self._membership is not None and not self._membership.final
+
+    def _register(self) -> None:
+        """(Re)starts joining the scheduler with the models served now."""
+        if not self.config.scheduler:
+            return
+        if self._registration is not None:
+            self._registration.cancel()  # stop() still waits for it (in _tasks)
+        self._membership = Membership(
+            worker_id=self.worker_id,
+            address=self.config.advertise_address or self.address,
+            slots=self.servicer.slots.total,
+            models=tuple(sorted(self.servicer.models)),
+            limits=self.servicer.limits,
+            final=not self._index_due,
+        )
+        self._tried.clear()
+        task = asyncio.create_task(
+            keep_registered(
+                self.config.scheduler,
+                self._membership,
+                self.status,
+                self.tls,
+                self._beat,
+                self._tried,
+            )
+        )
+        task.add_done_callback(self._registration_ended)
+        self._registration = task
+        self._tasks.append(task)
+
+    def _registration_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, RegistrationRefused):
+            self.refusal = str(exc)  # logged where it was raised
+            self.refused.set()
+        elif exc is not None:
+            log.error("registration with the scheduler ended: %r", exc)
 
     async def start(self) -> None:
+        """Starts serving; raises WorkerStartError (after stopping) when the worker
+        cannot serve as configured."""
         await self.server.start()
-        await self._check_triton()
-        self._tasks.append(asyncio.create_task(self._watch_triton()))
-        if self.config.scheduler:
-            membership = Membership(
-                worker_id=self.worker_id,
-                address=self.config.advertise_address or self.address,
-                slots=self.servicer.slots.total,
-                models=tuple(sorted(self.servicer.models)),
-                limits=self.servicer.limits,
-            )
-            self._tasks.append(
-                asyncio.create_task(
-                    keep_registered(
-                        self.config.scheduler, membership, self.status, self.tls, self._beat
-                    )
-                )
-            )
+        try:
+            await self._check_triton(at_start=True)
+            self._tasks.append(asyncio.create_task(self._watch_triton()))
+            self._register()
+            if self._registration is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FIRST_REGISTRATION_S):
+                        await self._tried.wait()
+                await asyncio.sleep(0)  # a refused registration's task ends now
+                if self.refusal is not None:
+                    raise WorkerStartError(self.refusal)
+        except WorkerStartError as exc:
+            log.error("worker cannot start: %s", exc)
+            await self.stop(0)
+            raise
         log.info(
             "worker %s on %s, %d slots, Triton %s (%s)",
             self.worker_id,
@@ -169,10 +289,14 @@ class WorkerServer:
         """What a heartbeat reports: slots in use and whether Triton is ready."""
         return WorkerStatus(slots_used=self.servicer.slots.used, serving=self.servicer.serving)
 
-    async def _check_triton(self) -> None:
+    async def _check_triton(self, at_start: bool = False) -> None:
         if self.servicer.draining:
             return  # not serving until it exits, whatever Triton says
         ready = await self.triton.is_ready(timeout_s=max(0.2, self.config.health_poll_s))
+        if not ready:
+            self._index_due = self.config.auto  # it may come back with other models
+        elif self._index_due and await self._read_index(at_start) and not at_start:
+            self._register()  # before it says serving: no job lands on the old membership
         if ready != self.servicer.serving:
             log.log(
                 logging.INFO if ready else logging.WARNING,

@@ -271,7 +271,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         )
 
-    async def _stop(self, job_id: str, reason: int, context: grpc.aio.ServicerContext) -> Any:
+    async def _stop(
+        self, job_id: str, reason: int, context: grpc.aio.ServicerContext
+    ) -> tuple[str, int]:
         await self._check_caller(context)
         execution = self.slots.get(job_id)
         if execution is None:
@@ -282,28 +284,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if execution.stream is not None:
                 execution.stream.cancel()
         # No await since the flag was set: this is exactly what Execute streamed.
-        response = worker_pb2.StopResponse(
-            job_id=job_id, text=execution.text, tokens=execution.tokens
-        )
+        text, tokens = execution.text, execution.tokens
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(execution.done.wait(), 5.0)
-        return response
+        return text, tokens
 
     async def Cancel(
         self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.StopResponse:
-        result: worker_pb2.StopResponse = await self._stop(
-            request.job_id, common_pb2.FINISH_REASON_CANCELLED, context
-        )
-        return result
+    ) -> worker_pb2.CancelResponse:
+        text, tokens = await self._stop(request.job_id, common_pb2.FINISH_REASON_CANCELLED, context)
+        return worker_pb2.CancelResponse(job_id=request.job_id, text=text, tokens=tokens)
 
     async def Preempt(
         self, request: worker_pb2.PreemptRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.StopResponse:
-        result: worker_pb2.StopResponse = await self._stop(
-            request.job_id, common_pb2.FINISH_REASON_PREEMPTED, context
-        )
-        return result
+    ) -> worker_pb2.PreemptResponse:
+        text, tokens = await self._stop(request.job_id, common_pb2.FINISH_REASON_PREEMPTED, context)
+        return worker_pb2.PreemptResponse(job_id=request.job_id, text=text, tokens=tokens)
 
     async def GetCapacity(
         self, request: worker_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext

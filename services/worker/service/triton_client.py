@@ -22,6 +22,14 @@ expired"). The worker cancelled every stream as its job ended, right after the
 final chunk, and about a third of them lost that race. So a stream reads on to
 Triton's end of the call once its request is over, and ``cancel()`` is a no-op
 from then on; only a stream still running is cancelled (preemption, a client gone).
+
+Streams use Triton's gRPC stub directly (``ModelStreamInfer``), not
+tritonclient's ``stream_infer``: that wraps every response in an ``InferResult``
+and each output read (``as_numpy``) builds numpy arrays, which made reading a
+token cost the worker more than everything else it does with it. A stream's
+request has one element per input and each response one per output, so
+:func:`parse_response` reads the raw little-endian bytes itself. tritonclient
+stays for the calls made once (readiness, model configuration).
 """
 
 from __future__ import annotations
@@ -29,15 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
-import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE as MAX_MESSAGE
-from tritonclient.grpc import KeepAliveOptions
+from tritonclient.grpc import KeepAliveOptions, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 OPTIONAL_FLAGS = ("return_num_output_tokens", "return_finish_reason", "return_step_info")
@@ -86,8 +93,9 @@ class TritonRequestError(Exception):
     """Triton or the model rejected or failed the request."""
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
+    """A piece of a stream. A tuple: one is built per token read from Triton."""
+
     text: str
     tokens: int
     step: int
@@ -96,26 +104,83 @@ class Chunk:
     final: bool
 
 
-def _bytes_input(name: str, value: bytes) -> triton.InferInput:
-    tensor = triton.InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
-    return tensor
+# Little-endian scalars of Triton's raw tensors, by datatype.
+_SCALAR_FORMATS = {
+    "BOOL": "<?",
+    "INT8": "<b",
+    "UINT8": "<B",
+    "INT16": "<h",
+    "UINT16": "<H",
+    "INT32": "<i",
+    "UINT32": "<I",
+    "INT64": "<q",
+    "UINT64": "<Q",
+}
 
 
-def _bool_input(name: str, value: bool) -> triton.InferInput:
-    tensor = triton.InferInput(name, [1], "BOOL")
-    tensor.set_data_from_numpy(np.array([value], dtype=bool))
-    return tensor
+def _bytes_element(raw: bytes) -> bytes:
+    """The first element of a raw BYTES tensor: a 4-byte little-endian length, then it."""
+    if len(raw) < 4:
+        return b""
+    (n,) = struct.unpack_from("<I", raw)
+    return raw[4 : 4 + n]
 
 
-def _scalar(result: Any, name: str) -> Any:
-    try:
-        value = result.as_numpy(name)
-    except InferenceServerException:
+def _scalar(datatype: str, raw: bytes) -> int | None:
+    fmt = _SCALAR_FORMATS.get(datatype)
+    if fmt is None or len(raw) < struct.calcsize(fmt):
         return None
-    if value is None or value.size == 0:
-        return None
-    return value.reshape(-1)[0]
+    return int(struct.unpack_from(fmt, raw)[0])
+
+
+def parse_response(response: service_pb2.ModelInferResponse) -> Chunk:
+    """One streamed response as a chunk: the first element of each output we know."""
+    text = reason = ""
+    count: int | None = None
+    step = batch = 0
+    raws = response.raw_output_contents
+    for i, output in enumerate(response.outputs):
+        raw = raws[i] if i < len(raws) else b""
+        name = output.name
+        if name == "text_output":
+            text = _bytes_element(raw).decode("utf-8", "replace")
+        elif name == "finish_reason":
+            reason = _bytes_element(raw).decode("utf-8", "replace")
+        elif name == "num_output_tokens":
+            count = _scalar(output.datatype, raw)
+        elif name == "step":
+            step = _scalar(output.datatype, raw) or 0
+        elif name == "batch_size":
+            batch = _scalar(output.datatype, raw) or 0
+    params = response.parameters
+    final = "triton_final_response" in params and params["triton_final_response"].bool_param
+    return Chunk(
+        text=text,
+        tokens=count if count is not None else (1 if text else 0),
+        step=step,
+        batch_size=batch,
+        finish_reason=reason,
+        final=bool(final),
+    )
+
+
+def stream_request(
+    model: str, request_id: str, inputs: list[tuple[str, str, bytes]]
+) -> service_pb2.ModelInferRequest:
+    """A one-element-per-input request; ``inputs`` are (name, datatype, raw bytes)."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, datatype, raw in inputs:
+        request.inputs.add(name=name, datatype=datatype, shape=[1])
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def _bytes_input(name: str, value: bytes) -> tuple[str, str, bytes]:
+    return name, "BYTES", struct.pack("<I", len(value)) + value
+
+
+def _bool_input(name: str, value: bool) -> tuple[str, str, bytes]:
+    return name, "BOOL", b"\x01" if value else b"\x00"
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -149,54 +214,36 @@ class TritonStream:
     async def _await_end(self) -> None:
         """Reads on until Triton ends the call, so that nothing cancels a finished request."""
         self.ended = True
-        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, InferenceServerException):
+        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
             async with asyncio.timeout(END_WAIT_S):
                 async for _ in self._call:
                     pass  # nothing follows a final response
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
-            async for result, error in self._call:
-                if error is not None:
+            async for response in self._call:
+                if response.error_message:
                     await self._await_end()  # our models' errors are final
-                    message = str(error.message() if hasattr(error, "message") else error)
+                    message = response.error_message
                     if "unknown model" in message.lower() or "not found" in message.lower():
                         raise ModelNotFound(message)
                     raise TritonRequestError(f"Triton at {self._url}: {message}")
-                raw = _scalar(result, "text_output")
-                text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
-                count = _scalar(result, "num_output_tokens")
-                params = result.get_response().parameters
-                final = "triton_final_response" in params and bool(
-                    params["triton_final_response"].bool_param
-                )
-                reason = _scalar(result, "finish_reason")
-                step = _scalar(result, "step")
-                batch = _scalar(result, "batch_size")
-                if final:  # before the yield: a consumer may stop reading at the final chunk
+                chunk = parse_response(response.infer_response)
+                if chunk.final:  # before the yield: a consumer may stop reading at the final chunk
                     await self._await_end()
-                yield Chunk(
-                    text=text,
-                    tokens=int(count) if count is not None else (1 if text else 0),
-                    step=int(step) if step is not None else 0,
-                    batch_size=int(batch) if batch is not None else 0,
-                    finish_reason=reason.decode() if isinstance(reason, bytes) else "",
-                    final=final,
-                )
-                if final:
+                yield chunk
+                if chunk.final:
                     return
             self.ended = True  # Triton ended the call: a cancel now would do nothing anyway
-        except (grpc.aio.AioRpcError, InferenceServerException) as exc:
-            if isinstance(exc, grpc.aio.AioRpcError) and (
-                exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            ):
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TritonDeadline(
                     f"deadline exceeded waiting for Triton at {self._url}"
                 ) from exc
             if _is_unavailable(exc):
                 self._on_unreachable()
                 raise TritonUnavailable(f"Triton at {self._url} is unreachable: {exc}") from exc
-            raise TritonRequestError(f"Triton at {self._url}: {exc}") from exc
+            raise TritonRequestError(f"Triton at {self._url}: {exc.details()}") from exc
 
 
 def _nothing() -> None:
@@ -212,16 +259,32 @@ class TritonClient:
         self.url = url
         self.on_unreachable = on_unreachable or _nothing
         self._client = triton.InferenceServerClient(url, channel_args=channel_args())
+        # Streams go over their own channel, straight to the stub (module docstring).
+        self._channel = grpc.aio.insecure_channel(url, options=channel_args())
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._inputs: dict[str, set[str]] = {}
 
     async def close(self) -> None:
         await self._client.close()
+        await self._channel.close(None)
 
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:
             return bool(await self._client.is_server_ready(client_timeout=timeout_s))
         except (InferenceServerException, grpc.aio.AioRpcError, OSError):
             return False
+
+    async def ready_models(self, timeout_s: float = 5.0) -> list[str]:
+        """The models Triton serves now (its repository index, READY versions), sorted;
+        raises TritonUnavailable when Triton does not answer.
+
+        A model that is loading, unloading or failed to load is not served: a worker
+        that registered it would take requests only to fail them."""
+        try:
+            index = await self._client.get_model_repository_index(client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise TritonUnavailable(f"Triton at {self.url} did not list its models: {exc}") from exc
+        return sorted({m.name for m in index.models if m.state == "READY"})
 
     async def model_inputs(self, model: str) -> set[str]:
         """Input names the model declares (cached); raises ModelNotFound, TritonUnavailable."""
@@ -268,15 +331,11 @@ class TritonClient:
         if "exclude_input_in_output" in declared:
             inputs.append(_bool_input("exclude_input_in_output", True))
         inputs.extend(_bool_input(name, True) for name in OPTIONAL_FLAGS if name in declared)
-        # The aio client cannot ask for an empty final response (the parameter is
-        # reserved); Triton ends the stream after the request's final response
-        # because we half-close it after this one request.
-        request = {"model_name": model, "inputs": inputs, "request_id": request_id}
-
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield request
-
-        call = self._client.stream_infer(
-            one_request(), stream_timeout=timeout_s, headers=headers or None
+        # The final response carries the last token (an empty final response is not
+        # asked for); Triton ends the stream after it because we half-close the stream
+        # after this one request.
+        request = stream_request(model, request_id, inputs)
+        call = self._stub.ModelStreamInfer(
+            iter((request,)), timeout=timeout_s, metadata=tuple((headers or {}).items()) or None
         )
         return TritonStream(call, self.url, lambda: self.on_unreachable())
