@@ -12,12 +12,14 @@ registers the ``shortline simulate`` subcommand with the simulator's flags.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import numpy as np
 
 from services.predictor.offline import heads_dir, predict_tokens
 from services.scheduler.sim.runner import SimulateConfig, main
+from services.scheduler.sim.traffic import TrafficError
 from services.scheduler.sim.workload import LengthPredictor
 from shortline.common.config import add_arguments, from_args
 
@@ -45,7 +47,13 @@ def real_predictor() -> LengthPredictor:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    return main(from_args(SimulateConfig, args, "simulate"), real_predictor())
+    try:
+        return main(from_args(SimulateConfig, args, "simulate"), real_predictor())
+    except TrafficError as exc:
+        # A bad workload file or log is the operator's to fix: one line naming the file,
+        # line and field, not a traceback.
+        print(f"shortline simulate: {exc}", file=sys.stderr)
+        return 2
 
 
 def register(subparsers: Any) -> None:

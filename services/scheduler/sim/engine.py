@@ -101,7 +101,11 @@ def simulate(
     joined = [True] * n_jobs  # False while a dispatched run waits out the join delay
 
     def progress(job: Job) -> int:
-        if not joined[job.id]:
+        # The core asks within the dispatch that assigned the run (its preemption check
+        # follows its starts), before this loop has seen the Assign: that run has not begun,
+        # and s_join holds nothing of it (0 for a first run: the worker's whole step count
+        # would read as this job's tokens).
+        if token_of[job.id] != job.run_token or not joined[job.id]:
             return job.run_start_generated
         w = ws[job.worker]
         now = clock.t

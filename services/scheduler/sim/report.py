@@ -13,7 +13,7 @@ from services.scheduler.sim.engine import RunResult
 from shortline.common import stats
 from shortline.common.stats import completion_stats
 
-__all__ = ["SIM_RATIOS", "add_ratios", "completion_stats", "summarize", "table"]
+__all__ = ["ORACLE", "SIM_RATIOS", "add_ratios", "completion_stats", "summarize", "table"]
 
 # The ratios ``shortline simulate`` reports, under the names its JSON has always had.
 SIM_RATIOS = {
@@ -38,24 +38,35 @@ def summarize(r: RunResult) -> dict[str, Any]:
     }
 
 
+ORACLE = "sjf-oracle"
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's mean and p99 JCT and tokens/s as a ratio to fcfs in the same batching mode."""
-    stats.add_ratios(rows, ("batching",), SIM_RATIOS)
+    """Each row's mean and p99 JCT and tokens/s as a ratio to fcfs in the same batching
+    mode, and its share of the oracle's mean-JCT gain over fcfs (``oracle_share``)."""
+    stats.add_ratios(rows, ("batching",), SIM_RATIOS, oracle=ORACLE)
+
+
+def _share(row: dict[str, Any]) -> str:
+    if row["policy"] in ("fcfs", ORACLE):
+        return ""
+    share = row.get("oracle_share", float("nan"))
+    return "-" if share != share else f"{share:.0%}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| batching | policy | mean JCT s | p50 JCT s | p99 JCT s | mean wait s | p99 wait s "
-        "| mean TTFT s | req/s | tok/s | mean/fcfs | p99/fcfs | preempt | sim s |"
+        "| mean TTFT s | req/s | tok/s | mean/fcfs | p99/fcfs | oracle share | preempt | sim s |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['batching']} | {r['policy']} | {r['mean_jct_s']:.3f} | {r['p50_jct_s']:.3f} "
             f"| {r['p99_jct_s']:.3f} | {r['mean_wait_s']:.3f} | {r['p99_wait_s']:.3f} "
             f"| {r['mean_ttft_s']:.3f} | {r['throughput_rps']:.2f} | {r['throughput_tps']:.0f} "
             f"| {r.get('mean_jct_vs_fcfs', float('nan')):.3f} "
-            f"| {r.get('p99_jct_vs_fcfs', float('nan')):.3f} | {r['preemptions']} "
+            f"| {r.get('p99_jct_vs_fcfs', float('nan')):.3f} | {_share(r)} | {r['preemptions']} "
             f"| {r['sim_wall_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from services.scheduler.core.policies import (
     PreemptionRule,
     make_policy,
 )
+from services.scheduler.sim import traffic
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
 from services.scheduler.sim.report import add_ratios, summarize, table
@@ -107,22 +108,77 @@ class SimulateConfig:
         default=False, metadata={"help": "semantic cache of observed lengths (finds repeats)"}
     )
     cache_size: int = field(default=4096, metadata={"help": "semantic cache entries"})
+    workload: str = field(
+        default="",
+        metadata={
+            "help": "your own traffic: a JSONL or CSV file of requests (arrival_s, true_tokens, "
+            "predicted_tokens or prompt; docs/benchmarks.md); replaces --lengths, --arrivals "
+            "and --requests"
+        },
+    )
+    from_log: str = field(
+        default="",
+        metadata={
+            "help": "your own traffic: the scheduler's outcome log (SQLite); its finished "
+            "requests are the workload"
+        },
+    )
+    rescale_arrivals: bool = field(
+        default=False,
+        metadata={
+            "help": "with --workload or --from-log: scale the arrival gaps to load --rho "
+            "(default: the times as given)"
+        },
+    )
     seed: int = field(default=1, metadata={"help": "random seed"})
     out: str = field(default="", metadata={"help": "JSON path (default .run/sim/...)"})
+
+
+def _own_traffic(
+    cfg: SimulateConfig, rng: np.random.Generator, predictor: wl.LengthPredictor | None
+) -> wl.Workload | None:
+    """The workload of ``--workload`` or ``--from-log`` (arrivals as given), or None."""
+    if cfg.workload and cfg.from_log:
+        raise traffic.TrafficError("--workload and --from-log are two sources: give one")
+    if not cfg.workload and not cfg.from_log:
+        if cfg.rescale_arrivals:
+            raise traffic.TrafficError("--rescale-arrivals needs --workload or --from-log")
+        return None
+    need = cfg.predictor == "real" or cfg.predictor.startswith("real:")
+    rows = (
+        traffic.read_workload_file(cfg.workload, need_prediction=need)
+        if cfg.workload
+        else traffic.read_outcome_log(cfg.from_log, need_prediction=need)
+    )
+    return traffic.to_workload(
+        rows,
+        predictor_spec=cfg.predictor,
+        target_model=cfg.target_model,
+        rng=rng,
+        predictor=predictor,
+    )
 
 
 def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dict[str, Any]:
     """Every policy x batching cell; ``predictor`` serves ``--predictor real`` (injected by
     the composition root, ``shortline.simulation``: the simulator imports no service)."""
     rng = np.random.default_rng(cfg.seed)
-    if cfg.lengths == "alpaca":
+    own = _own_traffic(cfg, rng, predictor)
+    if own is not None:
+        lengths = wl.LengthSet([], own.prompt_tokens, own.true_tokens, str(own.info["source"]))
+        predicted, source = own.predicted, own.prediction_source
+    elif cfg.lengths == "alpaca":
         lengths = wl.alpaca_lengths(cfg.target_model, cfg.split)
     elif cfg.lengths == "trace":
         lengths = wl.trace_lengths(cfg.trace)
     else:
         raise ValueError(f"unknown --lengths {cfg.lengths!r}; use alpaca or trace")
-    predicted, source = wl.predictions_for(cfg.predictor, lengths, cfg.target_model, rng, predictor)
-    # Over the distinct requests the sequence samples from: the predictor's quality here.
+    if own is None:
+        predicted, source = wl.predictions_for(
+            cfg.predictor, lengths, cfg.target_model, rng, predictor
+        )
+    # Over the distinct requests the sequence samples from (own traffic: every request):
+    # the predictor's quality here.
     tau = kendall_tau(predicted, lengths.true_tokens)
     model = ServiceModel(
         cfg.step_a_ms / 1e3,
@@ -139,16 +195,22 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
             model, batching, cfg.workers, cfg.slots, lengths.true_tokens, lengths.prompt_tokens
         )
         rate = cfg.rho * cap
-        work = wl.build(
-            n=cfg.requests,
-            rate=rate,
-            arrivals=cfg.arrivals,
-            lengths=lengths,
-            predicted_unique=predicted,
-            prediction_source=source,
-            seed=cfg.seed,
-            repeat_share=cfg.repeat_share,
-        )
+        if own is None:
+            work = wl.build(
+                n=cfg.requests,
+                rate=rate,
+                arrivals=cfg.arrivals,
+                lengths=lengths,
+                predicted_unique=predicted,
+                prediction_source=source,
+                seed=cfg.seed,
+                repeat_share=cfg.repeat_share,
+            )
+        elif cfg.rescale_arrivals:
+            work = traffic.rescaled(own, rate)
+        else:
+            work = own
+            rate = traffic.offered_rate(own.arrivals)
         # Aging defaults scale with the time a worker spends per job at capacity; the
         # factors were tuned at rho 0.9 (alpaca Llama-3-8B, real head, one worker,
         # Poisson) to keep p99 JCT within 1.1x fcfs while keeping two thirds of ssjf's
@@ -163,6 +225,7 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
                 "batching": mode,
                 "capacity_rps": cap,
                 "rate_rps": rate,
+                "offered_rho": rate / cap,
                 "worker_seconds_per_job": per_job,
                 "aging_rate": aging_rate,
                 "max_wait_s": max_wait,
@@ -200,6 +263,7 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
     add_ratios(rows)
     return {
         "config": asdict(cfg),
+        "traffic": None if own is None else own.info,
         "lengths": lengths.name,
         "prediction_source": source,
         "predictor_kendall_tau": tau,
@@ -213,6 +277,15 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
 def main(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> int:
     report = run(cfg, predictor)
     print(table(report["rows"]))
+    own = report["traffic"]
+    if own is not None:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(own["skipped"].items())) or "none"
+        loads = ", ".join(f"{c['batching']} {c['offered_rho']:.2f}" for c in report["cells"])
+        how = "rescaled to --rho" if cfg.rescale_arrivals else "as given"
+        print(
+            f"{own['source']}: {own['requests']} requests, arrival times {how} "
+            f"(load vs capacity: {loads}); skipped: {skipped}"
+        )
     print(
         f"lengths {report['lengths']}, predictor {cfg.predictor} "
         f"(Kendall tau {report['predictor_kendall_tau']:.3f} on the distinct requests)"
