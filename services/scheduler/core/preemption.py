@@ -14,7 +14,8 @@ O(log n) however many jobs run.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.policies import Policy
@@ -37,9 +38,18 @@ class RunningHeap:
         heapq.heappush(self._heap, (-remaining, job.seq, job.run_token, job))
 
     def victim(
-        self, policy: Policy, best: Job, progress: Callable[[Job], int] | None
+        self,
+        policy: Policy,
+        best: Job,
+        progress: Callable[[Job], int] | None,
+        spare: Collection[Any] = (),
     ) -> Job | None:
-        """The running job to stop for ``best``, or None; it leaves the heap."""
+        """The running job to stop for ``best``, or None; it leaves the heap.
+
+        Jobs whose ids are in ``spare`` (those the same dispatch just started) are
+        never chosen: the policy picked each over ``best`` a moment ago (the
+        latest-start guard sends a late long job first), so stopping it at once
+        would undo that choice and throw away its prefill."""
         rule = policy.preemption
         if rule is None:
             return None
@@ -55,6 +65,10 @@ class RunningHeap:
                 continue
             if -neg_rem <= threshold:
                 break  # remaining keys only shrink: nobody below qualifies either
+            if job.id in spare:
+                heapq.heappop(heap)
+                kept.append(entry)
+                continue
             if job.preemptions >= rule.max_per_job:
                 heapq.heappop(heap)
                 continue

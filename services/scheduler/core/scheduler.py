@@ -225,7 +225,8 @@ class SchedulerCore(WorkerMembership):
         best = self.queue.peek()
         if best is None:
             return
-        victim = self._running_heap.victim(self.policy, best, self._progress)
+        started = {d.job.id for d in decisions if isinstance(d, Assign)}
+        victim = self._running_heap.victim(self.policy, best, self._progress, started)
         if victim is not None:
             victim.to(PREEMPTED)
             victim.preemptions += 1
