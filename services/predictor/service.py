@@ -295,7 +295,7 @@ async def serve_forever(cfg: PredictorConfig) -> None:
     from shortline.common.telemetry import setup_tracing
 
     setup_tracing("predictor")
-    prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
+    prometheus.start_metrics_server(cfg.metrics_port, cfg.host, metrics.REGISTRY)
     service = PredictorServer(cfg)
     await service.start()
     assert service.server is not None

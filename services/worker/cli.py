@@ -77,6 +77,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
 
 async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
+    from services.worker import metrics
     from services.worker.service.server import WorkerServer, WorkerStartError
     from shortline.common import grpc_server
     from shortline.common.prometheus import start_metrics_server
@@ -84,7 +85,7 @@ async def _serve_worker(config: WorkerConfig, triton_url: str) -> int:
 
     setup_tracing("worker")
     server = WorkerServer(config, triton_url)
-    start_metrics_server(config.metrics_port, config.host)
+    start_metrics_server(config.metrics_port, config.host, metrics.REGISTRY)
     try:
         await server.start()
     except WorkerStartError as exc:

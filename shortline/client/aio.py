@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from shortline.client import tracing
 from shortline.client.channel import aio_channel, call_metadata
 from shortline.client.resume import StreamState
 from shortline.client.types import (
@@ -73,15 +74,21 @@ class AsyncGenerateStream:
         attempt = 0
         self._closed = False
         self._client._streams.add(self)
+        request = state.request
+        span = tracing.start_span(request.request_id, request.model, request.max_tokens)
+        error: Exception | None = None
         try:
             while True:
                 if self._closed:  # closed while waiting to retry
                     raise StreamClosedError(self.request_id)
                 state.delivered.new_attempt()
                 try:
-                    self._call = call = self._client.stub.Generate(
-                        state.request, timeout=state.remaining(), metadata=call_metadata(options)
-                    )
+                    with tracing.current(span):
+                        self._call = call = self._client.stub.Generate(
+                            request,
+                            timeout=state.remaining(),
+                            metadata=tracing.with_context(span, call_metadata(options)),
+                        )
                     async for msg in call:
                         fresh = state.handle(msg)
                         if fresh:
@@ -96,14 +103,20 @@ class AsyncGenerateStream:
                     raise
                 except grpc.aio.AioRpcError as exc:
                     attempt += 1
-                    await asyncio.sleep(state.retry_after(exc, attempt, options, self._closed))
+                    delay = state.retry_after(exc, attempt, options, self._closed)
+                    tracing.retried(span, exc, attempt)
+                    await asyncio.sleep(delay)
                 except StreamDivergedError:
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await self.cancel()  # a diverged job is of no use to this caller
                     raise
+        except Exception as exc:
+            error = exc
+            raise
         finally:
             self.close()
             self._client._streams.discard(self)
+            tracing.end(span, state.result, error)
 
     def close(self) -> None:
         """Ends this stream now (the scheduler frees the slot of a request that is not

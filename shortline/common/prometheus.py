@@ -1,7 +1,11 @@
-"""The Prometheus endpoint every service process serves.
+"""The Prometheus registry and ``/metrics`` endpoint of one service.
 
-Each service declares its own metrics in its ``metrics.py``; this module only
-starts the HTTP endpoint they are scraped from.
+Each service declares its metrics in its own ``metrics.py``, in a registry of its
+own (:func:`service_registry`), never in prometheus_client's global one: one
+process may import several services (the ``shortline`` command imports them all,
+tests run them side by side), and a process exporting the global registry would
+report every service's families, most at zero (a predictor reporting
+``shortline_queue_depth 0`` makes any sum over the scrape job wrong).
 
 The endpoint has no TLS and no authentication, so it binds the address the
 service's own ``--host`` names (every service passes it; default 127.0.0.1):
@@ -12,10 +16,34 @@ Deployments that scrape from another host set ``--host`` explicitly
 
 from __future__ import annotations
 
-from prometheus_client import start_http_server
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 
-def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
-    """Serves /metrics on ``host:port`` (pass the service's ``--host``); port 0 disables it."""
-    if port:
-        start_http_server(port, addr=host)
+def service_registry() -> CollectorRegistry:
+    """A registry for one service's families, plus the process, platform and GC
+    collectors the global registry would have given it (CPU, memory, file
+    descriptors: what an operator looks at first)."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def start_metrics_server(
+    port: int, host: str, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread] | None:
+    """Serves ``registry`` on ``host:port``/metrics (pass the service's ``--host`` and
+    its own registry); port 0 disables it. Returns the server, for callers that stop it."""
+    if not port:
+        return None
+    return start_http_server(port, addr=host, registry=registry)

@@ -24,10 +24,12 @@ from typing import Any
 import grpc
 import pytest
 from live_stack import replay_text, stack, wait_for
-from prometheus_client import REGISTRY
 
+from services.predictor import metrics as predictor_metrics
+from services.scheduler import metrics as scheduler_metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.server import SchedulerServer
+from services.worker import metrics as worker_metrics
 from services.worker.config import WorkerConfig
 from services.worker.service.server import WorkerServer
 from shortline.common.net import free_port, free_ports
@@ -249,10 +251,15 @@ async def test_denormal_temperature_is_refused_while_eight_innocent_requests_fin
             assert msgs[-1].result.finish_reason == common_pb2.FINISH_REASON_LENGTH
 
 
+# Every service's own registry (each exports only its families).
+REGISTRIES = (scheduler_metrics.REGISTRY, predictor_metrics.REGISTRY, worker_metrics.REGISTRY)
+
+
 def _series_with(value: str) -> list[str]:
     return [
         f"{sample.name}{sample.labels}"
-        for metric in REGISTRY.collect()
+        for registry in REGISTRIES
+        for metric in registry.collect()
         for sample in metric.samples
         if value in sample.labels.values()
     ]

@@ -64,7 +64,7 @@ async def test_short_jobs_queued_behind_a_busy_worker_finish_first_under_oracle_
 
 async def test_stats_report_the_aging_guard(embedded_triton: Any, tmp_path: Path) -> None:
     """Operators tune ssjf-aging's JCT target from what GetStats says its guard did."""
-    from prometheus_client import REGISTRY
+    from services.scheduler.metrics import REGISTRY
 
     before = REGISTRY.get_sample_value("shortline_aging_late_jobs_total") or 0.0
     async with stack(

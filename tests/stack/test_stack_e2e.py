@@ -143,7 +143,12 @@ def test_every_service_exposes_prometheus_metrics(stack: Stack) -> None:
     for i in range(cfg.workers):
         worker = scrape(cfg.metrics_base_port + 2 + i)
         assert "shortline_worker_slots_used" in worker
-        assert "shortline_worker_slots_total" in worker
+        assert "# TYPE shortline_worker_slots gauge" in worker
+        # Each process exports only its own families (one registry per service).
+        assert "shortline_queue_depth" not in worker and "shortline_predict_seconds" not in worker
+    assert "shortline_queue_depth" not in predictor and "shortline_worker_slots" not in predictor
+    assert "shortline_worker_slots" not in scheduler
+    assert "shortline_predict_seconds" not in scheduler
 
 
 def test_up_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

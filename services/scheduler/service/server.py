@@ -19,6 +19,7 @@ from typing import cast
 
 import grpc
 
+from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.service.clock import MonotonicClock
 from services.scheduler.service.dataplane import SchedulerService
@@ -57,21 +58,29 @@ class DrainingServicer(SchedulerServicer):
     async def Generate(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
-        if self.draining:
-            tenant = await self.tenancy.tenant(context)
-            if self.plane.lookup(request.request_id, tenant.name) is None:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the scheduler is draining (shutting down) and admits no new request; "
-                    "retry on another scheduler",
-                )
-        items = cast(
-            AsyncGenerator[scheduler_pb2.GenerateResponse, None],
-            super().Generate(request, context),
-        )
-        async with contextlib.aclosing(items):
-            async for item in items:
-                yield item
+        answered = False
+        try:
+            if self.draining:
+                tenant = await self.tenancy.tenant(context)
+                if self.plane.lookup(request.request_id, tenant.name) is None:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the scheduler is draining (shutting down) and admits no new request; "
+                        "retry on another scheduler",
+                    )
+            items = cast(
+                AsyncGenerator[scheduler_pb2.GenerateResponse, None],
+                super().Generate(request, context),
+            )
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    answered = True
+                    yield item
+        except grpc.aio.AbortError as exc:
+            # Ended with a status before its first message: refused, counted by reason.
+            if not answered:
+                metrics.count_refusal(context.code(), exc)
+            raise
 
 
 class SchedulerServer:
@@ -194,7 +203,7 @@ async def serve(cfg: SchedulerConfig) -> None:
         server = SchedulerServer(cfg)
     except (TokensFileError, TenancyConfigError, OutcomeLogError, JournalError) as exc:
         raise SystemExit(f"scheduler: {exc}") from exc
-    prometheus.start_metrics_server(cfg.metrics_port, cfg.host)
+    prometheus.start_metrics_server(cfg.metrics_port, cfg.host, metrics.REGISTRY)
     await server.start()
 
     async def on_stop() -> None:

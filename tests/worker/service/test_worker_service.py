@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.worker.config import WorkerConfig
+from services.worker.metrics import REGISTRY
 from services.worker.service.server import WorkerServer
 from shortline.common.net import free_port
 from shortline.common.v1 import common_pb2
