@@ -36,3 +36,18 @@ def test_quick_run_measures_both_settings(tmp_path: Path) -> None:
             assert r[f"{service}_cpu_us_per_token"] > 0, (setting, service)
         assert set(SERVICES) <= {k.removesuffix("_cpu_us_per_token") for k in r}
     assert report["worker_args"]["off"] == "--coalesce-ms 0"
+
+
+def test_transport_quick_run_reads_every_token_three_ways(tmp_path: Path) -> None:
+    """``python -m bench.relay.transport``: each way of reading Triton's stream brought
+    every token of every stream (it exits non-zero otherwise) and its CPU was measured."""
+    from bench.relay import transport
+
+    transport.main(["--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "relay_transport.json").read_text())
+    assert (tmp_path / "relay_transport.png").stat().st_size > 0
+    size = transport.QUICK
+    assert [r["way"] for r in report["rows"]] == ["grpc-aio", "grpc-sync", "http-sse"]
+    for row in report["rows"]:
+        assert row["tokens"] == size["streams"] * size["tokens"], row
+        assert row["responses"] >= row["tokens"] and row["cpu_us_per_response"] > 0, row

@@ -175,11 +175,11 @@ def stream_request(
     return request
 
 
-def _bytes_input(name: str, value: bytes) -> tuple[str, str, bytes]:
+def bytes_input(name: str, value: bytes) -> tuple[str, str, bytes]:
     return name, "BYTES", struct.pack("<I", len(value)) + value
 
 
-def _bool_input(name: str, value: bool) -> tuple[str, str, bytes]:
+def bool_input(name: str, value: bool) -> tuple[str, str, bytes]:
     return name, "BOOL", b"\x01" if value else b"\x00"
 
 
@@ -324,13 +324,13 @@ class TritonClient:
         """
         declared = await self.model_inputs(model)
         inputs = [
-            _bytes_input("text_input", text_input.encode("utf-8")),
-            _bool_input("stream", True),
-            _bytes_input("sampling_parameters", json.dumps(sampling).encode("utf-8")),
+            bytes_input("text_input", text_input.encode("utf-8")),
+            bool_input("stream", True),
+            bytes_input("sampling_parameters", json.dumps(sampling).encode("utf-8")),
         ]
         if "exclude_input_in_output" in declared:
-            inputs.append(_bool_input("exclude_input_in_output", True))
-        inputs.extend(_bool_input(name, True) for name in OPTIONAL_FLAGS if name in declared)
+            inputs.append(bool_input("exclude_input_in_output", True))
+        inputs.extend(bool_input(name, True) for name in OPTIONAL_FLAGS if name in declared)
         # The final response carries the last token (an empty final response is not
         # asked for); Triton ends the stream after it because we half-close the stream
         # after this one request.
