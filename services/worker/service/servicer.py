@@ -206,6 +206,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 request_id=request.job_id,
                 timeout_s=timeout,
                 headers=trace_headers,
+                # The same rule at the source, where the model can chunk: one response
+                # read per chunk instead of per token (chunking.py).
+                chunk_ms=self.config.coalesce_ms,
+                chunk_tokens=self.config.coalesce_tokens,
             )
             if execution.stop_reason is not None:  # stopped while the stream was being opened
                 execution.stream.cancel()

@@ -48,6 +48,8 @@ from tritonclient.grpc import KeepAliveOptions, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 OPTIONAL_FLAGS = ("return_num_output_tokens", "return_finish_reason", "return_step_info")
+# Inputs of a model that sends its tokens in chunks when asked (ours, not vLLM's).
+CHUNK_INPUTS = frozenset({"stream_interval_ms", "stream_max_tokens"})
 
 # Reconnect attempts at most 1 s apart (first after 250 ms); a connection attempt that
 # hangs (a blackholed address) is given 1 s. tritonclient's own options are kept.
@@ -177,6 +179,10 @@ def stream_request(
 
 def bytes_input(name: str, value: bytes) -> tuple[str, str, bytes]:
     return name, "BYTES", struct.pack("<I", len(value)) + value
+
+
+def uint32_input(name: str, value: int) -> tuple[str, str, bytes]:
+    return name, "UINT32", struct.pack("<I", min(max(value, 0), 2**32 - 1))
 
 
 def bool_input(name: str, value: bool) -> tuple[str, str, bytes]:
@@ -316,11 +322,16 @@ class TritonClient:
         request_id: str = "",
         timeout_s: float | None = None,
         headers: dict[str, str] | None = None,
+        chunk_ms: float = 0.0,
+        chunk_tokens: int = 0,
     ) -> TritonStream:
         """Opens one stream for one request.
 
         ``headers`` become gRPC metadata: the worker puts ``traceparent`` there so
         a Triton started with OpenTelemetry tracing joins the request's trace.
+        ``chunk_ms``/``chunk_tokens`` ask a model that declares ``stream_interval_ms``
+        (ours, ``services/worker/triton/chunking.py``) to send its tokens in chunks,
+        the first at once; a model without it sends one response per token.
         """
         declared = await self.model_inputs(model)
         inputs = [
@@ -331,6 +342,10 @@ class TritonClient:
         if "exclude_input_in_output" in declared:
             inputs.append(bool_input("exclude_input_in_output", True))
         inputs.extend(bool_input(name, True) for name in OPTIONAL_FLAGS if name in declared)
+        counted = "return_num_output_tokens" in declared  # a chunk's tokens are counted
+        if chunk_ms > 0 and counted and declared >= CHUNK_INPUTS:
+            inputs.append(uint32_input("stream_interval_ms", round(chunk_ms)))
+            inputs.append(uint32_input("stream_max_tokens", max(chunk_tokens, 1)))
         # The final response carries the last token (an empty final response is not
         # asked for); Triton ends the stream after it because we half-close the stream
         # after this one request.

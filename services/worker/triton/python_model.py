@@ -9,7 +9,10 @@ model share one decoding loop and a client that cancels its stream is noticed
 
 Inputs (as vLLM's): ``text_input`` BYTES, ``stream`` BOOL, ``sampling_parameters``
 BYTES (JSON), ``exclude_input_in_output`` BOOL, ``return_finish_reason`` BOOL,
-``return_num_output_tokens`` BOOL; plus ``return_step_info`` BOOL (ours).
+``return_num_output_tokens`` BOOL; plus ``return_step_info`` BOOL,
+``stream_interval_ms`` and ``stream_max_tokens`` UINT32 (ours: chunks made by
+the model, ``chunking.py``; honoured only with ``return_num_output_tokens``, so
+a client never miscounts a chunk as one token).
 Outputs: ``text_output``, ``finish_reason``, ``num_output_tokens`` (tokens in
 this response, as vLLM counts them), ``step`` and ``batch_size`` (decoding step
 of the shared loop and sequences in it, so batching can be observed).
@@ -33,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 from services.worker import sampling
+from services.worker.triton.chunking import Chunker
 from services.worker.triton.engine import ABORT, BatchEngine, Emission, Sequence
 
 log = logging.getLogger(__name__)
@@ -135,6 +139,8 @@ class TritonPythonModel:
             want_reason = _bool(pb, request, "return_finish_reason", False)
             want_count = _bool(pb, request, "return_num_output_tokens", False)
             want_step = _bool(pb, request, "return_step_info", False)
+            interval_ms = _input(pb, request, "stream_interval_ms")
+            chunk_tokens = _input(pb, request, "stream_max_tokens")
         except Exception as exc:  # ValueError names the field; others: a malformed tensor
             message = str(exc) if isinstance(exc, ValueError) else f"bad input: {exc!r}"[:200]
             sender.send(
@@ -143,6 +149,10 @@ class TritonPythonModel:
             )
             return
         collected: list[str] = []
+        chunker = Chunker(
+            interval_s=float(interval_ms or 0) / 1e3 if want_count else 0.0,
+            max_tokens=int(chunk_tokens or 0) if want_count else 0,
+        )
 
         def respond(e: Emission, text: str, tokens: int, final: bool) -> None:
             outputs = [pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
@@ -167,7 +177,10 @@ class TritonPythonModel:
                 # The client went away: close the request without a response.
                 sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             elif stream:
-                respond(e, e.text, e.tokens, e.finish_reason is not None)
+                final = e.finish_reason is not None
+                chunk = chunker.add(e.text, e.tokens, final)
+                if chunk is not None:
+                    respond(e, chunk[0], chunk[1], final)
             else:
                 collected.append(e.text)
                 if e.finish_reason is not None:

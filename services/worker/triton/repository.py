@@ -27,7 +27,9 @@ input [
   { name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "return_num_output_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
-  { name: "return_step_info" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+  { name: "return_step_info" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "stream_interval_ms" data_type: TYPE_UINT32 dims: [ 1 ] optional: true },
+  { name: "stream_max_tokens" data_type: TYPE_UINT32 dims: [ 1 ] optional: true }
 ]
 output [
   { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
