@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from shortline.common.config import add_arguments, from_args
@@ -140,8 +141,9 @@ def _up(args: argparse.Namespace) -> int:
         if token is not None and token.exists():
             flags += f" --token-file {token}"
             print(f"TLS and mutual TLS on; the token of tenant dev is in {token}", flush=True)
+    gateway = f"; OpenAI API: {stack.gateway_url}" if stack.gateway_url else ""
     print(
-        f"Shortline is serving. Scheduler: {stack.scheduler_address}\n"
+        f"Shortline is serving. Scheduler: {stack.scheduler_address}{gateway}\n"
         f"Try: shortline generate --scheduler {stack.scheduler_address}{flags} "
         '"Give me three tips for a good night\'s sleep." --max-tokens 64\n'
         "A service that crashes is restarted. Ctrl-C stops everything.",
@@ -231,7 +233,28 @@ def _stats(args: argparse.Namespace) -> int:
             f"{w.worker_id:<12} {w.address:<22} {w.slots_used:>4}/{w.slots_total:<4} "
             f"{'yes' if w.alive else 'no':>6} {w.seconds_since_heartbeat:>9.1f}s"
         )
+    _print_accuracy(s.accuracy)
     return 0
+
+
+def _print_accuracy(groups: Sequence[Any]) -> None:
+    """The predictions' online accuracy: one row per length model, source and head."""
+    if not groups:
+        print("prediction accuracy: no finished request yet")
+        return
+    # gain: the share of the oracle's gain over a random order that the predictions'
+    # order captures on the window (services/scheduler/core/accuracy.py).
+    print("prediction accuracy (each length model's last finished requests):")
+    print(
+        f"{'length model':<26} {'source':<9} {'head':<24} {'requests':>8} {'share':>6} "
+        f"{'tau':>6} {'MAE':>7} {'bucket':>6} {'gain':>6}"
+    )
+    for g in groups:
+        print(
+            f"{g.length_model:<26} {g.source:<9} {g.head:<24} {g.requests:>8} "
+            f"{g.share:>6.0%} {g.kendall_tau:>6.3f} {g.mae_tokens:>7.1f} {g.bucket_accuracy:>6.0%} "
+            f"{g.order_gain:>6.0%}"
+        )
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -10,8 +10,13 @@ and its log, and another when it serves again. One crash is one restart, not an
 outage: the other services keep running, and the scheduler resumes the jobs of
 a lost worker elsewhere.
 
+The OpenAI-compatible gateway (``shortline gateway serve``) starts last, in
+front of the scheduler's public port, and is ready when its ``/ready`` answers
+200 (the scheduler SERVING behind it); ``--no-gateway`` leaves it out.
+
 Only the launcher's own SIGINT or SIGTERM stops everything, in drain order
-(``stack_plan.stop_stages``): the scheduler first, which drains (admits nothing
+(``stack_plan.stop_stages``): the scheduler first (with the gateway, whose
+requests in flight are the scheduler's to finish), which drains (admits nothing
 new, lets admitted requests finish within its grace), then the workers, the
 predictor and Triton; each is killed if it outlives its stop timeout, so no
 process is left behind and every port is released.
@@ -20,7 +25,9 @@ With ``tls`` (``shortline up --tls``) every listener speaks TLS and the
 services call each other with mutual TLS: the launcher makes a development CA
 and one certificate per service in ``certs_dir`` (``shortline certs``) and a
 tokens file with one token for tenant ``dev``, whose clear text goes to
-``token`` beside it (mode 0600; printed as a path, never as the token).
+``token`` beside it (mode 0600; printed as a path, never as the token). The
+gateway then serves HTTPS with its own certificate and verifies the scheduler
+with the CA; it holds no token (HTTP clients send theirs as a bearer).
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import contextlib
 import dataclasses
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +76,7 @@ __all__ = [
     "all_ports",
     "check_ports",
     "grpc_serving",
+    "http_ready",
     "plan",
     "port_is_free",
     "triton_ready",
@@ -101,6 +111,21 @@ def grpc_serving(
     except grpc.RpcError:
         return False
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def http_ready(url: str, ca_file: Path | None = None, timeout: float = 1.0) -> bool:
+    """``url`` answers 200 (the gateway's /ready: it and the scheduler behind it serve);
+    HTTPS verified against ``ca_file``. Never through a proxy from the environment: the
+    stack is on this machine."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_file is not None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    try:
+        with urllib.request.build_opener(*handlers).open(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):  # refused, timed out, an HTTP error status, a TLS failure
+        return False
 
 
 def triton_ready(host: str, grpc_port: int) -> bool:
@@ -178,6 +203,12 @@ class Stack:
     def scheduler_address(self) -> str:
         return f"{self.cfg.host}:{self.cfg.scheduler_port}"
 
+    @property
+    def gateway_url(self) -> str | None:
+        """The OpenAI API's base URL (``.../v1``, what the ``openai`` client takes); None
+        with ``--no-gateway``."""
+        return self.cfg.gateway_url() if self.cfg.gateway else None
+
     def client_options(self, **options: Any) -> ClientOptions:
         """The SDK's options for this stack's scheduler: its CA and token with ``tls``."""
         from shortline.client import ClientOptions
@@ -200,7 +231,9 @@ class Stack:
         d, tokens, token = self.cfg.certs_path(), self.cfg.tokens_path(), self.cfg.token_path()
         assert tokens is not None and token is not None
         try:
-            names = certs.identities(self.cfg.workers, [LAUNCHER])
+            names = certs.identities(
+                self.cfg.workers, [LAUNCHER, *(["gateway"] if self.cfg.gateway else [])]
+            )
             written = certs.dev_credentials(d, names, tokens, token)
         except certs.CertsError as exc:
             raise StackError(str(exc)) from exc
@@ -253,6 +286,9 @@ class Stack:
             )
 
     def healthy(self, child: Child) -> bool:
+        if child.health_url is not None:
+            ca = self.cfg.certs_path() / "ca.pem" if self.cfg.tls else None
+            return http_ready(child.health_url, ca)
         if child.health_address is None:
             return triton_ready(self.cfg.host, self.cfg.triton_grpc_port)
         return grpc_serving(child.health_address, material=self._health_tls)

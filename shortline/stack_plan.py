@@ -61,6 +61,13 @@ class StackConfig:
         default=9400,
         metadata={"help": "Prometheus ports: scheduler base, predictor +1, workers +2.."},
     )
+    gateway: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "start the OpenAI-compatible HTTP gateway in front of the scheduler"},
+    )
+    gateway_port: int = dataclasses.field(
+        default=8000, metadata={"help": "the gateway's HTTP port (the OpenAI API's base URL)"}
+    )
     workers: int = dataclasses.field(default=2, metadata={"help": "number of workers"})
     slots: int = dataclasses.field(default=8, metadata={"help": "slots (sequences) per worker"})
     policy: str = dataclasses.field(
@@ -116,6 +123,12 @@ class StackConfig:
         },
     )
 
+    def gateway_url(self, path: str = "/v1") -> str:
+        """The gateway's URL at ``path``: ``/v1`` is the base URL the ``openai`` client takes;
+        HTTPS with ``tls``, where the gateway serves with its own certificate."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.gateway_port}{path}"
+
     def certs_path(self) -> Path:
         return Path(self.certs_dir) if self.certs_dir else run_dir() / "certs"
 
@@ -135,6 +148,8 @@ class Child:
     name: str
     argv: list[str]
     health_address: str | None  # gRPC health endpoint; None: checked otherwise
+    # An HTTP endpoint that answers 200 when ready (the gateway's /ready): checked instead.
+    health_url: str | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     # Ports it listens on: a restart waits until the last instance let them go.
@@ -146,13 +161,16 @@ class Child:
 def stop_stages(children: Sequence[Child]) -> list[list[Child]]:
     """The order of a stop, in stages (a stage's children stop together): the
     scheduler drains first while everything it uses still serves, then the
-    workers (then idle), the predictor and Triton."""
+    workers (then idle), the predictor and Triton. The gateway stops with the
+    scheduler: it takes no new connection and waits for its requests in flight,
+    which are the scheduler's admitted requests that its drain finishes (a stage
+    of its own before the scheduler would add a second wait of up to the grace)."""
     by_kind: dict[str, list[Child]] = {}
     for child in children:
         by_kind.setdefault(child.name.split("-")[0], []).append(child)
-    order = ["scheduler", "worker", "predictor", "triton"]
-    stages = [by_kind.pop(kind) for kind in order if kind in by_kind]
-    return stages + list(by_kind.values())
+    order = [("gateway", "scheduler"), ("worker",), ("predictor",), ("triton",)]
+    stages = [[c for kind in kinds for c in by_kind.pop(kind, [])] for kinds in order]
+    return [stage for stage in stages if stage] + list(by_kind.values())
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -179,6 +197,8 @@ def all_ports(cfg: StackConfig) -> dict[str, int]:
     for i in range(cfg.workers):
         ports[f"worker-{i + 1}"] = cfg.worker_base_port + i
         ports[f"worker-{i + 1} metrics"] = cfg.metrics_base_port + 2 + i
+    if cfg.gateway:
+        ports["gateway"] = cfg.gateway_port
     return ports
 
 
@@ -188,7 +208,7 @@ def free_config(taken: set[int] | None = None, **fields: object) -> StackConfig:
     metrics ports are ``base + i`` blocks, so a block is tried until all of it is free."""
     taken = set() if taken is None else taken
     for _ in range(50):
-        singles = free_ports(7)
+        singles = free_ports(8)
         base = singles[6]
         cfg = dataclasses.replace(
             StackConfig(**fields),  # type: ignore[arg-type]
@@ -198,6 +218,7 @@ def free_config(taken: set[int] | None = None, **fields: object) -> StackConfig:
             triton_grpc_port=singles[3],
             triton_http_port=singles[4],
             triton_metrics_port=singles[5],
+            gateway_port=singles[7],
             worker_base_port=base + 1,
         )
         cfg = dataclasses.replace(cfg, metrics_base_port=base + 1 + cfg.workers)
@@ -332,4 +353,35 @@ def plan(cfg: StackConfig) -> list[Child]:
                 stop_timeout_s=cfg.drain_grace_s + STOP_MARGIN_S,
             )
         )
+    if cfg.gateway:
+        children.append(_gateway(cfg, exe))
     return children
+
+
+def _gateway(cfg: StackConfig, exe: list[str]) -> Child:
+    """The OpenAI-compatible gateway, in front of the scheduler's public port. With ``tls``
+    it serves HTTPS with its own certificate and verifies the scheduler with the CA, as
+    the SDK does; it gets no token: each HTTP client sends its own bearer, which the
+    scheduler checks (a gateway token would admit any local process as tenant dev)."""
+    return Child(
+        "gateway",
+        [
+            *exe,
+            "gateway",
+            "serve",
+            "--host",
+            cfg.host,
+            "--port",
+            str(cfg.gateway_port),
+            "--scheduler",
+            f"{cfg.host}:{cfg.scheduler_port}",
+            "--drain-grace-s",
+            str(cfg.drain_grace_s),
+            *_tls_args(cfg, "gateway"),
+        ],
+        None,
+        health_url=cfg.gateway_url("/ready"),
+        ports=(cfg.gateway_port,),
+        # It waits for its requests in flight, which the scheduler's drain finishes.
+        stop_timeout_s=cfg.drain_grace_s + STOP_MARGIN_S,
+    )

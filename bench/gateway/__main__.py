@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         cfg = free_config(
+            gateway=False,  # the benchmark starts and times its own gateway
             workers=1,
             slots=args.concurrency,
             replay_step_a_ms=1.0,

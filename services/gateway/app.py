@@ -22,11 +22,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway import http
+from services.gateway.chat import ChatCompletion
 from services.gateway.clients import ClientPool
 from services.gateway.completions import Completion, Limiter
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, from_rpc
-from services.gateway.params import parse_completion
+from services.gateway.params import parse_chat, parse_completion
 from shortline.client import ClientOptions
 from shortline.client.channel import aio_channel, call_metadata
 from shortline.common.auth import parse_authorization
@@ -146,16 +147,16 @@ def create_app(cfg: GatewayConfig, options: ClientOptions | None = None) -> Star
         return http.Exchange(job)
 
     async def chat(request: Request) -> Response:
-        return http.error_response(
-            ApiError(
-                501,
-                "not supported yet: /v1/chat/completions needs the model's chat template applied "
-                "by the worker, which the scheduler's contract does not carry yet; use "
-                "/v1/completions with the prompt already formatted",
-                type="invalid_request_error",
-                code="unsupported_endpoint",
-            )
-        )
+        try:
+            body = await http.read_json(request, cfg.max_body_bytes)
+            params = parse_chat(body, cfg.max_deadline_s)
+            token = bearer(request)
+        except ApiError as exc:
+            return http.error_response(exc)
+        state = holder["s"]
+        job = ChatCompletion(params, token, state.pool, state.limiter, cfg.default_deadline_s)
+        log.debug("chat %s: model %s, stream %s", job.request_id, params.model, params.stream)
+        return http.Exchange(job)
 
     routes = [
         Route("/health", health, methods=["GET"]),

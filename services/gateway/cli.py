@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from services.gateway.config import GatewayConfig
@@ -14,7 +15,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="gateway_command", metavar="COMMAND", required=True)
     serve = sub.add_parser(
         "serve",
-        help="serve /v1/completions, /v1/models, /health and /ready over HTTP",
+        help="serve /v1/completions, /v1/chat/completions, /v1/models, /health and /ready",
         description="Translates OpenAI's HTTP API to the scheduler's Generate. Listens on "
         "127.0.0.1 unless --host says otherwise; a client's 'Authorization: Bearer' token is "
         "passed to the scheduler, which checks it.",
@@ -45,5 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         limit_concurrency=cfg.max_concurrent + 64,
         server_header=False,
+        # On SIGTERM, requests in flight get this long to finish (the drain).
+        timeout_graceful_shutdown=max(1, math.ceil(cfg.drain_grace_s)),
     )
     return 0

@@ -57,6 +57,7 @@ def open_stream(
     seed, top_k, repetition_penalty) are set on the request it builds."""
     request = build_request(
         p.prompt,
+        messages=p.messages or None,
         request_id=request_id,
         model=p.model,
         max_tokens=p.max_tokens,
@@ -113,7 +114,15 @@ def _headers(stream: AsyncGenerateStream, *, done: bool) -> dict[str, str]:
 
 
 class Completion:
-    """One request's answer, produced inside :class:`~services.gateway.http.Exchange`."""
+    """One request's answer, produced inside :class:`~services.gateway.http.Exchange`.
+
+    ``/v1/completions``'s shapes; :class:`services.gateway.chat.ChatCompletion`
+    overrides the ones chat shapes differently (``_body``, ``_choice``, ``_chunk``,
+    ``_opening``)."""
+
+    PREFIX = "cmpl-"
+    OBJECT = "text_completion"
+    CHUNK_OBJECT = "text_completion"
 
     def __init__(
         self,
@@ -129,13 +138,15 @@ class Completion:
         self.limiter = limiter
         self.timeout = params.deadline_seconds or timeout
         self.request_id = uuid.uuid4().hex
-        self.id = f"cmpl-{self.request_id}"
+        self.id = f"{self.PREFIX}{self.request_id}"
         self.created = int(time.time())
 
-    def _body(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+    def _body(
+        self, choices: list[dict[str, Any]], usage: dict[str, int] | None, *, chunk: bool = False
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.id,
-            "object": "text_completion",
+            "object": self.CHUNK_OBJECT if chunk else self.OBJECT,
             "created": self.created,
             "model": self.params.model,
             "choices": choices,
@@ -144,9 +155,13 @@ class Completion:
             body["usage"] = usage
         return body
 
-    @staticmethod
-    def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        """The whole answer's choice."""
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def _delta(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        """A stream chunk's choice (the same shape for completions)."""
+        return self._choice(text, finish_reason)
 
     async def __call__(self, send: Send) -> None:
         try:
@@ -193,6 +208,8 @@ class Completion:
             return
         await http.start_events(send, _headers(stream, done=False))
         try:
+            for opening in self._opening():
+                await http.send_event(send, opening)
             if first is not None:
                 await http.send_event(send, self._chunk(first))
                 async for text in texts:
@@ -205,11 +222,15 @@ class Completion:
             return
         await http.send_event(send, self._chunk("", finish))
         if self.params.include_usage:
-            await http.send_event(send, self._body([], _usage(stream.result)))
+            await http.send_event(send, self._body([], _usage(stream.result), chunk=True))
         await http.end_events(send)
 
+    def _opening(self) -> list[dict[str, Any]]:
+        """Chunks sent before the first text (none for completions)."""
+        return []
+
     def _chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        body = self._body([self._choice(text, finish_reason)], None)
+        body = self._body([self._delta(text, finish_reason)], None, chunk=True)
         if self.params.include_usage:
             body["usage"] = None  # as OpenAI: null on every chunk but the usage chunk
         return body

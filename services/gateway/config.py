@@ -51,10 +51,19 @@ class GatewayConfig(TlsSettings):
         default=64,
         metadata={"help": "scheduler channels kept, one per distinct bearer token (LRU)"},
     )
+    drain_grace_s: float = field(
+        default=20.0,
+        metadata={
+            "help": "on SIGTERM: no new connection, and the requests in flight may finish for "
+            "this long before they are cancelled (a Kubernetes grace must cover it)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
+        if self.drain_grace_s < 0:
+            raise ValueError("--drain-grace-s must be >= 0")
         for name in ("default_deadline_s", "max_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")

@@ -22,6 +22,7 @@ _FIELD = re.compile(r"^([a-z_]+)\b")
 _PARAMS = {
     "model": "model",
     "prompt": "prompt",
+    "messages": "messages",
     "max_tokens": "max_tokens",
     "temperature": "temperature",
     "top_p": "top_p",

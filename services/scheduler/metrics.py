@@ -19,6 +19,7 @@ from __future__ import annotations
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.scheduler.core.accuracy import GroupAccuracy
 from services.scheduler.core.admission import TenantCapError
 from services.scheduler.core.interface import QueueFullError
 from shortline.common.labels import OTHER, KnownNames, bounded
@@ -122,6 +123,71 @@ JOURNAL_ERRORS = Counter(
     "Journal commits that failed (disk full, I/O error); the requests' streams wait",
     registry=REGISTRY,
 )
+
+# Online accuracy of the length predictions (services/scheduler/core/accuracy.py): per
+# target (``model``: the length model), prediction source and head, over the window of
+# each target's last finished requests; recomputed every few seconds, not per request.
+# A group that left the window has its series removed.
+_ACCURACY = ("model", "source", "head")
+PREDICTION_WINDOW = Gauge(
+    "shortline_prediction_window_requests",
+    "Finished requests (stop or length) in the accuracy window, by prediction source and head",
+    _ACCURACY,
+    registry=REGISTRY,
+)
+PREDICTION_TAU = Gauge(
+    "shortline_prediction_kendall_tau",
+    "Kendall's tau-b of predicted vs actual output tokens over the accuracy window",
+    _ACCURACY,
+    registry=REGISTRY,
+)
+PREDICTION_MAE = Gauge(
+    "shortline_prediction_mae_tokens",
+    "Mean |predicted - actual| output tokens over the accuracy window",
+    _ACCURACY,
+    registry=REGISTRY,
+)
+PREDICTION_BUCKET_ACCURACY = Gauge(
+    "shortline_prediction_bucket_accuracy_ratio",
+    "Share of the window's requests predicted in their actual length bucket "
+    "(the window's p25/p50/p75/p99 of actual lengths)",
+    _ACCURACY,
+    registry=REGISTRY,
+)
+PREDICTION_ORDER_GAIN = Gauge(
+    "shortline_prediction_order_gain_ratio",
+    "Share of the oracle's mean-completion gain over a random order that the predictions' "
+    "order captures on the accuracy window (all queued at once, one server)",
+    _ACCURACY,
+    registry=REGISTRY,
+)
+_ACCURACY_GAUGES = (
+    PREDICTION_WINDOW,
+    PREDICTION_TAU,
+    PREDICTION_MAE,
+    PREDICTION_BUCKET_ACCURACY,
+    PREDICTION_ORDER_GAIN,
+)
+_accuracy_series: set[tuple[str, str, str]] = set()
+
+
+def export_accuracy(groups: list[GroupAccuracy]) -> None:
+    """Sets the accuracy gauges to ``groups`` and removes the series of groups gone."""
+    fresh = set()
+    for g in groups:
+        labels = (g.target, g.source, g.head)
+        fresh.add(labels)
+        PREDICTION_WINDOW.labels(*labels).set(g.requests)
+        PREDICTION_TAU.labels(*labels).set(g.kendall_tau)
+        PREDICTION_MAE.labels(*labels).set(g.mae_tokens)
+        PREDICTION_BUCKET_ACCURACY.labels(*labels).set(g.bucket_accuracy)
+        PREDICTION_ORDER_GAIN.labels(*labels).set(g.order_gain)
+    for labels in _accuracy_series - fresh:
+        for gauge in _ACCURACY_GAUGES:
+            gauge.remove(*labels)
+    _accuracy_series.clear()
+    _accuracy_series.update(fresh)
+
 
 # Why a Generate call was refused, by its status (RESOURCE_EXHAUSTED by its cause).
 _REFUSED_BY_CODE = {

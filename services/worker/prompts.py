@@ -1,35 +1,49 @@
 """Prompt formats and the per-model settings of a worker.
 
-The worker, not the model server, formats the prompt: a vLLM backend takes
-``text_input`` as the exact text to continue, so the same worker drives a GPU
-Triton unchanged. Resume by recompute appends the text already generated
-after the formatted prompt, so that the model continues its own answer.
+The worker, not the model server, formats the prompt or a chat request's
+messages with the model's chat template: a vLLM backend takes ``text_input`` as
+the exact text to continue, so the same worker drives a GPU Triton unchanged,
+and the scheduler and the gateway need no template. Resume by recompute appends
+the text already generated after the formatted prompt, so that the model
+continues its own answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shortline.common.limits import ModelLimits
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-_TEMPLATES: dict[str, str] = {
-    # SmolLM2's chat template with the system prompt it adds by default.
+# Each chat format: what opens the text, each turn ({role}, {content}), the opening of
+# the assistant's turn that the model continues, and the system turn it adds when the
+# conversation has none (SmolLM2's template does; the others add nothing).
+_Format = tuple[str, str, str, str]
+_FORMATS: dict[str, _Format] = {
+    # SmolLM2's chat template (its GGUF's tokenizer.chat_template), default system prompt too.
     "smollm2": (
-        f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n"
-        "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        "",
+        "<|im_start|>{role}\n{content}<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        SMOLLM2_SYSTEM,
     ),
-    "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+    "chatml": ("", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", ""),
     "llama3": (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|begin_of_text|>",
+        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "",
     ),
-    "raw": "{prompt}",
 }
+RAW = "raw"
+FORMATS = (*_FORMATS, RAW)
+ROLES = ("system", "user", "assistant")
 
-FORMATS = tuple(_TEMPLATES)
+
+class ChatRefused(ValueError):
+    """A conversation this model cannot take (INVALID_ARGUMENT's message)."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +62,50 @@ def model_limits(models: Mapping[str, ModelSpec], max_prompt_chars: int) -> tupl
     )
 
 
+def chat_models(models: Mapping[str, ModelSpec]) -> frozenset[str]:
+    """The served models whose format has a chat template: the worker advertises them
+    (``ModelLimits.chat``), so the scheduler sends it messages only for these."""
+    return frozenset(spec.name for spec in models.values() if spec.prompt_format != RAW)
+
+
 def format_prompt(prompt_format: str, prompt: str, resume_text: str = "") -> str:
-    template = _TEMPLATES[prompt_format]
-    return template.replace("{prompt}", prompt) + resume_text
+    """A single prompt as the model expects it: one user turn in its chat format (the
+    raw format: the prompt itself), then the text already generated."""
+    if prompt_format == RAW:
+        return prompt + resume_text
+    return format_messages(prompt_format, [("user", prompt)], resume_text)
+
+
+def format_messages(
+    prompt_format: str, messages: Sequence[tuple[str, str]], resume_text: str = "", model: str = ""
+) -> str:
+    """A conversation ``(role, content)`` in the model's chat template, opening the
+    assistant's turn, then the text already generated. Content is put in verbatim, as
+    the templates do (no trimming, no escaping of the template's own markers: the
+    scheduler's tenants are trusted with their own conversation's roles).
+
+    Raises ChatRefused for the raw format (no template to apply), an unknown role, or
+    no messages."""
+    if prompt_format == RAW or prompt_format not in _FORMATS:
+        raise ChatRefused(
+            f"model {model!r} is served with the {prompt_format} prompt format, which has "
+            "no chat template: send a prompt, not messages"
+        )
+    if not messages:
+        raise ChatRefused("messages must not be empty")
+    begin, turn, assistant, default_system = _FORMATS[prompt_format]
+    parts = [begin]
+    if default_system and messages[0][0] != "system":
+        parts.append(turn.replace("{role}", "system").replace("{content}", default_system))
+    for role, content in messages:
+        if role not in ROLES:
+            shown = repr(role[:32])
+            raise ChatRefused(f"messages role must be one of {', '.join(ROLES)}, got {shown}")
+        # One pass per field: a content holding "{role}" stays as it is.
+        head, _, tail = turn.partition("{content}")
+        parts.append(head.replace("{role}", role) + content + tail)
+    parts.append(assistant)
+    return "".join(parts) + resume_text
 
 
 def parse_models(spec: str) -> dict[str, ModelSpec]:
@@ -62,7 +117,7 @@ def parse_models(spec: str) -> dict[str, ModelSpec]:
         name, _, rest = item.partition("=")
         fmt, _, limit = rest.partition(":")
         fmt = fmt or "raw"
-        if fmt not in _TEMPLATES:
+        if fmt not in FORMATS:
             raise ValueError(f"model {name}: prompt format must be one of {FORMATS}, got {fmt!r}")
         try:
             max_tokens = int(limit) if limit else 4096

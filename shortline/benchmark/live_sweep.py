@@ -58,6 +58,7 @@ def started_stack(cfg: BenchConfig, out: Path) -> Iterator[Stack]:
         triton_grpc_port=p[2],
         triton_http_port=p[3],
         triton_metrics_port=p[4],
+        gateway=False,  # the sweep talks gRPC; no gateway port to find
         metrics_base_port=base,
         workers=cfg.workers,
         slots=cfg.slots,

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +25,7 @@ from shortline.client.resume import StreamState
 from shortline.client.types import (
     Accepted,
     ClientOptions,
+    Message,
     Result,
     StreamClosedError,
     StreamDivergedError,
@@ -148,8 +149,9 @@ class AsyncShortlineClient:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str = "",
         *,
+        messages: Iterable[Message] | None = None,
         model: str = "smollm2-135m-instruct",
         max_tokens: int = 128,
         temperature: float | None = None,
@@ -162,6 +164,7 @@ class AsyncShortlineClient:
     ) -> AsyncGenerateStream:
         request = build_request(
             prompt,
+            messages=messages,
             request_id=request_id or uuid.uuid4().hex,
             model=model,
             max_tokens=max_tokens,

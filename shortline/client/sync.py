@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +19,7 @@ from shortline.client.resume import StreamState
 from shortline.client.types import (
     Accepted,
     ClientOptions,
+    Message,
     Result,
     StreamClosedError,
     StreamDivergedError,
@@ -149,8 +150,9 @@ class ShortlineClient:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str = "",
         *,
+        messages: Iterable[Message] | None = None,
         model: str = "smollm2-135m-instruct",
         max_tokens: int = 128,
         temperature: float | None = None,
@@ -161,9 +163,12 @@ class ShortlineClient:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerateStream:
-        """Starts a generation; iterate the returned stream for text."""
+        """Starts a generation of ``prompt``, or of ``messages`` (a conversation, e.g.
+        ``[{"role": "user", "content": "Hi"}]``, which the worker formats with the
+        model's chat template); iterate the returned stream for text."""
         request = build_request(
             prompt,
+            messages=messages,
             request_id=request_id or uuid.uuid4().hex,
             model=model,
             max_tokens=max_tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,29 @@ def state_name(value: int) -> str:
     return _enum_name(scheduler_pb2.RequestState, value, "REQUEST_STATE_")
 
 
+# One message of a conversation: {"role": ..., "content": ...} (OpenAI's shape) or a
+# (role, content) pair. Roles: "system", "user", "assistant".
+Message = Mapping[str, str] | tuple[str, str]
+
+
+def chat_messages(messages: Iterable[Message]) -> list[common_pb2.ChatMessage]:
+    """The contract's messages; ValueError for a message of another shape."""
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Mapping):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must have a string role and content")
+            out.append(common_pb2.ChatMessage(role=m["role"], content=m["content"]))
+        else:
+            role, content = m
+            out.append(common_pb2.ChatMessage(role=role, content=content))
+    return out
+
+
 def build_request(
     prompt: str,
     *,
+    messages: Iterable[Message] | None = None,
     request_id: str,
     model: str,
     max_tokens: int,
@@ -207,10 +228,16 @@ def build_request(
         sampling.temperature = temperature
     if top_p is not None:
         sampling.top_p = top_p
+    """The scheduler's request: a prompt, or ``messages`` (a conversation the worker
+    formats with the model's chat template); ValueError unless exactly one is given."""
+    turns = chat_messages(messages) if messages is not None else []
+    if bool(prompt) == bool(turns):
+        raise ValueError("exactly one of prompt and messages must be given (and not be empty)")
     request = scheduler_pb2.GenerateRequest(
         request_id=request_id,
         model=model,
         prompt=prompt,
+        messages=turns,
         max_tokens=max_tokens,
         sampling=sampling,
         length_model=length_model,

@@ -47,3 +47,19 @@ def test_rules_name_only_exported_metrics() -> None:
     exprs = " ".join(rule["expr"] for g in groups for rule in g["rules"])
     used = set(re.findall(r"\b(shortline_\w+|up)\b(?=\{|\[|\)|\s)", exprs))
     assert used and used <= exported, sorted(used - exported)
+
+
+def test_the_compose_prometheus_loads_these_rules(tmp_path: Path) -> None:
+    """deploy/prometheus.yml names the path docker-compose.yml mounts rules.yml at, and
+    passes ``promtool check config`` with it (the path moved to this test's copy)."""
+    root = RULES_DIR.parent.parent
+    config = yaml.safe_load((RULES_DIR.parent / "prometheus.yml").read_text())
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    mounts = compose["services"]["prometheus"]["volumes"]
+    (mounted,) = [m.split(":")[1] for m in mounts if m.startswith("./deploy/prometheus/rules.yml")]
+    assert config["rule_files"] == [mounted]
+    (tmp_path / "rules.yml").write_text(RULES.read_text())
+    config["rule_files"] = [str(tmp_path / "rules.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    done = run("check", "config", str(tmp_path / "prometheus.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr

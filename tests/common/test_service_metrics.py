@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from in_process import three_services
 from promtool_bin import promtool
 
 from shortline.common.prometheus import start_metrics_server
@@ -70,14 +71,8 @@ async def live(
     embedded_triton: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Live]:
     from services.predictor import metrics as predictor_metrics
-    from services.predictor.config import PredictorConfig
-    from services.predictor.service import PredictorServer
     from services.scheduler import metrics as scheduler_metrics
-    from services.scheduler.config import SchedulerConfig
-    from services.scheduler.service.server import SchedulerServer
     from services.worker import metrics as worker_metrics
-    from services.worker.config import WorkerConfig
-    from services.worker.service.server import WorkerServer
     from shortline.common.net import free_port
 
     tmp: Path = tmp_path_factory.mktemp("metrics")
@@ -89,59 +84,34 @@ async def live(
         )
     )
     tokens.chmod(0o600)
-    predictor = PredictorServer(PredictorConfig(port=free_port()))
-    await predictor.start()
-    scheduler = SchedulerServer(
-        SchedulerConfig(
-            host="127.0.0.1",
-            port=free_port(),
-            internal_port=0,
-            predictor=f"127.0.0.1:{predictor.cfg.port}",
-            predictor_timeout_ms=5000,
-            heartbeat_interval_s=0.2,
-            tokens_file=str(tokens),
-            queue_limit=2,
-            tenant_queue_share=0.5,
-            outcome_log=str(tmp / "outcomes.sqlite"),
-        )
-    )
-    await scheduler.start()
-    worker = WorkerServer(
-        WorkerConfig(
-            triton=embedded_triton.grpc_url,
-            slots=1,
-            scheduler=scheduler.internal_address,
-            worker_id="metered",
-            health_poll_s=0.5,
-        ),
+    async with three_services(
         embedded_triton.grpc_url,
-    )
-    await worker.start()
-    ports = {name: free_port() for name in ("scheduler", "predictor", "worker")}
-    endpoints = [
-        start_metrics_server(ports["scheduler"], "127.0.0.1", scheduler_metrics.REGISTRY),
-        start_metrics_server(ports["predictor"], "127.0.0.1", predictor_metrics.REGISTRY),
-        start_metrics_server(ports["worker"], "127.0.0.1", worker_metrics.REGISTRY),
-    ]
-    channel = grpc.aio.insecure_channel(scheduler.address)
-    live = Live(scheduler, ports, scheduler_pb2_grpc.SchedulerServiceStub(channel))
-    try:
-        for _ in range(200):
-            if scheduler.plane.workers:
-                break
-            await asyncio.sleep(0.05)
-        yield live
-    finally:
-        for task in live.held:
-            task.cancel()
-        await asyncio.gather(*live.held, return_exceptions=True)
-        for endpoint in endpoints:
-            if endpoint is not None:
-                endpoint[0].shutdown()
-        await channel.close(None)
-        await worker.stop(0.1)
-        await scheduler.stop(0.1)
-        await predictor.stop(0.1)
+        "metered",
+        slots=1,
+        tokens_file=str(tokens),
+        queue_limit=2,
+        tenant_queue_share=0.5,
+        outcome_log=str(tmp / "outcomes.sqlite"),
+    ) as services:
+        scheduler = services.scheduler
+        ports = {name: free_port() for name in ("scheduler", "predictor", "worker")}
+        endpoints = [
+            start_metrics_server(ports["scheduler"], "127.0.0.1", scheduler_metrics.REGISTRY),
+            start_metrics_server(ports["predictor"], "127.0.0.1", predictor_metrics.REGISTRY),
+            start_metrics_server(ports["worker"], "127.0.0.1", worker_metrics.REGISTRY),
+        ]
+        channel = grpc.aio.insecure_channel(scheduler.address)
+        live = Live(scheduler, ports, scheduler_pb2_grpc.SchedulerServiceStub(channel))
+        try:
+            yield live
+        finally:
+            for task in live.held:
+                task.cancel()
+            await asyncio.gather(*live.held, return_exceptions=True)
+            for endpoint in endpoints:
+                if endpoint is not None:
+                    endpoint[0].shutdown()
+            await channel.close(None)
 
 
 async def test_each_service_exports_only_its_own_families(live: Live) -> None:

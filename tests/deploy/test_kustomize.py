@@ -106,7 +106,7 @@ def test_every_shortline_argument_is_one_the_service_accepts(
     for target, objects in rendered.items():
         for w, c in (
             pair
-            for s in ("scheduler", "worker", "predictor", "triton")
+            for s in ("scheduler", "worker", "predictor", "triton", "gateway")
             for pair in shortline(objects, s)
         ):
             try:
@@ -336,3 +336,17 @@ def test_the_gpu_model_repository_is_the_one_compose_serves() -> None:
         pytest.fail(f"{compose} is gone: update components/gpu and this test together")
     assert (k8s / "config.pbtxt").read_bytes() == (compose / "config.pbtxt").read_bytes()
     assert (k8s / "model.json").read_bytes() == (compose / "1" / "model.json").read_bytes()
+
+
+def test_the_alert_rules_and_dashboard_are_the_ones_compose_loads() -> None:
+    """kustomize reads no file outside its folder, so base/ keeps copies of the alert
+    rules (promtool-tested in tests/common) and the dashboard: they must not drift."""
+    pairs = (
+        (ROOT / "deploy" / "prometheus" / "rules.yml", K8S / "base" / "prometheus" / "rules.yml"),
+        (
+            ROOT / "deploy" / "grafana" / "dashboards" / "shortline.json",
+            K8S / "base" / "grafana" / "shortline.json",
+        ),
+    )
+    for original, copy in pairs:
+        assert copy.read_bytes() == original.read_bytes(), f"{copy} differs from {original}"

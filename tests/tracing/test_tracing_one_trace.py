@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from in_process import three_services
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,43 +31,8 @@ def spans_named(spans: list[ReadableSpan], fragment: str) -> list[ReadableSpan]:
 
 async def test_a_request_is_one_trace_across_every_service(embedded_triton: Any) -> None:
     setup_tracing("shortline-test", exporter=EXPORTER)
-    from services.predictor.config import PredictorConfig
-    from services.predictor.service import PredictorServer
-    from services.scheduler.config import SchedulerConfig
-    from services.scheduler.service.server import SchedulerServer
-    from services.worker.config import WorkerConfig
-    from services.worker.service.server import WorkerServer
-    from shortline.common.net import free_port
-
-    predictor = PredictorServer(PredictorConfig(port=free_port()))
-    await predictor.start()
-    scheduler = SchedulerServer(
-        SchedulerConfig(
-            host="127.0.0.1",
-            port=free_port(),
-            internal_port=0,
-            predictor=f"127.0.0.1:{predictor.cfg.port}",
-            predictor_timeout_ms=5000,
-            heartbeat_interval_s=0.2,
-        )
-    )
-    await scheduler.start()
-    worker = WorkerServer(
-        WorkerConfig(
-            triton=embedded_triton.grpc_url,
-            slots=2,
-            scheduler=scheduler.internal_address,
-            worker_id="traced",
-            health_poll_s=0.5,
-        ),
-        embedded_triton.grpc_url,
-    )
-    await worker.start()
-    try:
-        for _ in range(200):
-            if scheduler.plane.workers:
-                break
-            await asyncio.sleep(0.05)
+    async with three_services(embedded_triton.grpc_url, "traced") as services:
+        scheduler = services.scheduler
         tracer = trace.get_tracer("test-client")
         EXPORTER.clear()
         async with grpc.aio.insecure_channel(scheduler.address) as channel:
@@ -87,10 +53,6 @@ async def test_a_request_is_one_trace_across_every_service(embedded_triton: Any)
         assert msgs[-1].result.actual_tokens == 12
         assert msgs[-1].result.prediction_source == scheduler_pb2.PREDICTION_SOURCE_PREDICTOR
         await asyncio.sleep(0.5)  # server-side spans end after the last message
-    finally:
-        await worker.stop(0.1)
-        await scheduler.stop(0.1)
-        await predictor.stop(0.1)
     provider = trace.get_tracer_provider()
     assert isinstance(provider, TracerProvider)
     provider.force_flush()

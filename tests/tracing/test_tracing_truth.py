@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from in_process import three_services
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -47,48 +48,8 @@ def finished() -> list[ReadableSpan]:
 @pytest.fixture(scope="module")
 async def traced(embedded_triton: Any) -> AsyncIterator[Traced]:
     setup_tracing("shortline-test", exporter=EXPORTER)
-    from services.predictor.config import PredictorConfig
-    from services.predictor.service import PredictorServer
-    from services.scheduler.config import SchedulerConfig
-    from services.scheduler.service.server import SchedulerServer
-    from services.worker.config import WorkerConfig
-    from services.worker.service.server import WorkerServer
-    from shortline.common.net import free_port
-
-    predictor = PredictorServer(PredictorConfig(port=free_port()))
-    await predictor.start()
-    scheduler = SchedulerServer(
-        SchedulerConfig(
-            host="127.0.0.1",
-            port=free_port(),
-            internal_port=0,
-            predictor=f"127.0.0.1:{predictor.cfg.port}",
-            predictor_timeout_ms=5000,
-            heartbeat_interval_s=0.2,
-        )
-    )
-    await scheduler.start()
-    worker = WorkerServer(
-        WorkerConfig(
-            triton=embedded_triton.grpc_url,
-            slots=2,
-            scheduler=scheduler.internal_address,
-            worker_id="truth",
-            health_poll_s=0.2,
-        ),
-        embedded_triton.grpc_url,
-    )
-    await worker.start()
-    try:
-        for _ in range(200):
-            if scheduler.plane.workers:
-                break
-            await asyncio.sleep(0.05)
-        yield Traced(scheduler, predictor, worker)
-    finally:
-        await worker.stop(0.1)
-        await scheduler.stop(0.1)
-        await predictor.stop(0.1)
+    async with three_services(embedded_triton.grpc_url, "truth", health_poll_s=0.2) as s:
+        yield Traced(s.scheduler, s.predictor, s.worker)
 
 
 async def test_an_idle_stack_makes_no_spans(traced: Traced) -> None:

@@ -43,6 +43,7 @@ from services.scheduler.core.fallback import FallbackPredictor
 from services.scheduler.core.interface import Assign, Decision, Stop
 from services.scheduler.core.job import Job
 from services.scheduler.core.scheduler import SchedulerCore
+from services.scheduler.service.chat import ChatRequest, copy_messages
 from services.scheduler.service.clock import MonotonicClock
 from services.scheduler.service.journal import Journal
 from services.scheduler.service.prediction import Prediction, PredictorClient
@@ -50,6 +51,7 @@ from services.scheduler.service.restore import restore
 from services.scheduler.service.results import Results, StatusError, prediction_source
 from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import fingerprint, scoped_key, shown_id
+from services.scheduler.service.validation import predictor_text
 from services.scheduler.service.workers import WorkerPool
 from shortline.common.outcomes import OutcomeLog
 from shortline.common.telemetry import tracer
@@ -274,16 +276,20 @@ class SchedulerService:
             arrival=now,
             model=request.model,
             length_model=self.length_model(request),
-            prompt=request.prompt,
+            prompt=predictor_text(request),
             max_tokens=request.max_tokens,
             true_tokens=request.max_tokens if self.policy.uses_truth else None,
             deadline=now + remaining if remaining is not None else None,
         )
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
-        req = Request(
-            request.request_id, job, sampling, tenant=tenant, fingerprint=fingerprint(request)
-        )
+        kept = fingerprint(request)
+        req: Request
+        if request.messages:
+            chat = copy_messages(request.messages)
+            req = ChatRequest(request.request_id, job, sampling, tenant, kept, messages=chat)
+        else:
+            req = Request(request.request_id, job, sampling, tenant=tenant, fingerprint=kept)
         job.attachment = req
         self.core.submit(job)  # QueueFullError: nothing was kept
         self.admission.admitted(tenant, job)
@@ -367,6 +373,9 @@ class SchedulerService:
         if req.final is None:
             self.admission.observe_finished(req.job)
         self.results.finalize(req, error)
+        if isinstance(req, ChatRequest):
+            # As the job's prompt: a retried id needs the result, not the conversation.
+            req.messages = ()
 
     # ---- dispatch ------------------------------------------------------------
 

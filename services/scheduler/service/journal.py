@@ -1,8 +1,9 @@
 """The admission journal: what a scheduler killed with -9 needs to carry on.
 
 Every admitted request is written to a SQLite file (WAL) with what it was made
-of (the prompt, the sampling, the fingerprint, its arrival and deadline as
-wall-clock times), its prediction, the text delivered so far and how it ended.
+of (the prompt or a chat request's messages, the sampling, the fingerprint, its
+arrival and deadline as wall-clock times), its prediction, the text delivered
+so far and how it ended.
 A restarted scheduler reloads it (``dataplane.SchedulerService.restore``):
 queued and running jobs go back to the queue with their original arrivals and
 the text already generated, so a client that reattaches with the same id gets
@@ -53,7 +54,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.scheduler import metrics
-from services.scheduler.service.journal_rows import SCHEMA, SCHEMA_VERSION, Loaded, read
+from services.scheduler.service import chat
+from services.scheduler.service.journal_rows import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Loaded,
+    migrate,
+    read,
+)
 from services.scheduler.service.streams import Request
 from shortline.common.outcomes import Outcome, embedding_blob, private_file
 
@@ -113,14 +121,12 @@ class Journal:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: our thread
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, *MIGRATIONS, SCHEMA_VERSION):
                 raise JournalError(
                     f"journal {self.path} has schema version {version}, this scheduler "
                     f"reads {SCHEMA_VERSION}; move it away or use another --journal"
                 )
-            for statement in SCHEMA:
-                self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            migrate(self._conn, version)
         except sqlite3.DatabaseError as exc:
             self._lock_file.close()
             raise JournalError(f"journal {self.path} is not a usable SQLite file: {exc}") from exc
@@ -229,7 +235,7 @@ class Journal:
                 self._write(req, now_mono, now_wall)
             for key in logged:
                 self._conn.execute(
-                    "UPDATE requests SET outcome=NULL, embedding=NULL, prompt=NULL "
+                    "UPDATE requests SET outcome=NULL, embedding=NULL, prompt=NULL, messages=NULL "
                     "WHERE key=? AND final_code IS NOT NULL",
                     (key,),
                 )
@@ -274,7 +280,7 @@ class Journal:
             c.execute(
                 "INSERT OR REPLACE INTO requests(key, request_id, tenant, arrival, deadline,"
                 " model, length_model, prompt, max_tokens, sampling, fingerprint,"
-                " reattach_grace) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " reattach_grace, messages) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job.id,
                     req.id,
@@ -288,6 +294,7 @@ class Journal:
                     req.sampling.SerializeToString(),
                     b"".join(req.fingerprint),
                     req.reattach_grace_s,
+                    chat.to_json(chat.messages_of(req)),
                 ),
             )
             c.execute("DELETE FROM deltas WHERE key=?", (job.id,))
@@ -341,7 +348,7 @@ class Journal:
             )
         self._conn.execute(
             "UPDATE requests SET state=?, finish_reason=?, finished=?, final=?, final_code=?,"
-            " final_message=?, outcome=?, embedding=?, prompt=? WHERE key=?",
+            " final_message=?, outcome=?, embedding=?, prompt=?, messages=NULL WHERE key=?",
             (
                 int(job.state),
                 job.finish_reason,

@@ -17,7 +17,8 @@ import grpc
 from shortline.common.outcomes import Outcome, embedding_of
 from shortline.scheduler.v1 import scheduler_pb2
 
-SCHEMA_VERSION = 1
+# 2: ``requests.messages`` (a chat request's conversation, JSON; NULL for a prompt).
+SCHEMA_VERSION = 2
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests(
   key TEXT PRIMARY KEY,
@@ -46,11 +47,38 @@ SCHEMA = (
   final_code INTEGER,
   final_message TEXT,
   outcome TEXT,
-  embedding BLOB
+  embedding BLOB,
+  messages TEXT
 )""",
     "CREATE TABLE IF NOT EXISTS deltas(key TEXT NOT NULL, text TEXT NOT NULL, tokens INTEGER)",
     "CREATE INDEX IF NOT EXISTS deltas_key ON deltas(key)",
 )
+# What brings a journal of an older schema version to this one, by its version: an
+# older scheduler's file is read by a newer one (an upgrade restarts the scheduler),
+# never the other way round (an older scheduler refuses a newer file by its version).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE requests ADD COLUMN messages TEXT",),
+}
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Brings the file from ``version`` (0: new) to SCHEMA_VERSION in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            for statement in SCHEMA:
+                conn.execute(statement)
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step]:
+                    conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -84,6 +112,8 @@ class Record:
     finished: float | None = None
     final: Any = None  # GenerateResponse, (StatusCode, message), or None while live
     outcome: Outcome | None = None  # not yet in the outcome log
+    # A chat request's conversation as ``chat.to_json`` wrote it; None for a prompt.
+    messages: str | None = None
 
 
 @dataclass
@@ -145,6 +175,7 @@ def _record(row: tuple[Any, ...], texts: dict[str, tuple[list[str], int]]) -> Re
         final_message,
         outcome_json,
         embedding,
+        messages,
     ) = row
     parts, tokens = texts.get(key, ([], 0))
     final: Any = None
@@ -183,6 +214,7 @@ def _record(row: tuple[Any, ...], texts: dict[str, tuple[list[str], int]]) -> Re
         finished=finished,
         final=final,
         outcome=outcome,
+        messages=messages,
     )
 
 

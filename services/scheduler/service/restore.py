@@ -27,6 +27,8 @@ from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.policies import Policy
 from services.scheduler.core.scheduler import SchedulerCore
+from services.scheduler.service import chat
+from services.scheduler.service.chat import ChatRequest
 from services.scheduler.service.journal import Journal, Mark, meta_of
 from services.scheduler.service.journal_rows import Loaded, Record
 from services.scheduler.service.results import Results, prediction_source
@@ -113,7 +115,9 @@ def _request(record: Record, mono: Shift) -> Request:
     job.preemptions = record.preemptions
     job.requeues = record.requeues
     job.generated = job.run_start_generated = record.tokens
-    req = Request(
+    # A chat request resumes with its conversation, which the worker formats again.
+    cls = ChatRequest if record.messages else Request
+    req = cls(
         record.request_id,
         job,
         common_pb2.SamplingParams.FromString(record.sampling),
@@ -126,6 +130,8 @@ def _request(record: Record, mono: Shift) -> Request:
         worker_id=record.worker_id,
         reattach_grace_s=record.reattach_grace,
     )
+    if isinstance(req, ChatRequest):
+        req.messages = chat.from_json(record.messages)
     job.attachment = req
     return req
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from services.scheduler import metrics
+from services.scheduler.core.accuracy import NATURAL_ENDS, GroupAccuracy, OnlineAccuracy
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.service.streams import Request
@@ -38,6 +39,9 @@ FLUSH_AFTER_S = 1.0
 # A finished record still streaming to a client when its TTL passed is looked at again
 # this much later.
 PRUNE_RECHECK_S = 1.0
+# The online accuracy (tau over each target's window) is recomputed at most this often,
+# and only after a request ended: about 1 ms per target of 500 requests.
+ACCURACY_EVERY_S = 5.0
 
 SOURCES = {
     "predictor": scheduler_pb2.PREDICTION_SOURCE_PREDICTOR,
@@ -135,6 +139,8 @@ class Results:
         self._unlogged: list[str] = []
         # Ended requests the store does not keep: their journal rows go once logged.
         self._unkept: set[str] = set()
+        self.accuracy = OnlineAccuracy()
+        self._accuracy_due: float | None = None
 
     def finalize(self, req: Request, error: StatusError | None = None) -> None:
         """Ends ``req`` once: its final message to every stream, metrics, outcome row."""
@@ -232,6 +238,12 @@ class Results:
                 metrics.PREDICTION_ABS_ERROR.labels(length_model).observe(
                     abs(job.predicted - req.tokens)
                 )
+                if reason in NATURAL_ENDS:
+                    # The head's version is not carried to the job yet: grouped by source.
+                    source = job.prediction_source
+                    self.accuracy.observe(length_model, source, source, job.predicted, req.tokens)
+                    if self._accuracy_due is None:
+                        self._accuracy_due = now + ACCURACY_EVERY_S
         metrics.REQUESTS.labels(model, reason).inc()
 
     def _log(
@@ -286,12 +298,25 @@ class Results:
             if self.journal is not None:
                 self.journal.forget(key)
 
+    def refresh_accuracy(self) -> list[GroupAccuracy]:
+        """The online accuracy now (recomputed if a request ended since), exported."""
+        self._accuracy_due = None
+        changed = self.accuracy.dirty
+        groups = self.accuracy.compute()
+        if changed:
+            metrics.export_accuracy(groups)
+        return groups
+
     def on_timer(self, now: float) -> None:
         self.store.prune(now)
         if self._flush_due is not None and now >= self._flush_due:
             self.flush()
+        if self._accuracy_due is not None and now >= self._accuracy_due:
+            self.refresh_accuracy()
 
     def next_due(self, now: float) -> float | None:
-        """When :meth:`on_timer` has work: a record's TTL or a buffered row's flush."""
-        times = [t for t in (self.store.next_due(now), self._flush_due) if t is not None]
+        """When :meth:`on_timer` has work: a record's TTL, a buffered row's flush, the
+        accuracy's recomputation."""
+        due = (self.store.next_due(now), self._flush_due, self._accuracy_due)
+        times = [t for t in due if t is not None]
         return min(times) if times else None

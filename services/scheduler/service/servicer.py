@@ -237,4 +237,18 @@ def stats_response(
             )
             for w in pool
         ],
+        accuracy=[
+            scheduler_pb2.PredictionAccuracy(
+                length_model=g.target,
+                source=g.source,
+                head=g.head,
+                requests=g.requests,
+                share=g.share,
+                kendall_tau=g.kendall_tau,
+                mae_tokens=g.mae_tokens,
+                bucket_accuracy=g.bucket_accuracy,
+                order_gain=g.order_gain,
+            )
+            for g in plane.results.refresh_accuracy()
+        ],
     )

@@ -30,7 +30,17 @@ SHOWN_ID_CHARS = 64
 
 # The fields that make two GenerateRequests with one id the same request, in the
 # order a difference is reported.
-FINGERPRINT_FIELDS = ("prompt", "model", "max_tokens", "sampling", "length_model", "priority")
+# "messages" last: a fingerprint journaled before chat (six digests) is read as one of
+# a request without messages (``differing_field``).
+FINGERPRINT_FIELDS = (
+    "prompt",
+    "model",
+    "max_tokens",
+    "sampling",
+    "length_model",
+    "priority",
+    "messages",
+)
 Fingerprint = tuple[bytes, ...]
 
 
@@ -53,22 +63,36 @@ def scoped_key(tenant: str, request_id: str) -> str:
 def _field_bytes(request: scheduler_pb2.GenerateRequest, name: str) -> bytes:
     if name == "sampling":
         return request.sampling.SerializeToString(deterministic=True)
+    if name == "messages":
+        # Length-prefixed role and content: no two conversations give the same bytes.
+        return b"".join(
+            _framed(m.role.encode("utf-8")) + _framed(m.content.encode("utf-8"))
+            for m in request.messages
+        )
     if name == "priority":
         return str(request.priority).encode() if request.HasField("priority") else b"-"
     return str(getattr(request, name)).encode("utf-8")
 
 
+def _framed(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def _digest(name: str, data: bytes) -> bytes:
+    return hashlib.sha256(name.encode() + b"\0" + data).digest()
+
+
 def fingerprint(request: scheduler_pb2.GenerateRequest) -> Fingerprint:
     """One digest per field of FINGERPRINT_FIELDS: enough to tell which one a retry
     changed, without keeping a second copy of the prompt."""
-    return tuple(
-        hashlib.sha256(name.encode() + b"\0" + _field_bytes(request, name)).digest()
-        for name in FINGERPRINT_FIELDS
-    )
+    return tuple(_digest(name, _field_bytes(request, name)) for name in FINGERPRINT_FIELDS)
 
 
 def differing_field(kept: Fingerprint, request: scheduler_pb2.GenerateRequest) -> str | None:
-    """The first field in which ``request`` is not the request ``kept`` was made of."""
+    """The first field in which ``request`` is not the request ``kept`` was made of.
+    Fields newer than ``kept`` (journaled by an older scheduler) were empty then."""
+    if len(kept) < len(FINGERPRINT_FIELDS):
+        kept = kept + tuple(_digest(n, b"") for n in FINGERPRINT_FIELDS[len(kept) :])
     for name, mine, theirs in zip(FINGERPRINT_FIELDS, kept, fingerprint(request), strict=True):
         if mine != theirs:
             return name

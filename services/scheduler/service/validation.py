@@ -9,19 +9,39 @@ joined may queue, as it always could, and is held to the default limits (the
 outer bounds every worker's limits lie within). Messages name the limit and
 the size, never the prompt itself. A ``reattach_grace_seconds`` above the
 scheduler's ``max_reattach_grace_s`` is not an error: it is capped
-(:func:`reattach_grace`).
+(:func:`reattach_grace`). A conversation (``messages`` instead of ``prompt``)
+is held to the same size limits on its content, at most ``MAX_MESSAGES``
+messages with known roles, and only for a model every worker of which applies a
+chat template (``ServedLimits.chat``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from services.scheduler.config import SchedulerConfig
 from shortline.common import limits
 from shortline.scheduler.v1 import scheduler_pb2
 
 MAX_REQUEST_ID = 128
+# A conversation holds at most this many messages; roles a message may have.
+MAX_MESSAGES = 256
+ROLES = ("system", "user", "assistant")
+SHOWN_ROLE_CHARS = 32
+
+
+@dataclass(frozen=True)
+class ServedLimits(limits.ModelLimits):
+    """A model's limits in this pool (``WorkerPool.limits``), with whether every worker
+    serving it formats chat messages (``ModelLimits.chat``). True before any worker
+    has joined, as the other limits are the outer bounds then: a chat request may queue,
+    and a worker that cannot format it is never sent it (``WorkerPool.start``)."""
+
+    chat: bool = True
+
+
 # A message lists at most this many known length models.
 _LISTED = 12
 
@@ -47,16 +67,23 @@ def validate(
         return "model must not be empty"
     if len(request.model) > limits.MAX_NAME_CHARS:
         return f"model must be at most {limits.MAX_NAME_CHARS} characters, got {len(request.model)}"
-    if not request.prompt:
-        return "prompt must not be empty"
-    prompt = request.prompt
-    # An ASCII prompt's length is its size: no copy of up to a megabyte to count it.
-    size = len(prompt) if prompt.isascii() else len(prompt.encode("utf-8"))
-    if size > cfg.max_prompt_bytes:
-        return (
-            f"prompt must be at most {cfg.max_prompt_bytes} UTF-8 bytes (max_prompt_bytes), "
-            f"got {size}"
-        )
+    if request.prompt and request.messages:
+        return "exactly one of prompt and messages must be set, got both"
+    if not request.prompt and not request.messages:
+        return "prompt must not be empty (or send messages instead: exactly one of the two)"
+    if request.messages:
+        problem = _messages(request, cfg, model_limits)
+        if problem is not None:
+            return problem
+        prompt = "".join(m.content for m in request.messages)
+    else:
+        prompt = request.prompt
+        size = _size(prompt)
+        if size > cfg.max_prompt_bytes:
+            return (
+                f"prompt must be at most {cfg.max_prompt_bytes} UTF-8 bytes (max_prompt_bytes), "
+                f"got {size}"
+            )
     problem = _length_model(request.length_model, length_models)
     if problem is not None:
         return problem
@@ -64,7 +91,65 @@ def validate(
         grace = request.reattach_grace_seconds
         if not (math.isfinite(grace) and grace >= 0.0):
             return f"reattach_grace_seconds must be a finite number >= 0, got {grace}"
-    return limits.validate(request.sampling, request.max_tokens, request.prompt, model_limits)
+    return limits.validate(request.sampling, request.max_tokens, prompt, model_limits)
+
+
+def _size(text: str) -> int:
+    # An ASCII text's length is its size: no copy of up to a megabyte to count it.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _messages(
+    request: scheduler_pb2.GenerateRequest, cfg: SchedulerConfig, model_limits: limits.ModelLimits
+) -> str | None:
+    """What is wrong with a chat request's messages. The scheduler does not know the
+    model's template: it holds the messages' content to the prompt limits (the worker
+    holds the formatted conversation to its max_prompt_chars again)."""
+    messages = request.messages
+    if len(messages) > MAX_MESSAGES:
+        count = len(messages)
+        return f"messages must hold at most {MAX_MESSAGES} messages (max_messages), got {count}"
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            shown = repr(m.role[:SHOWN_ROLE_CHARS])
+            return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {shown}"
+    chars = sum(len(m.content) for m in messages)
+    if chars == 0:
+        return "messages must not all be empty"
+    if chars > model_limits.max_prompt_chars:
+        return (
+            f"messages must hold at most {model_limits.max_prompt_chars} characters of content "
+            f"for model {model_limits.model[: limits.MAX_NAME_CHARS]!r} (max_prompt_chars), "
+            f"got {chars}"
+        )
+    size = sum(_size(m.content) for m in messages)
+    if size > cfg.max_prompt_bytes:
+        return (
+            f"messages must hold at most {cfg.max_prompt_bytes} UTF-8 bytes of content "
+            f"(max_prompt_bytes), got {size}"
+        )
+    if isinstance(model_limits, ServedLimits) and not model_limits.chat:
+        return (
+            f"messages are not supported by model {model_limits.model[: limits.MAX_NAME_CHARS]!r}: "
+            "a worker serving it has no chat template for it (the raw prompt format) or "
+            "predates chat messages; send a prompt"
+        )
+    return None
+
+
+def predictor_text(request: scheduler_pb2.GenerateRequest) -> str:
+    """What the predictor predicts from (and the outcome log and semantic cache keep):
+    the prompt, or a conversation's last user message. The heads were trained on
+    single instructions (alpaca_eval); the last user message is the one instruction
+    being answered, while the formatted conversation would add template markers and
+    earlier turns the heads never saw (and the scheduler does not know the template).
+    A conversation without a user message: its last message."""
+    if not request.messages:
+        return request.prompt
+    for m in reversed(request.messages):
+        if m.role == "user":
+            return m.content
+    return request.messages[-1].content
 
 
 def reattach_grace(request: scheduler_pb2.GenerateRequest, cfg: SchedulerConfig) -> float:

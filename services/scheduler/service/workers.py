@@ -28,7 +28,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
@@ -41,9 +41,11 @@ from services.scheduler.core.clock import Clock
 from services.scheduler.core.interface import Stop
 from services.scheduler.core.job import JobState
 from services.scheduler.core.membership import MembershipInterface
+from services.scheduler.service.chat import messages_of
 from services.scheduler.service.results import StatusError
 from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import shown_id
+from services.scheduler.service.validation import ServedLimits
 from shortline.common import tls
 from shortline.common.limits import ModelLimits, narrowest
 from shortline.common.telemetry import tracer
@@ -72,6 +74,8 @@ class WorkerHandle:
     runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # What it advertised per model (defaults for a model it gave none for).
     limits: dict[str, ModelLimits] = field(default_factory=dict)
+    # The models it formats chat messages for (``ModelLimits.chat``; none from old workers).
+    chat: frozenset[str] = frozenset()
     # Its last word on whether it can serve (heartbeat, GetCapacity); dispatch follows it.
     serving: bool = True
     probe: asyncio.Task[None] | None = None
@@ -124,13 +128,17 @@ class WorkerPool:
         served = sorted({m for w in handles for m in w.models})
         return f"model {model!r} is not served by any worker (served: {', '.join(served)})"
 
-    def limits(self, model: str) -> ModelLimits:
+    def limits(self, model: str) -> ServedLimits:
         """What a request for ``model`` must fit: the most restrictive limits of the
-        workers serving it. Before any worker has joined (a request may queue then),
-        or for a model no worker serves (``unserved`` refuses it), the defaults."""
-        return narrowest(model, (w.limits[model] for w in self if model in w.limits))
+        workers serving it, chat messages only if every one of them formats them.
+        Before any worker has joined (a request may queue then), or for a model no
+        worker serves (``unserved`` refuses it), the defaults."""
+        serving = [w for w in self if model in w.limits]
+        narrowed = narrowest(model, (w.limits[model] for w in serving))
+        chat = all(model in w.chat for w in serving)
+        return ServedLimits(**asdict(narrowed), chat=chat)
 
-    def served(self) -> list[ModelLimits]:
+    def served(self) -> list[ServedLimits]:
         """Each served model's limits (ListModels), by name."""
         return [self.limits(m) for m in sorted({m for w in self for m in w.models})]
 
@@ -177,6 +185,7 @@ class WorkerPool:
             stub=worker_pb2_grpc.WorkerServiceStub(channel),
             last_seen=self.clock.now(),
             limits=model_limits(models, limits),
+            chat=frozenset(m.model for m in limits if m.chat and m.model in models),
         )
         self.core.add_worker(worker_id, slots, handle)
         metrics.MODELS.add(models)
@@ -317,6 +326,14 @@ class WorkerPool:
         def current() -> bool:
             return job.run_token == token and job.worker == worker.id
 
+        messages = messages_of(req)
+        if messages and job.model not in worker.chat:
+            worker.runs.pop(job.id, None)
+            if current():
+                self._no_chat(req, worker)
+                self._pump()
+            return
+
         span = self._tracer.start_span("scheduler.run")
         span.set_attribute("shortline.request_id", req.id)
         span.set_attribute("shortline.model", job.model)
@@ -333,7 +350,10 @@ class WorkerPool:
                 worker_pb2.ExecuteRequest(
                     job_id=key,
                     model=job.model,
-                    prompt=job.prompt,
+                    # A chat request sends its messages (the job's prompt is the
+                    # predictor's text), which the worker formats with the template.
+                    prompt="" if messages else job.prompt,
+                    messages=messages,
                     max_tokens=job.max_tokens - req.tokens,
                     sampling=req.sampling,
                     resume_text=req.text,
@@ -374,6 +394,22 @@ class WorkerPool:
         if current():
             self._run_ended(req, reason)
         self._pump()
+
+    def _no_chat(self, req: Request, worker: WorkerHandle) -> None:
+        """A chat job placed on a worker that would not format it (it joined after the
+        request was admitted and predates chat messages, or serves the model raw): not
+        sent, since an old worker would ignore the messages and run an empty prompt.
+        Requeued for another worker; FAILED_PRECONDITION once its requeues are spent."""
+        job = req.job
+        why = (
+            f"worker {worker.id} does not format chat messages for model {job.model!r} "
+            "(it predates them, or serves the model with the raw format)"
+        )
+        log.warning("job %s: %s", job.id, why)
+        self.core.on_run_failed(job.id, req.tokens)
+        if job.terminal:
+            status = grpc.StatusCode.FAILED_PRECONDITION
+            self._finalize(req, (status, f"request {shown_id(req.id)}: {why}"))
 
     def _run_broke(self, req: Request, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> None:
         job = req.job

@@ -57,6 +57,8 @@ class Membership:
     models: tuple[str, ...]
     # Per served model; the scheduler refuses requests outside them before Accepted.
     limits: tuple[ModelLimits, ...] = ()
+    # The models whose chat template it applies to messages (``ModelLimits.chat``).
+    chat: frozenset[str] = frozenset()
     # False: a guess (Triton has not listed its models yet), so a refusal is retried.
     final: bool = True
 
@@ -71,6 +73,16 @@ class WorkerStatus:
 
     slots_used: int
     serving: bool
+
+
+def advertised(membership: Membership) -> list[scheduler_pb2.ModelLimits]:
+    """The limits sent at registration, each saying whether chat messages are formatted."""
+    out = []
+    for m in membership.limits:
+        message = m.to_proto(scheduler_pb2.ModelLimits)
+        message.chat = m.model in membership.chat
+        out.append(message)
+    return out
 
 
 async def keep_registered(
@@ -99,9 +111,7 @@ async def keep_registered(
                             address=membership.address,
                             slots=membership.slots,
                             models=list(membership.models),
-                            limits=[
-                                m.to_proto(scheduler_pb2.ModelLimits) for m in membership.limits
-                            ],
+                            limits=advertised(membership),
                         ),
                         timeout=5.0,
                     )

@@ -42,7 +42,7 @@ from typing import cast
 import grpc
 
 from services.worker.config import WorkerConfig
-from services.worker.prompts import FORMATS, ModelSpec, model_limits
+from services.worker.prompts import FORMATS, ModelSpec, chat_models, model_limits
 from services.worker.service.registration import (
     Membership,
     RegistrationRefused,
@@ -229,6 +229,7 @@ class WorkerServer:
             slots=self.servicer.slots.total,
             models=tuple(sorted(self.servicer.models)),
             limits=self.servicer.limits,
+            chat=chat_models(self.servicer.models),
             final=not self._index_due,
         )
         self._tried.clear()

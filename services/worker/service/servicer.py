@@ -28,7 +28,13 @@ from opentelemetry import propagate, trace
 from services.worker import metrics
 from services.worker import sampling as sampling_mod
 from services.worker.config import WorkerConfig
-from services.worker.prompts import ModelSpec, format_prompt, model_limits, parse_models
+from services.worker.prompts import (
+    ModelSpec,
+    format_messages,
+    format_prompt,
+    model_limits,
+    parse_models,
+)
 from services.worker.service.coalesce import chunks
 from services.worker.service.slots import DuplicateJob, Execution, Slots, SlotsFull
 from services.worker.service.triton_client import (
@@ -102,7 +108,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if denied is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
 
-    def _validate(self, request: worker_pb2.ExecuteRequest) -> tuple[ModelSpec, dict[str, Any]]:
+    def _validate(
+        self, request: worker_pb2.ExecuteRequest
+    ) -> tuple[ModelSpec, dict[str, Any], str]:
+        """The model, Triton's sampling parameters and the text to continue; KeyError for
+        a model not served, ValueError (INVALID_ARGUMENT) naming what is wrong."""
         if not 1 <= len(request.job_id) <= MAX_JOB_ID:
             raise ValueError(
                 f"job_id must be 1..{MAX_JOB_ID} characters, got {len(request.job_id)}"
@@ -110,13 +120,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         spec = self.models.get(request.model)
         if spec is None:
             raise KeyError(request.model)
-        chars = len(request.prompt) + len(request.resume_text)
+        if request.messages and request.prompt:
+            raise ValueError("exactly one of prompt and messages must be set, got both")
+        if request.messages:
+            turns = [(m.role, m.content) for m in request.messages]
+            # ChatRefused (a ValueError): raw format, unknown role.
+            text = format_messages(spec.prompt_format, turns, request.resume_text, spec.name)
+            what = "messages in the chat template"
+        else:
+            text = format_prompt(spec.prompt_format, request.prompt, request.resume_text)
+            what = "prompt"
+        # The limit holds for the raw prompt (as before) and, for messages, the whole
+        # formatted conversation: what the model reads.
+        chars = len(text) if request.messages else len(request.prompt) + len(request.resume_text)
         if chars > self.config.max_prompt_chars:
             raise ValueError(
-                f"prompt plus resume_text must be at most {self.config.max_prompt_chars} "
-                f"characters, got {chars}"
+                f"{what} plus resume_text must be at most {self.config.max_prompt_chars} "
+                f"characters (max_prompt_chars), got {chars}"
             )
-        return spec, sampling_dict(request, spec.max_tokens)
+        return spec, sampling_dict(request, spec.max_tokens), text
 
     async def Execute(
         self, request: worker_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
@@ -124,7 +146,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         started = time.perf_counter()
         await self._check_caller(context)
         try:
-            spec, params = self._validate(request)
+            spec, params, text_input = self._validate(request)
         except KeyError:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -155,7 +177,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.set_attribute("shortline.model", request.model)
             span.set_attribute("shortline.resume_tokens", request.resume_tokens)
             try:
-                async for response in self._run(execution, spec, params, request, context, started):
+                async for response in self._run(
+                    execution, spec, params, text_input, request, context, started
+                ):
                     yield response
                 span.set_attribute("shortline.actual_tokens", execution.tokens)
                 outcome = "finished"
@@ -183,11 +207,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         execution: Execution,
         spec: ModelSpec,
         params: dict[str, Any],
+        text_input: str,
         request: worker_pb2.ExecuteRequest,
         context: grpc.aio.ServicerContext,
         started: float,
     ) -> AsyncIterator[worker_pb2.ExecuteResponse]:
-        text_input = format_prompt(spec.prompt_format, request.prompt, request.resume_text)
         remaining = context.time_remaining()
         timeout = min(remaining, self.config.triton_timeout_s) if remaining else None
         first_token = 0.0
