@@ -25,7 +25,7 @@ import grpc
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.job import Job
-from shortline.common import tls
+from shortline.common import limits, tls
 from shortline.common.telemetry import tracer
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -42,6 +42,7 @@ TARGETS_RETRY_S = 5.0
 class Prediction:
     tokens: float | None  # None: fall back
     embedding: list[float] | None
+    head_version: str = ""  # the predictor's head that answered (its card's version)
 
 
 class PredictorClient:
@@ -83,6 +84,7 @@ class PredictorClient:
     async def predict(self, job: Job, *, want_embedding: bool) -> Prediction:
         predicted: float | None = None
         embedding: list[float] | None = None
+        head_version = ""
         if self._stub is not None:
             started = time.perf_counter()
             with self._tracer.start_as_current_span("scheduler.predict") as span:
@@ -98,6 +100,7 @@ class PredictorClient:
                     p = reply.predictions[0]
                     predicted = p.predicted_tokens / self.cfg.prediction_scale
                     embedding = list(p.embedding) or None
+                    head_version = reply.head_version[: limits.MAX_NAME_CHARS]
                     span.set_attribute("shortline.predicted_tokens", predicted)
                 except grpc.aio.AioRpcError as exc:
                     self.errors += 1
@@ -107,7 +110,7 @@ class PredictorClient:
         if predicted is None:
             length_model = metrics.LENGTH_MODELS.label(job.length_model)
             metrics.PREDICTOR_FALLBACKS.labels(length_model).inc()
-        return Prediction(predicted, embedding)
+        return Prediction(predicted, embedding, head_version)
 
     async def close(self) -> None:
         listing = self._listing

@@ -239,9 +239,10 @@ class Results:
                     abs(job.predicted - req.tokens)
                 )
                 if reason in NATURAL_ENDS:
-                    # The head's version is not carried to the job yet: grouped by source.
+                    # Per head version when the predictor named one, else per source.
                     source = job.prediction_source
-                    self.accuracy.observe(length_model, source, source, job.predicted, req.tokens)
+                    head = req.head_version or source
+                    self.accuracy.observe(length_model, source, head, job.predicted, req.tokens)
                     if self._accuracy_due is None:
                         self._accuracy_due = now + ACCURACY_EVERY_S
         metrics.REQUESTS.labels(model, reason).inc()

@@ -82,6 +82,8 @@ class Request:
     journal_mark: Any = None  # what the journal holds of it (``journal.Mark``)
     finished_at: float | None = None
     worker_id: str = ""
+    # The predictor head that predicted it ("" for other sources, or a restored request).
+    head_version: str = ""
     # How long the request outlives its last stream (0: cancelled at once), capped by
     # the scheduler's max_reattach_grace_s.
     reattach_grace_s: float = 0.0
