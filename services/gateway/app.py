@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -134,29 +135,29 @@ def create_app(cfg: GatewayConfig, options: ClientOptions | None = None) -> Star
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    async def completions(request: Request) -> Response:
-        try:
-            body = await http.read_json(request, cfg.max_body_bytes)
-            params = parse_completion(body, cfg.max_deadline_s)
-            token = bearer(request)
-        except ApiError as exc:
-            return http.error_response(exc)
-        state = holder["s"]
-        job = Completion(params, token, state.pool, state.limiter, cfg.default_deadline_s)
-        log.debug("completion %s: model %s, stream %s", job.request_id, params.model, params.stream)
-        return http.Exchange(job)
+    def generation(
+        parse: Callable[[Any, float], Any], job_type: type[Completion], kind: str
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """One generation endpoint: parse the body, then stream or answer the job."""
 
-    async def chat(request: Request) -> Response:
-        try:
-            body = await http.read_json(request, cfg.max_body_bytes)
-            params = parse_chat(body, cfg.max_deadline_s)
-            token = bearer(request)
-        except ApiError as exc:
-            return http.error_response(exc)
-        state = holder["s"]
-        job = ChatCompletion(params, token, state.pool, state.limiter, cfg.default_deadline_s)
-        log.debug("chat %s: model %s, stream %s", job.request_id, params.model, params.stream)
-        return http.Exchange(job)
+        async def endpoint(request: Request) -> Response:
+            try:
+                body = await http.read_json(request, cfg.max_body_bytes)
+                params = parse(body, cfg.max_deadline_s)
+                token = bearer(request)
+            except ApiError as exc:
+                return http.error_response(exc)
+            state = holder["s"]
+            job = job_type(params, token, state.pool, state.limiter, cfg.default_deadline_s)
+            log.debug(
+                "%s %s: model %s, stream %s", kind, job.request_id, params.model, params.stream
+            )
+            return http.Exchange(job)
+
+        return endpoint
+
+    completions = generation(parse_completion, Completion, "completion")
+    chat = generation(parse_chat, ChatCompletion, "chat")
 
     routes = [
         Route("/health", health, methods=["GET"]),
