@@ -375,7 +375,11 @@ async def _stack_drain(stack: Stack, lines: Lines, size: Size) -> tuple[Judged, 
     drained = re.search(r"drained: (every admitted request ended|\d+ requests unfinished)", log)
     at = {name: _since(t0, t) for name, t in exits.at.items()}
     sched_at = exits.at.get("scheduler")
-    first_other = min((t for n, t in exits.at.items() if n != "scheduler"), default=None)
+    # The services the scheduler's drain needs (workers, Triton, the predictor) must
+    # outlive it; the gateway is in front of the scheduler and may go first.
+    first_other = min(
+        (t for n, t in exits.at.items() if n not in ("scheduler", "gateway")), default=None
+    )
 
     if still:
         problems.append(f"still running after stop(): {', '.join(still)}")

@@ -72,6 +72,7 @@ def stack_config(tmp: Path, setting: str, taken: set[int], args: argparse.Namesp
     log in this run's temporary folder (the scheduler journals, as deployed)."""
     return free_config(
         taken,
+        gateway=False,  # the relay measured is gRPC's: client, scheduler, worker, Triton
         workers=args.workers,
         slots=args.slots,
         replay_step_a_ms=args.step_a_ms,
