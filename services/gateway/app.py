@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,28 @@ def bearer(request: Request) -> str | None:
             code="invalid_api_key",
         )
     return token
+
+
+# A client's own request id: what the scheduler accepts (1..128 printable characters),
+# narrowed to characters that are safe in headers, logs and the response's id.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
+
+
+def client_request_id(request: Request) -> str | None:
+    """The ``X-Request-Id`` the client chose, so a retry (through any gateway) reaches
+    the same scheduler request: it reattaches to it running, or gets its result once
+    finished (within the scheduler's result TTL); the same id with a different body is
+    a 409. None without the header; 400 naming it when it is malformed."""
+    values = request.headers.getlist("x-request-id")
+    if not values:
+        return None
+    if len(values) != 1 or REQUEST_ID.fullmatch(values[0]) is None:
+        raise ApiError(
+            400,
+            "X-Request-Id must be one header of 1..128 characters from A-Z a-z 0-9 . _ ~ : -",
+            param="X-Request-Id",
+        )
+    return values[0]
 
 
 def create_app(cfg: GatewayConfig, options: ClientOptions | None = None) -> Starlette:
@@ -145,10 +168,13 @@ def create_app(cfg: GatewayConfig, options: ClientOptions | None = None) -> Star
                 body = await http.read_json(request, cfg.max_body_bytes)
                 params = parse(body, cfg.max_deadline_s)
                 token = bearer(request)
+                chosen = client_request_id(request)
             except ApiError as exc:
                 return http.error_response(exc)
             state = holder["s"]
-            job = job_type(params, token, state.pool, state.limiter, cfg.default_deadline_s)
+            job = job_type(
+                params, token, state.pool, state.limiter, cfg.default_deadline_s, chosen
+            )
             log.debug(
                 "%s %s: model %s, stream %s", kind, job.request_id, params.model, params.stream
             )

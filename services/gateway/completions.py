@@ -89,10 +89,16 @@ def _finish_reason(result: Result | None) -> str:
 
 
 def _usage(result: Result | None) -> dict[str, int]:
-    # The scheduler does not report the prompt's tokens (GenerateResult has no field for
-    # it, and the gateway has no tokenizer): prompt_tokens is 0, see docs/gateway.md.
-    completion = result.actual_tokens if result is not None else 0
-    return {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}
+    # The prompt's tokens as the model counted them (GenerateResult.prompt_tokens: after
+    # the chat template; 0 from a model that does not report it, see docs/gateway.md).
+    if result is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    prompt, completion = result.prompt_tokens, result.actual_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _headers(stream: AsyncGenerateStream, *, done: bool) -> dict[str, str]:
@@ -131,13 +137,14 @@ class Completion:
         pool: ClientPool,
         limiter: Limiter,
         timeout: float,
+        request_id: str | None = None,
     ) -> None:
         self.params = params
         self.token = token
         self.pool = pool
         self.limiter = limiter
         self.timeout = params.deadline_seconds or timeout
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id or uuid.uuid4().hex
         self.id = f"{self.PREFIX}{self.request_id}"
         self.created = int(time.time())
 

@@ -151,6 +151,8 @@ class Result:
     preemptions: int
     prediction_source: str
     worker_id: str
+    # The prompt's tokens as the model counted them (0: the model does not report it).
+    prompt_tokens: int = 0
 
 
 def _enum_name(enum: object, value: int, prefix: str) -> str:
@@ -183,6 +185,7 @@ def result_from_pb(msg: scheduler_pb2.GenerateResult) -> Result:
             scheduler_pb2.PredictionSource, msg.prediction_source, "PREDICTION_SOURCE_"
         ),
         worker_id=msg.worker_id,
+        prompt_tokens=msg.prompt_tokens,
     )
 
 

@@ -19,6 +19,7 @@ from live_stack import replay_text, stack
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from services.gateway.config import GatewayConfig
+from services.worker.prompts import format_messages
 
 REPLAY = {"ignore_eos": True}
 MESSAGES: list[Any] = [
@@ -61,6 +62,11 @@ async def test_a_whole_chat_completion(embedded_triton: Any, tmp_path: Path) -> 
         assert choice.message.content == replay_text(1, 5)
         assert choice.finish_reason == "length"
         assert done.usage is not None and done.usage.completion_tokens == 5
+        # The conversation as the worker formatted it (chatml), counted in words by the
+        # replay model: the count comes from what Triton was given, not from the gateway.
+        turns = [("system", "Be brief."), ("user", "Name a river."), ("assistant", "The Nile.")]
+        formatted = format_messages("chatml", [*turns, ("user", "Another?")])
+        assert done.usage.prompt_tokens == len(formatted.split()) > 8
         assert raw.headers["x-request-id"] == done.id.removeprefix("chatcmpl-")
         await client.close()
 
@@ -117,6 +123,10 @@ async def test_smollm2_chat_of_one_user_message_is_its_completion(
         assert chat.choices[0].message.content == plain.choices[0].text
         assert chat.usage is not None and plain.usage is not None
         assert chat.usage.completion_tokens == plain.usage.completion_tokens
+        # The same formatted text, counted by SmolLM2's tokenizer: the default system
+        # message alone is more than ten tokens.
+        assert chat.usage.prompt_tokens == plain.usage.prompt_tokens > 10
+        assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
         await client.close()
 
 

@@ -31,7 +31,9 @@ async def test_a_whole_completion_is_the_replay_text_with_usage_and_timings(
         assert done.choices[0].text == replay_text(1, 5)
         assert done.choices[0].finish_reason == "length"
         assert done.usage is not None and done.usage.completion_tokens == 5
-        assert done.usage.total_tokens == 5
+        # The replay model counts a prompt's words as its tokens: "go" is one.
+        assert done.usage.prompt_tokens == 1
+        assert done.usage.total_tokens == 6
         assert done.id.startswith("cmpl-") and done.model == "replay"
         assert raw.headers["x-request-id"] == done.id.removeprefix("cmpl-")
         assert float(raw.headers["x-shortline-queue-wait-ms"]) >= 0.0
@@ -64,6 +66,7 @@ async def test_a_streamed_completion_ends_with_done_and_a_usage_chunk(
         assert last.choices[0].finish_reason == "length" and last.choices[0].text == ""
         assert usage.choices == [] and usage.usage is not None
         assert usage.usage.completion_tokens == 8
+        assert usage.usage.prompt_tokens == 1 and usage.usage.total_tokens == 9
         assert len({c.id for c in chunks}) == 1
         await client.close()
 
@@ -118,3 +121,45 @@ async def test_concurrent_streams_each_get_their_own_text(
         texts = await asyncio.gather(*(one(n) for n in lengths))
         assert texts == [replay_text(1, n) for n in lengths]
         await client.close()
+
+
+async def test_a_client_chosen_request_id_makes_a_retry_idempotent(
+    embedded_triton: Any, tmp_path: Path
+) -> None:
+    """The same X-Request-Id and body get the first request's answer (the scheduler's
+    result store), not a second run; another body under that id is a 409."""
+    async with gateway_stack(embedded_triton.grpc_url, tmp_path) as gw, httpx.AsyncClient() as http:
+        body = {"model": "replay", "prompt": "go", "max_tokens": 6, **REPLAY}
+        headers = {"x-request-id": "order-42.retry_1"}
+        first = await http.post(f"{gw.url}/v1/completions", json=body, headers=headers)
+        again = await http.post(f"{gw.url}/v1/completions", json=body, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert first.headers["x-request-id"] == "order-42.retry_1"
+        one, two = first.json(), again.json()
+        conforms(Completion, two)
+        assert one["id"] == two["id"] == "cmpl-order-42.retry_1"
+        assert one["choices"] == two["choices"] and one["usage"] == two["usage"]
+        assert gw.stack is not None
+        assert gw.stack.scheduler.plane.core.completed == 1  # it ran once
+        async with http.stream(
+            "POST", f"{gw.url}/v1/completions", json={**body, "stream": True}, headers=headers
+        ) as streamed:
+            lines = [line async for line in streamed.aiter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        assert "".join(e["choices"][0]["text"] for e in events) == replay_text(1, 6)
+        assert gw.stack.scheduler.plane.core.completed == 1
+
+        other = await http.post(
+            f"{gw.url}/v1/completions", json={**body, "max_tokens": 7}, headers=headers
+        )
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["code"] == "conflict"
+
+        bad_ids: list[str | bytes] = ["", "a b", "x" * 129, "naïve".encode()]
+        for bad in bad_ids:
+            refused = await http.post(
+                f"{gw.url}/v1/completions", json=body, headers={"x-request-id": bad}
+            )
+            assert refused.status_code == 400, bad
+            assert refused.json()["error"]["param"] == "X-Request-Id"

@@ -184,6 +184,7 @@ class Results:
                     preemptions=job.preemptions,
                     prediction_source=prediction_source(job),
                     worker_id=req.worker_id,
+                    prompt_tokens=req.prompt_tokens,
                 )
             )
         if req.accepted is not None or error is None:

@@ -82,6 +82,9 @@ class Request:
     journal_mark: Any = None  # what the journal holds of it (``journal.Mark``)
     finished_at: float | None = None
     worker_id: str = ""
+    # The prompt's tokens as the model counted them, from a run that resumed nothing
+    # (a resumed run's input also holds the text generated before); 0: not reported.
+    prompt_tokens: int = 0
     # The predictor head that predicted it ("" for other sources, or a restored request).
     head_version: str = ""
     # How long the request outlives its last stream (0: cancelled at once), capped by

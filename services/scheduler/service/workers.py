@@ -345,6 +345,7 @@ class WorkerPool:
         span.set_attribute("shortline.resume_tokens", req.tokens)
         span.set_attribute("shortline.predicted_tokens", job.predicted)
         token_ctx = otel_context.attach(trace.set_span_in_context(span))
+        fresh = req.tokens == 0  # this run's input is the prompt alone
         try:
             call = worker.stub.Execute(
                 worker_pb2.ExecuteRequest(
@@ -377,6 +378,8 @@ class WorkerPool:
                 else:
                     reason = msg.result.finish_reason
                     req.worker_id = msg.result.worker_id or worker.id
+                    if fresh and msg.result.prompt_tokens:
+                        req.prompt_tokens = msg.result.prompt_tokens
         except asyncio.CancelledError:
             return  # the worker was declared lost; the core has requeued the job
         except grpc.aio.AioRpcError as exc:

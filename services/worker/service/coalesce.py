@@ -63,6 +63,8 @@ def _take(execution: Execution, chunk: Chunk) -> bool:
         return False
     execution.text += chunk.text
     execution.tokens += chunk.tokens
+    if chunk.prompt_tokens > execution.prompt_tokens:
+        execution.prompt_tokens = chunk.prompt_tokens
     return True
 
 

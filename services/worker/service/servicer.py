@@ -296,6 +296,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 first_token_seconds=first_token,
                 total_seconds=time.perf_counter() - started,
                 worker_id=self.worker_id,
+                prompt_tokens=execution.prompt_tokens,
             )
         )
 

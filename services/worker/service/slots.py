@@ -30,6 +30,8 @@ class Execution:
     # (``coalesce.chunks`` stops taking at the stop flag), and its tokens.
     text: str = ""
     tokens: int = 0
+    # The prompt's tokens as Triton's model counted them (0: the model does not say).
+    prompt_tokens: int = 0
     # Set by Cancel or Preempt (a FinishReason value); the stream stops at once.
     stop_reason: int | None = None
     # The Triton stream, to cancel it.

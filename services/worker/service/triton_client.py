@@ -47,7 +47,12 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE as MAX_MESSAGE
 from tritonclient.grpc import KeepAliveOptions, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-OPTIONAL_FLAGS = ("return_num_output_tokens", "return_finish_reason", "return_step_info")
+OPTIONAL_FLAGS = (
+    "return_num_output_tokens",
+    "return_num_input_tokens",  # recent vLLM backends and ours: OpenAI's usage
+    "return_finish_reason",
+    "return_step_info",
+)
 # Inputs of a model that sends its tokens in chunks when asked (ours, not vLLM's).
 CHUNK_INPUTS = frozenset({"stream_interval_ms", "stream_max_tokens"})
 
@@ -104,6 +109,8 @@ class Chunk(NamedTuple):
     batch_size: int
     finish_reason: str
     final: bool
+    # The prompt's tokens, when the model reports them (0: not reported).
+    prompt_tokens: int = 0
 
 
 # Little-endian scalars of Triton's raw tensors, by datatype.
@@ -139,7 +146,7 @@ def parse_response(response: service_pb2.ModelInferResponse) -> Chunk:
     """One streamed response as a chunk: the first element of each output we know."""
     text = reason = ""
     count: int | None = None
-    step = batch = 0
+    step = batch = prompt = 0
     raws = response.raw_output_contents
     for i, output in enumerate(response.outputs):
         raw = raws[i] if i < len(raws) else b""
@@ -150,6 +157,8 @@ def parse_response(response: service_pb2.ModelInferResponse) -> Chunk:
             reason = _bytes_element(raw).decode("utf-8", "replace")
         elif name == "num_output_tokens":
             count = _scalar(output.datatype, raw)
+        elif name == "num_input_tokens":
+            prompt = _scalar(output.datatype, raw) or 0
         elif name == "step":
             step = _scalar(output.datatype, raw) or 0
         elif name == "batch_size":
@@ -163,6 +172,7 @@ def parse_response(response: service_pb2.ModelInferResponse) -> Chunk:
         batch_size=batch,
         finish_reason=reason,
         final=bool(final),
+        prompt_tokens=prompt,
     )
 
 

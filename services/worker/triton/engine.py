@@ -47,6 +47,8 @@ class Emission:
     batch_size: int
     finish_reason: str | None = None
     error: str | None = None
+    # Tokens of the prompt as the model counted them (0 until the backend has read it).
+    prompt_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -63,6 +65,8 @@ class Sequence:
     state: Any = None
     # Set by the backend when it cannot serve this sequence (its token is then unused).
     error: str | None = None
+    # Set by the backend when the sequence joins: the prompt's tokens (OpenAI's usage).
+    prompt_tokens: int = 0
 
 
 class StepBackend(Protocol):
@@ -132,7 +136,17 @@ class BatchEngine:
     ) -> None:
         seq.finished = True
         seq.sent_text += text
-        seq.emit(Emission(text, tokens, len(seq.token_ids), step, bs, finish_reason=reason))
+        seq.emit(
+            Emission(
+                text,
+                tokens,
+                len(seq.token_ids),
+                step,
+                bs,
+                finish_reason=reason,
+                prompt_tokens=seq.prompt_tokens,
+            )
+        )
 
     @staticmethod
     def _fail(seq: Sequence, error: str, step: int, bs: int) -> None:
@@ -168,7 +182,7 @@ class BatchEngine:
         safe = full[: len(full) - _held_back(full, params.stop)]
         delta = safe[len(seq.sent_text) :] if safe.startswith(seq.sent_text) else ""
         seq.sent_text += delta
-        seq.emit(Emission(delta, 1, len(seq.token_ids), step, bs))
+        seq.emit(Emission(delta, 1, len(seq.token_ids), step, bs, prompt_tokens=seq.prompt_tokens))
 
     def _run(self) -> None:
         running: list[Sequence] = []

@@ -9,12 +9,13 @@ model share one decoding loop and a client that cancels its stream is noticed
 
 Inputs (as vLLM's): ``text_input`` BYTES, ``stream`` BOOL, ``sampling_parameters``
 BYTES (JSON), ``exclude_input_in_output`` BOOL, ``return_finish_reason`` BOOL,
-``return_num_output_tokens`` BOOL; plus ``return_step_info`` BOOL,
+``return_num_output_tokens`` BOOL, ``return_num_input_tokens`` BOOL; plus ``return_step_info`` BOOL,
 ``stream_interval_ms`` and ``stream_max_tokens`` UINT32 (ours: chunks made by
 the model, ``chunking.py``; honoured only with ``return_num_output_tokens``, so
 a client never miscounts a chunk as one token).
 Outputs: ``text_output``, ``finish_reason``, ``num_output_tokens`` (tokens in
-this response, as vLLM counts them), ``step`` and ``batch_size`` (decoding step
+this response, as vLLM counts them), ``num_input_tokens`` (the prompt's tokens),
+``step`` and ``batch_size`` (decoding step
 of the shared loop and sequences in it, so batching can be observed).
 """
 
@@ -138,6 +139,7 @@ class TritonPythonModel:
             exclude_input = _bool(pb, request, "exclude_input_in_output", False)
             want_reason = _bool(pb, request, "return_finish_reason", False)
             want_count = _bool(pb, request, "return_num_output_tokens", False)
+            want_input = _bool(pb, request, "return_num_input_tokens", False)
             want_step = _bool(pb, request, "return_step_info", False)
             interval_ms = _input(pb, request, "stream_interval_ms")
             chunk_tokens = _input(pb, request, "stream_max_tokens")
@@ -161,6 +163,9 @@ class TritonPythonModel:
                 outputs.append(pb.Tensor("finish_reason", np.array([reason], dtype=np.object_)))
             if want_count:
                 outputs.append(pb.Tensor("num_output_tokens", np.array([tokens], dtype=np.uint32)))
+            if want_input:
+                n = np.array([e.prompt_tokens], dtype=np.uint32)
+                outputs.append(pb.Tensor("num_input_tokens", n))
             if want_step:
                 outputs.append(pb.Tensor("step", np.array([e.step], dtype=np.uint64)))
                 outputs.append(pb.Tensor("batch_size", np.array([e.batch_size], dtype=np.uint32)))

@@ -41,6 +41,8 @@ class ReplayBackend:
         for seq in joining:
             match = _LAST.search(seq.prompt)
             seq.state = _ReplayState(next_index=int(match.group(1)) + 1 if match else 1)
+            # No tokenizer here: a prompt's words stand for its tokens (usage counts).
+            seq.prompt_tokens = len(seq.prompt.split())
         # Anchored to the previous step's end while busy, so that the time spent
         # sending responses does not stretch the configured step.
         now = time.perf_counter()

@@ -27,6 +27,7 @@ input [
   { name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "return_num_output_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "return_num_input_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "return_step_info" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "stream_interval_ms" data_type: TYPE_UINT32 dims: [ 1 ] optional: true },
   { name: "stream_max_tokens" data_type: TYPE_UINT32 dims: [ 1 ] optional: true }
@@ -35,6 +36,7 @@ output [
   { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
   { name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] },
   { name: "num_output_tokens" data_type: TYPE_UINT32 dims: [ -1 ] },
+  { name: "num_input_tokens" data_type: TYPE_UINT32 dims: [ -1 ] },
   { name: "step" data_type: TYPE_UINT64 dims: [ -1 ] },
   { name: "batch_size" data_type: TYPE_UINT32 dims: [ -1 ] }
 ]

@@ -194,6 +194,7 @@ class SmolLM2Backend:
         if seq.params.seed is not None:
             generator = torch.Generator().manual_seed(seq.params.seed)
         seq.state = _SeqState(prompt_ids, len(prompt_ids), -1, generator)
+        seq.prompt_tokens = len(prompt_ids)
         ids = torch.tensor([prompt_ids])
         cache: Any = DynamicCache()
         # Only the last position's logits are needed: skipping the others saves the
