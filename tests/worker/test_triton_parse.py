@@ -39,6 +39,7 @@ def test_text_counts_reasons_and_steps_read_as_tritonclient_reads_them(text: str
             "finish_reason": np.array([b"length"], dtype=np.object_),
             "step": np.array([2**40 + 3], dtype=np.uint64),
             "batch_size": np.array([12], dtype=np.uint32),
+            "num_input_tokens": np.array([301], dtype=np.uint32),
         },
         final=True,
     )
@@ -48,6 +49,7 @@ def test_text_counts_reasons_and_steps_read_as_tritonclient_reads_them(text: str
     assert chunk.tokens == int(reference.as_numpy("num_output_tokens")[0]) == 7
     assert chunk.finish_reason == "length"
     assert chunk.step == 2**40 + 3 and chunk.batch_size == 12
+    assert chunk.prompt_tokens == int(reference.as_numpy("num_input_tokens")[0]) == 301
     assert chunk.final
 
 
@@ -63,6 +65,7 @@ def test_a_model_without_the_optional_outputs_counts_a_token_per_text() -> None:
     )
     empty = parse_response(_response({"text_output": np.array([b""], dtype=np.object_)}, True))
     assert (empty.text, empty.tokens, empty.final) == ("", 0, True)
+    assert chunk.prompt_tokens == empty.prompt_tokens == 0  # not reported
 
 
 def test_truncated_or_unknown_outputs_are_not_read_past_their_bytes() -> None:
