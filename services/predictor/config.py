@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.predictor.heads import SHIPPED_HEADS_DIR
+from shortline.common import paths
 from shortline.common.tls import TlsSettings
+
+
+def default_versions_dir() -> str:
+    """``<run dir>/predictor/versions`` (``$SHORTLINE_RUN_DIR``, else ``.run``), not created
+    here: the folder is optional until a version is trained into it."""
+    import os
+
+    run = os.environ.get("SHORTLINE_RUN_DIR", str(paths.REPO_ROOT / ".run"))
+    return os.path.join(run, "predictor", "versions")
 
 
 @dataclass(frozen=True)
@@ -15,6 +26,22 @@ class PredictorConfig(TlsSettings):
     heads_dir: str = field(
         default=str(SHIPPED_HEADS_DIR),
         metadata={"help": "folder with one sub-folder (card.json + *.npz) per target model"},
+    )
+    versions_dir: str = field(
+        default_factory=default_versions_dir,
+        metadata={
+            "help": "head versions folder (<target>/manifest.json names the serving and canary "
+            "versions, <target>/<version>/ holds each): watched, so a promote or rollback "
+            "takes effect without a restart; the --heads-dir heads stay the base versions "
+            "(default <run dir>/predictor/versions; '' or off: none)"
+        },
+    )
+    versions_reload_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "how often the versions folder's manifests are checked (one stat each); "
+            "a change loads off the serving path"
+        },
     )
     batch_window_ms: float = field(
         default=3.0,
@@ -44,3 +71,10 @@ class PredictorConfig(TlsSettings):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def versions_path(self) -> Path | None:
+        """The versions folder, or None when switched off."""
+        if self.versions_dir in ("", "off"):
+            return None
+        return Path(self.versions_dir)

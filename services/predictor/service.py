@@ -8,6 +8,10 @@ The forward runs in a one-thread executor, so the event loop keeps
 accepting (and validating) requests while the encoder works; those requests
 form the next batch. Bad requests are rejected before they join a batch, so
 one caller's mistake never fails another caller's prediction.
+
+Head versions (``versions.py``): a background task asks the core to re-read the
+versions folder every ``versions_reload_s``; the reload runs in a thread, so
+predictions continue on the versions in force until the new ones are loaded.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("shortline.predictor")
 
+MAX_VERSION_CHARS = 128
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
 
 KIND_TO_ENUM = {
@@ -161,7 +166,13 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                     f"head {request.head} is not a known HeadKind "
                     f"(use HEAD_KIND_REGRESSION, _CLASSIFICATION or _RANKING)",
                 )
-        query = Query(request.target_model, list(request.prompts), head, request.return_embedding)
+        query = Query(
+            request.target_model,
+            list(request.prompts),
+            head,
+            request.return_embedding,
+            request.head_version[:MAX_VERSION_CHARS],
+        )
         try:
             self.core.validate(query)
         except (UnknownTargetError, UnknownHeadError) as exc:
@@ -209,12 +220,17 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
     ) -> predictor_pb2.ListModelsResponse:
         response = predictor_pb2.ListModelsResponse(encoder=self.core.encoder_name)
         for name in self.core.known_targets():
-            target = self.core.targets[name]
+            route = self.core.route(name)
+            if route is None:  # gone in a reload since known_targets()
+                continue
+            target = route.serving
             info = response.models.add(
                 target_model=name,
                 default_head=KIND_TO_ENUM[target.default_head],
                 bucket_boundaries=target.boundaries,
                 tokenizer=str(target.card.get("tokenizer", "")),
+                serving_version=route.serving_version,
+                canary_version=route.canary_version,
             )
             for kind, head in sorted(target.heads.items()):
                 h = info.heads.add(kind=KIND_TO_ENUM[kind], version=head.version)
@@ -234,6 +250,18 @@ class PredictorServer:
         self.batcher: MicroBatcher | None = None
         self.server: grpc.aio.Server | None = None
         self._health: AioHealthServicer | None = None
+        self._reloader: asyncio.Task[None] | None = None
+
+    async def _reload_versions(self, core: PredictorCore) -> None:
+        """Checks the versions folder every ``versions_reload_s`` (a stat per manifest)."""
+        loop = asyncio.get_running_loop()
+        interval = max(self.cfg.versions_reload_s, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(None, core.reload_versions)
+            except Exception:  # a reload must never stop the serving process
+                log.exception("reloading head versions failed; the versions in force stay")
 
     async def start(self) -> None:
         from pathlib import Path
@@ -248,6 +276,7 @@ class PredictorServer:
                     precision=cfg.precision,
                     threads=cfg.threads or None,
                     backend=cfg.backend,
+                    versions_dir=cfg.versions_path,
                 ),
             )
         core = self.core
@@ -261,6 +290,10 @@ class PredictorServer:
         core.warm_up()
         self.batcher = MicroBatcher(core, self.cfg.batch_window_ms, self.cfg.max_batch_prompts)
         self.batcher.start()
+        if core.versions_dir is not None:
+            self._reloader = asyncio.get_running_loop().create_task(
+                self._reload_versions(core), name="head-versions"
+            )
         servicer = PredictorServicer(core, self.batcher)
         server, health = grpc_server.build_server(
             lambda s: predictor_pb2_grpc.add_PredictorServiceServicer_to_server(servicer, s),
@@ -281,14 +314,28 @@ class PredictorServer:
             core.encoder.precision,
         )
         log.info("TLS %s", tls.describe(self.tls))
+        if core.versions_dir is not None:
+            log.info(
+                "head versions from %s (checked every %.1f s)",
+                core.versions_dir,
+                self.cfg.versions_reload_s,
+            )
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
+        await self._stop_reloader()
         if self._health is not None:
             await grpc_server.set_serving(self._health, [SERVICE_NAME], False)
         if self.server is not None:
             await self.server.stop(grace_seconds)
         if self.batcher is not None:
             await self.batcher.stop()
+
+    async def _stop_reloader(self) -> None:
+        reloader, self._reloader = self._reloader, None
+        if reloader is not None:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
 
 
 async def serve_forever(cfg: PredictorConfig) -> None:
@@ -305,5 +352,6 @@ async def serve_forever(cfg: PredictorConfig) -> None:
             await grpc_server.set_serving(service._health, [SERVICE_NAME], False)
 
     await grpc_server.run_until_signal(service.server, on_stop=on_stop)
+    await service._stop_reloader()
     if service.batcher is not None:
         await service.batcher.stop()

@@ -54,6 +54,22 @@ class SchedulerConfig(TlsSettings):
     predictor_timeout_ms: float = field(
         default=200.0, metadata={"help": "deadline of a Predict call before falling back"}
     )
+    # Head versions (issue 18, predictor rollout): the canary's share of predictions.
+    predictor_canary_share: float = field(
+        default=0.1,
+        metadata={
+            "help": "share of requests (by a hash of the request id, so a retry gets the "
+            "same version) predicted by a target's canary head version, when the predictor's "
+            "ListModels names one; 0: never. Online accuracy (shortline stats) compares the two"
+        },
+    )
+    predictor_versions_refresh_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "how often the predictor's ListModels is asked again (its targets and "
+            "each one's serving and canary versions)"
+        },
+    )
     policy: str = field(
         default=DEFAULT_POLICY,
         metadata={

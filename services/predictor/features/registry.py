@@ -12,7 +12,7 @@ The stock MiniLM always loads: it gives every response its 384-d embedding.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.predictor.features.distilled import KIND as TUNED
@@ -63,6 +63,20 @@ class Extractors:
     of_target: dict[str, FeatureExtractor]
     embedder: MiniLMFeatures
     """The stock MiniLM: the sentence embedding of every response."""
+    context: BuildContext = field(default_factory=BuildContext)
+    built: dict[tuple[str, Hashable], FeatureExtractor] = field(default_factory=dict)
+    """Every extractor built, by (kind, key): a head version loaded later shares them."""
+
+    def for_card(self, ref: CardRef) -> FeatureExtractor:
+        """The extractor of a card loaded after start (a new head version): an existing one
+        when its kind and key match (the usual case: a retrained head on the same
+        features), else built now with the settings of the start."""
+        kind = _kind(ref)
+        key = (kind_of(ref.card), kind.key(ref.card, ref.folder))
+        found = self.built.get(key)
+        if found is None:
+            found = self.built[key] = kind.build(ref.card, ref.folder, self.context)
+        return found
 
     @property
     def name(self) -> str:
@@ -114,7 +128,7 @@ def build_extractors(refs: list[CardRef], settings: ExtractorSettings) -> Extrac
         if key not in built:
             built[key] = kind.build(ref.card, ref.folder, context)
         of_target[ref.target_model] = built[key]
-    return Extractors(of_target, embedder)
+    return Extractors(of_target, embedder, context, built)
 
 
 def build_one(ref: CardRef, settings: ExtractorSettings) -> FeatureExtractor:

@@ -23,7 +23,9 @@ HEAD_CHOICES = ("reg", "cls", "rank", "all")
 def register(sub: Any) -> None:
     """Adds ``train`` and ``eval`` to the ``shortline predictor`` subparsers."""
     train = sub.add_parser("train", help="train heads for one target model")
-    train.add_argument("--target-model", required=True, help="e.g. Meta-Llama-3-8B-Instruct")
+    train.add_argument(
+        "--target-model", "--target", required=True, help="e.g. Meta-Llama-3-8B-Instruct"
+    )
     train.add_argument("--head", choices=HEAD_CHOICES, default="all", help="head kind (all)")
     train.add_argument(
         "--from-log",
@@ -51,8 +53,36 @@ def register(sub: Any) -> None:
         "--out",
         type=Path,
         default=None,
-        help=f"output folder (default {SHIPPED_HEADS_DIR}/<target> for alpaca_eval, "
-        ".run/predictor/heads/<target> for --from-log)",
+        help=f"output folder (default {SHIPPED_HEADS_DIR}/<target> for alpaca_eval); with "
+        "--from-log, writing here instead of a new version in --versions-dir also splits the "
+        "log's rows by prompt, not by time",
+    )
+    train.add_argument(
+        "--versions-dir",
+        type=Path,
+        default=None,
+        help="with --from-log: write the new head version to <dir>/<target>/<version>/, with "
+        "its metrics and the serving version's on the log's newest rows (default: the "
+        "predictor's --versions-dir default, <run dir>/predictor/versions)",
+    )
+    train.add_argument(
+        "--heads-dir",
+        type=Path,
+        default=SHIPPED_HEADS_DIR,
+        help="with --from-log: the base heads the predictor serves when no manifest names a "
+        "version (what the new version is compared with)",
+    )
+    train.add_argument(
+        "--holdout-share",
+        type=float,
+        default=0.2,
+        help="with --from-log: share of the newest rows held out for comparison (0.2)",
+    )
+    train.add_argument(
+        "--holdout-min",
+        type=int,
+        default=50,
+        help="with --from-log: held-out rows at least (50; the share wins when larger)",
     )
     train.add_argument(
         "--finetune-top-layers",
@@ -94,7 +124,6 @@ def _train(args: argparse.Namespace) -> int:
     from services.predictor.training import sources
     from services.predictor.training.fit import TrainOptions
     from services.predictor.training.minilm_heads import train_target
-    from shortline.common import paths
 
     target = args.target_model
     kinds: tuple[HeadKindName, ...] = HEAD_KINDS if args.head == "all" else (args.head,)
@@ -107,10 +136,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.encoder_weights is not None and not args.encoder_weights.is_file():
         print(f"error: --encoder-weights {args.encoder_weights} is not a file", file=sys.stderr)
         return 2
+    versioned = args.from_log is not None and args.out is None
     try:
+        if versioned:
+            return _train_version(args, kinds)
         if args.from_log is not None:
             data = sources.from_outcome_log(args.from_log, target, args.log_input)
-            out = args.out or paths.run_dir() / "predictor" / "heads" / target
+            out = args.out
             print(f"training from {data.source}", file=sys.stderr)
         else:
             data = sources.from_alpaca(target)
@@ -128,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             command=command,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     keep = {h["file"] for h in card["heads"].values()}
@@ -145,6 +177,58 @@ def _train(args: argparse.Namespace) -> int:
                 "out": str(out),
                 "default_head": card["default_head"],
                 "heads": summary,
+                "rows": {"used": len(data.instructions), "skipped": data.skipped},
+                "head_input": "embedding" if data.embeddings is not None else "features",
+            }
+        )
+    )
+    return 0
+
+
+def _train_version(args: argparse.Namespace, kinds: tuple[Any, ...]) -> int:
+    """``--from-log`` into the versions folder: hold out the newest rows, train on the rest,
+    compare with the serving version on them, move the finished version into place."""
+    import shutil
+
+    from services.predictor.config import default_versions_dir
+    from services.predictor.training import sources, versioning
+    from services.predictor.training.fit import TrainOptions
+    from services.predictor.training.minilm_heads import train_target
+
+    target = args.target_model
+    versions_dir = args.versions_dir or Path(default_versions_dir())
+    data = sources.from_outcome_log(args.from_log, target, args.log_input)
+    held_out = sources.hold_out_recent(data, args.holdout_share, args.holdout_min)
+    print(f"training from {data.source}; {held_out.rule}", file=sys.stderr)
+    staging = versioning.staging_dir(versions_dir, target)
+    try:
+        card = train_target(
+            data,
+            kinds,
+            staging,
+            options=TrainOptions(hidden=args.hidden, seed=args.seed, max_epochs=args.max_epochs),
+            finetune_top_layers=args.finetune_top_layers,
+            encoder_weights=args.encoder_weights,
+            threads=args.threads,
+            progress=not args.no_progress,
+            command="shortline " + shlex.join(sys.argv[1:]),
+        )
+        final, card = versioning.finish_version(
+            staging, card, data, held_out, args.from_log, versions_dir, args.heads_dir, args.threads
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    comparison = card["rollout"]["comparison"]
+    print(
+        json.dumps(
+            {
+                "out": str(final),
+                "version": card["rollout"]["version"],
+                "default_head": card["default_head"],
+                "held_out": card["rollout"]["held_out"],
+                "candidate": comparison["candidate"],
+                "serving": comparison["serving"],
                 "rows": {"used": len(data.instructions), "skipped": data.skipped},
                 "head_input": "embedding" if data.embeddings is not None else "features",
             }

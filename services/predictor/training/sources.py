@@ -182,3 +182,53 @@ def unlabelled_prompts(exclude: set[str]) -> list[str]:
             if line.strip():
                 texts.add(json.loads(line)["turns"][0])
     return sorted(texts - exclude)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The newest rows of an outcome log, kept out of training to compare versions on."""
+
+    first: int  # index of the first held-out row (rows are in log order, oldest first)
+    rows: int
+    total: int
+    repeats: int  # older rows left out because their prompt is in the held-out window
+    rule: str
+
+
+def hold_out_recent(data: TrainingData, share: float = 0.2, minimum: int = 50) -> HeldOut:
+    """Marks the newest ``max(share of the rows, minimum)`` rows ``test``, in place.
+
+    Traffic drifts: a version is judged on what came last, not on a random
+    sample of the past. The older rows split into train and val by prompt
+    (the one split rule, its ``test`` part joining val, which chooses the
+    epoch and the default head); an older row whose prompt recurs in the
+    held-out window is left out (``splits`` ``repeat``), so no held-out prompt is
+    trained on. At least 12 rows stay for training (10 train, 2 val).
+    """
+    if not 0.0 < share < 1.0 or minimum < 1:
+        raise ValueError(f"held-out share must be in (0, 1) and minimum >= 1: {share}, {minimum}")
+    n = len(data.instructions)
+    k = min(max(int(np.ceil(share * n)), minimum), n - 12)
+    if k < 2:
+        raise ValueError(f"outcome log has {n} usable rows: too few to hold out recent ones")
+    first = n - k
+    recent = set(data.instructions[first:])
+    splits = np.where(data.splits[:first] == "test", "val", data.splits[:first]).astype(object)
+    repeats = 0
+    for i in range(first):
+        if data.instructions[i] in recent:
+            splits[i] = "repeat"
+            repeats += 1
+    data.splits = np.concatenate([splits, np.full(k, "test", dtype=object)]).astype(str)
+    return HeldOut(
+        first=first,
+        rows=k,
+        total=n,
+        repeats=repeats,
+        rule=(
+            f"the newest max({share:.0%}, {minimum}) finished rows of the log (rows "
+            f"{first + 1}..{n} of {n}, log order) are held out; older rows split by prompt "
+            "into train and val, and those whose prompt recurs in the held-out rows are "
+            "left out"
+        ),
+    )

@@ -8,14 +8,23 @@ In benchmark mode the predictor's tokens are divided by ``prediction_scale``
 to match replayed lengths divided by it.
 
 The client also knows which length models the predictor has heads for (its
-``ListModels``, fetched at start and again every ``TARGETS_REFRESH_S``):
+``ListModels``, fetched at start and again every ``predictor_versions_refresh_s``):
 admission refuses any other, and only those become metric labels.
+
+Canary: ``ListModels`` also names each target's serving and canary head
+versions. A ``predictor_canary_share`` of requests, chosen by a hash of the
+job id (``tenant/request_id``, so a retried request gets the version it got
+before), ask for the canary (``PredictRequest.head_version``); the rest ask
+for nothing, which is the serving version. The predictor's answer names the
+version that really answered, and the online accuracy is kept per version, so
+``shortline stats`` compares the two on live traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,11 +40,16 @@ from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-TARGETS_REFRESH_S = 300.0
 # gRPC's reconnect backoff grows to 120 s: a predictor that restarted (or started
 # after the scheduler) would cost that long in fallback predictions.
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 TARGETS_RETRY_S = 5.0
+
+
+def canary_draw(job_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the job id: the same request, the same version."""
+    digest = hashlib.blake2b(job_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,13 @@ class PredictorClient:
         if cfg.predictor:
             self._channel = tls.aio_channel(cfg.predictor, tls.load(cfg), RECONNECT)
             self._stub = predictor_pb2_grpc.PredictorServiceStub(self._channel)
+        if not 0.0 <= cfg.predictor_canary_share <= 1.0:
+            raise ValueError(
+                f"predictor_canary_share must be in [0, 1], got {cfg.predictor_canary_share}"
+            )
         self._targets: frozenset[str] | None = None
+        self.canaries: dict[str, str] = {}  # target -> its canary head version
+        self.serving: dict[str, str] = {}  # target -> its serving head version
         self._targets_due = 0.0  # monotonic time of the next ListModels
         self._listing: asyncio.Task[None] | None = None
         metrics.LENGTH_MODELS.add([cfg.default_length_model])
@@ -73,13 +93,26 @@ class PredictorClient:
         try:
             reply = await self._stub.ListModels(predictor_pb2.ListModelsRequest(), timeout=5.0)
             self._targets = frozenset(m.target_model for m in reply.models)
+            limit = limits.MAX_NAME_CHARS
+            self.serving = {m.target_model: m.serving_version[:limit] for m in reply.models}
+            self.canaries = {
+                m.target_model: m.canary_version[:limit] for m in reply.models if m.canary_version
+            }
             metrics.LENGTH_MODELS.add(sorted(self._targets))
-            self._targets_due = time.monotonic() + TARGETS_REFRESH_S
+            self._targets_due = time.monotonic() + max(self.cfg.predictor_versions_refresh_s, 0.1)
         except grpc.aio.AioRpcError as exc:
             log.debug("predictor ListModels failed: %s", exc.code().name)
             self._targets_due = time.monotonic() + TARGETS_RETRY_S
         finally:
             self._listing = None
+
+    def version_for(self, job: Job) -> str:
+        """The head version to ask for: the target's canary for the canary share, else ""
+        (the serving version)."""
+        canary = self.canaries.get(job.length_model, "")
+        if canary and canary_draw(str(job.id)) < self.cfg.predictor_canary_share:
+            return canary
+        return ""
 
     async def predict(self, job: Job, *, want_embedding: bool) -> Prediction:
         predicted: float | None = None
@@ -94,6 +127,7 @@ class PredictorClient:
                             target_model=job.length_model,
                             prompts=[job.prompt],
                             return_embedding=want_embedding,
+                            head_version=self.version_for(job),
                         ),
                         timeout=self.cfg.predictor_timeout_ms / 1e3,
                     )
