@@ -2,7 +2,7 @@
 
 Uses the same :class:`PredictorCore` as the service, loaded once per process
 from :func:`heads_dir`: ``SHORTLINE_PREDICTOR_HEADS_DIR``, else the shipped heads
-(``services/predictor/artifacts/heads``, package data).
+(``services/predictor/artifacts/heads_distilled``, package data).
 """
 
 from __future__ import annotations

@@ -279,7 +279,9 @@ def test_the_gpu_worker_serves_the_model_triton_loads(rendered: dict[str, list[O
             assert flag(c["args"], "model-settings") == f"{SERVED}=chatml:8192"
             served, head = (flag(c["args"], "length-models") or "=").split("=")
             assert served == SERVED
-            assert (ROOT / "services/predictor/artifacts/heads" / head / "card.json").exists()
+            assert (
+                ROOT / "services/predictor/artifacts/heads_distilled" / head / "card.json"
+            ).exists()
 
 
 def test_the_cpu_worker_runs_the_embedded_triton_with_the_defaults(

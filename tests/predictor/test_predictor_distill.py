@@ -16,7 +16,7 @@ from services.predictor.core import PredictorCore, Query
 from services.predictor.features.distilled import TunedMiniLMFeatures
 from services.predictor.features.minilm import MiniLMEncoder
 from services.predictor.features.tuned_weights import delta_state
-from services.predictor.heads import DISTILLED_HEADS_DIR, SHIPPED_HEADS_DIR, load_all
+from services.predictor.heads import DISTILLED_HEADS_DIR, STOCK_HEADS_DIR, load_all
 from services.predictor.training import distill, sources
 from shortline.common import paths
 
@@ -175,6 +175,6 @@ def test_served_rank_head_reaches_the_issue_target_on_test(eval_output: dict) ->
         assert tau[kind] == pytest.approx(head["test_metrics"]["kendall_tau"], abs=0.01), kind
     assert tau["rank"] >= 0.60
     # Well above the stock encoder's heads (0.45-0.50 for Llama-3-8B).
-    stock = json.loads((SHIPPED_HEADS_DIR / LLAMA / "card.json").read_text())
+    stock = json.loads((STOCK_HEADS_DIR / LLAMA / "card.json").read_text())
     for kind, head in stock["heads"].items():
         assert tau[kind] > head["test_metrics"]["kendall_tau"] + 0.05, kind

@@ -9,7 +9,7 @@ import pytest
 
 from services.predictor import offline
 from services.predictor.features.minilm import MiniLMEncoder
-from services.predictor.heads import SHIPPED_HEADS_DIR, load_target
+from services.predictor.heads import SHIPPED_HEADS_DIR, STOCK_HEADS_DIR, load_target
 from services.predictor.training import sources
 from services.predictor.training.evaluation import evaluate_split
 from services.predictor.training.feature_cache import cached_features
@@ -27,7 +27,8 @@ SHIPPED = [
 def test_every_required_target_is_shipped_small_and_complete() -> None:
     assert set(SHIPPED) <= set(offline.available_targets())
     total = sum(f.stat().st_size for f in SHIPPED_HEADS_DIR.rglob("*") if f.is_file())
-    assert total < 4_000_000
+    # The default heads with the distilled encoder's weight delta (2.5 MB): 5.3 MB.
+    assert total < 6_000_000
     for target in SHIPPED:
         folder = SHIPPED_HEADS_DIR / target
         card = json.loads((folder / "card.json").read_text())
@@ -57,7 +58,9 @@ def test_heads_beat_the_mean_baseline_on_the_test_split(
 ) -> None:
     if not paths.alpaca_eval_outputs(target).exists():
         pytest.skip(f"shared data absent: no {paths.alpaca_eval_outputs(target)}")
-    loaded = load_target(SHIPPED_HEADS_DIR / target)
+    # The stock-MiniLM heads (the encoder this test loads); the default, distilled heads
+    # are checked the same way in test_predictor_distill.py.
+    loaded = load_target(STOCK_HEADS_DIR / target)
     data = sources.from_alpaca(target)
     _, features = cached_features(encoder, data.instructions)
     result = evaluate_split(data, features, loaded.heads, loaded.boundaries, "test")

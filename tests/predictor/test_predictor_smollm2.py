@@ -30,7 +30,7 @@ from services.predictor.features.smollm2 import (
     SmolLM2Features,
     truncate,
 )
-from services.predictor.heads import SHIPPED_HEADS_DIR, SMOLLM2_HEADS_DIR, load_all
+from services.predictor.heads import SMOLLM2_HEADS_DIR, STOCK_HEADS_DIR, load_all
 from services.predictor.service import PredictorServer
 from shortline.common.net import free_port
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
@@ -59,7 +59,7 @@ def test_truncate_keeps_head_and_tail() -> None:
 
 def test_shipped_card_names_its_extractor_and_minilm_cards_need_none() -> None:
     smol = load_all(SMOL_HEADS_DIR)
-    assert sorted(smol) == SHIPPED == sorted(load_all(SHIPPED_HEADS_DIR))
+    assert sorted(smol) == SHIPPED == sorted(load_all(STOCK_HEADS_DIR))
     for name, target in smol.items():
         card = target.card
         assert kind_of(card) == EXTRACTOR_NAME
@@ -68,7 +68,7 @@ def test_shipped_card_names_its_extractor_and_minilm_cards_need_none() -> None:
         # Trained on the features they are served on.
         assert card["features"]["backend"] == "onnx-int8"
         assert sum(p.stat().st_size for p in (SMOL_HEADS_DIR / name).iterdir()) < 1_000_000
-    for target in load_all(SHIPPED_HEADS_DIR).values():
+    for target in load_all(STOCK_HEADS_DIR).values():
         assert kind_of(target.card) == "minilm"
 
 

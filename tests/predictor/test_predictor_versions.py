@@ -117,6 +117,8 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
     tmp = tmp_path_factory.mktemp("rollout")
     heads = tmp / "heads"
     shutil.copytree(SHIPPED_HEADS_DIR / TARGET, heads / TARGET)
+    if (SHIPPED_HEADS_DIR / "encoder").is_dir():  # the distilled encoder its card names
+        shutil.copytree(SHIPPED_HEADS_DIR / "encoder", heads / "encoder")
     base = version_name(json.loads((heads / TARGET / "card.json").read_text()))
     r = Rollout(heads, tmp / "versions", base, "", "")
     write_log(tmp / "drifted.sqlite", prompts())

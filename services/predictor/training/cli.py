@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.predictor.features.minilm_backends import BACKENDS
-from services.predictor.heads import SHIPPED_HEADS_DIR
+from services.predictor.heads import DISTILLED_HEADS_DIR, SHIPPED_HEADS_DIR, STOCK_HEADS_DIR
 from services.predictor.training.sources import LOG_INPUTS
 
 HEAD_CHOICES = ("reg", "cls", "rank", "all")
@@ -53,7 +53,8 @@ def register(sub: Any) -> None:
         "--out",
         type=Path,
         default=None,
-        help=f"output folder (default {SHIPPED_HEADS_DIR}/<target> for alpaca_eval); with "
+        help=f"output folder (default {STOCK_HEADS_DIR}/<target> for alpaca_eval, "
+        f"{DISTILLED_HEADS_DIR}/<target> with --encoder-weights); with "
         "--from-log, writing here instead of a new version in --versions-dir also splits the "
         "log's rows by prompt, not by time",
     )
@@ -146,7 +147,10 @@ def _train(args: argparse.Namespace) -> int:
             print(f"training from {data.source}", file=sys.stderr)
         else:
             data = sources.from_alpaca(target)
-            out = args.out or SHIPPED_HEADS_DIR / target
+            # Stock-MiniLM heads go beside the stock ones, never into the default
+            # (distilled) folder, whose heads read the tuned encoder's features.
+            default_dir = DISTILLED_HEADS_DIR if args.encoder_weights else STOCK_HEADS_DIR
+            out = args.out or default_dir / target
         options = TrainOptions(hidden=args.hidden, seed=args.seed, max_epochs=args.max_epochs)
         command = "shortline " + shlex.join(sys.argv[1:])
         card = train_target(
