@@ -3,7 +3,10 @@
 A decision is the steady-state cycle through SchedulerCore with the queue held
 at N jobs: a new job is submitted and predicted (push), the running job
 finishes, and ``dispatch`` picks the next (pop, placement). Also timed: a
-cancel of a queued job (lazy deletion) and the bare queue push+pop.
+cancel of a queued job (lazy deletion) and the bare queue push+pop. The
+"bands" rows spread the jobs over 4 priority bands and 8 tenants with fair
+share on (issue 19): the wait bound's FIFOs, the tenant heaps and the ledger
+are all on the path.
 
     .venv/bin/python -m bench.scheduler_core [--queued 100000] [--iterations 20000]
 """
@@ -20,6 +23,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from services.scheduler.core.bands import BandedQueue, BandSettings
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.clock import VirtualClock
 from services.scheduler.core.job import Job
@@ -57,6 +61,15 @@ VARIANTS: tuple[tuple[str, str, Settings], ...] = (
     ("sjf-oracle", "sjf-oracle", {}),
     ("ssjf+preempt", "ssjf+preempt", {}),
 )
+# The same policies with 4 bands and 8 tenants, fair share on.
+BANDED: tuple[tuple[str, str, Settings], ...] = (
+    ("fcfs, bands + fair share", "fcfs", {}),
+    ("ssjf, bands + fair share", "ssjf", {}),
+    ("ssjf-aging, bands + fair share", "ssjf-aging", {"jct_target_s": 120.0, "aging_rate": 1.0}),
+    ("ssjf+preempt, bands + fair share", "ssjf+preempt", {}),
+)
+BANDS = BandSettings(max_wait_s=1e9, fair_share=True)
+TENANTS = tuple(f"t{i}" for i in range(8))
 
 
 def _stats(ns: list[int]) -> dict[str, float]:
@@ -69,7 +82,13 @@ def _stats(ns: list[int]) -> dict[str, float]:
 
 
 def bench_policy(
-    label: str, spec: str, settings: Settings, queued: int, iterations: int, seed: int
+    label: str,
+    spec: str,
+    settings: Settings,
+    queued: int,
+    iterations: int,
+    seed: int,
+    banded: bool = False,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     clock = VirtualClock()
@@ -78,6 +97,7 @@ def bench_policy(
         Batching(BatchingMode.NONE),
         clock,
         queue_limit=queued * 4,
+        bands=BANDS if banded else None,
     )
     core.add_worker("w", 1)
     next_id = 0
@@ -86,6 +106,9 @@ def bench_policy(
         nonlocal next_id
         t = rng.lognormvariate(5.5, 0.7)
         job = Job(next_id, arrival=clock.now(), true_tokens=int(t) + 1)
+        if banded:
+            job.priority = rng.randrange(4)
+            job.tenant = rng.choice(TENANTS)
         core.submit(job)
         core.on_prediction(next_id, t * rng.lognormvariate(0, 0.5))
         next_id += 1
@@ -122,14 +145,18 @@ def bench_policy(
 
 
 def bench_queue(
-    spec: str, settings: Settings, queued: int, iterations: int, seed: int
+    spec: str, settings: Settings, queued: int, iterations: int, seed: int, banded: bool = False
 ) -> dict[str, float]:
     rng = random.Random(seed)
     clock = VirtualClock()
-    q = make_policy(spec, allow_oracle=True, **settings).make_queue(clock)
+    policy = make_policy(spec, allow_oracle=True, **settings)
+    q = BandedQueue(policy, clock, BANDS) if banded else policy.make_queue(clock)
     jobs = []
     for i in range(queued + iterations):
         j = Job(i, arrival=0.0, true_tokens=rng.randint(1, 2000))
+        if banded:
+            j.priority = rng.randrange(4)
+            j.tenant = rng.choice(TENANTS)
         j.seq = i
         j.predicted = float(rng.randint(1, 2000))
         jobs.append(j)
@@ -151,9 +178,12 @@ def main() -> int:
     parser.add_argument("--target-us", type=float, default=50.0)
     args = parser.parse_args()
     rows = []
-    for label, spec, settings in VARIANTS:
-        row = bench_policy(label, spec, settings, args.queued, args.iterations, args.seed)
-        row["queue_only"] = bench_queue(spec, settings, args.queued, args.iterations, args.seed)
+    variants = [(v, False) for v in VARIANTS] + [(v, True) for v in BANDED]
+    for (label, spec, settings), banded in variants:
+        row = bench_policy(label, spec, settings, args.queued, args.iterations, args.seed, banded)
+        row["queue_only"] = bench_queue(
+            spec, settings, args.queued, args.iterations, args.seed, banded
+        )
         rows.append(row)
     print(f"one decision with {args.queued:,} jobs queued (target <= {args.target_us:.0f} us)\n")
     print("| policy | decision mean us | p50 us | p99 us | cancel queued us | queue push+pop us |")
@@ -194,11 +224,11 @@ def _plot(rows: list[dict[str, Any]], queued: int, target_us: float, path: Path)
 
     names = [r["policy"] for r in rows]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(10, 4))
     ax.bar(x - 0.2, [r["decision"]["mean_us"] for r in rows], 0.4, label="mean")
     ax.bar(x + 0.2, [r["decision"]["p99_us"] for r in rows], 0.4, label="p99")
     ax.axhline(target_us, color="red", linestyle="--", label=f"target {target_us:.0f} us")
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("microseconds per decision")
     ax.set_title(f"One scheduling decision with {queued:,} jobs queued")
     ax.legend()

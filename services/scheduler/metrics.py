@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.scheduler.core.accuracy import GroupAccuracy
-from services.scheduler.core.admission import TenantCapError
+from services.scheduler.core.admission import PriorityCapError, TenantCapError
 from services.scheduler.core.interface import QueueFullError
 from shortline.common.labels import OTHER, KnownNames, bounded
 from shortline.common.prometheus import service_registry
@@ -202,7 +202,10 @@ _REFUSED_BY_CODE = {
 }
 QUEUE_FULL = "queue_full"
 TENANT_CAP = "tenant_cap"
-REFUSAL_REASONS = frozenset({*_REFUSED_BY_CODE.values(), QUEUE_FULL, TENANT_CAP, OTHER})
+PRIORITY_NOT_ALLOWED = "priority_not_allowed"  # above the tenant's max_priority
+REFUSAL_REASONS = frozenset(
+    {*_REFUSED_BY_CODE.values(), QUEUE_FULL, TENANT_CAP, PRIORITY_NOT_ALLOWED, OTHER}
+)
 
 REFUSED = Counter(
     "shortline_refused_requests_total",
@@ -226,6 +229,12 @@ def refusal_reason(code: grpc.StatusCode | None, error: BaseException | None) ->
                 return TENANT_CAP
             cause = cause.__context__
         return OTHER
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        cause = error
+        while cause is not None:
+            if isinstance(cause, PriorityCapError):
+                return PRIORITY_NOT_ALLOWED
+            cause = cause.__context__
     reason = _REFUSED_BY_CODE.get(code) if code is not None else None
     return bounded(reason or OTHER, REFUSAL_REASONS)
 

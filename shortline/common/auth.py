@@ -8,6 +8,13 @@ tenant may use::
     tenant = "team-a"                      # [A-Za-z0-9._-]{1,64}
     sha256 = "<hex SHA-256 of the token>"  # or: token = "<the token in clear>"
     models = ["replay"]                    # optional; absent = every model
+    max_priority = 2                       # optional; absent = 0 (no request above band 0)
+
+``max_priority`` caps ``GenerateRequest.priority``: with strict bands one
+tenant's priority 2^31-1 would otherwise jump every other tenant's queue, so a
+tokens file grants bands explicitly and a request above its tenant's cap is
+refused (``PERMISSION_DENIED``). Without a tokens file (the loopback-only
+development stack) the one anonymous tenant is not capped.
 
 Only SHA-256 digests are held in memory, so a file of digests keeps no token
 anywhere on the server. A presented token is hashed and compared with every
@@ -40,7 +47,8 @@ log = logging.getLogger(__name__)
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_ENTRY_KEYS = frozenset({"tenant", "token", "sha256", "models"})
+_ENTRY_KEYS = frozenset({"tenant", "token", "sha256", "models", "max_priority"})
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 CHECK_INTERVAL_S = 1.0
 
 
@@ -50,17 +58,22 @@ class TokensFileError(ValueError):
 
 @dataclass(frozen=True)
 class Tenant:
-    """Who a caller is: a tenant name and the models it may use (None: every model)."""
+    """Who a caller is: a tenant name, the models it may use (None: every model) and the
+    highest priority band it may ask for (None: any; only the anonymous tenant)."""
 
     name: str
     models: frozenset[str] | None = None
+    max_priority: int | None = 0
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def may_ask(self, priority: int) -> bool:
+        return self.max_priority is None or priority <= self.max_priority
+
 
 # Without a tokens file every caller is this one tenant.
-ANONYMOUS = Tenant("", None)
+ANONYMOUS = Tenant("", None, None)
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,8 @@ def _entry(path: str, index: int, raw: Any) -> _Entry:
     unknown = sorted(set(raw) - _ENTRY_KEYS)
     if unknown:
         raise TokensFileError(
-            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: tenant, token, sha256, models)"
+            f"{where}: unknown key(s) {', '.join(unknown)} "
+            "(allowed: tenant, token, sha256, models, max_priority)"
         )
     name = raw.get("tenant")
     if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
@@ -113,7 +127,10 @@ def _entry(path: str, index: int, raw: Any) -> _Entry:
                 "(leave it out for every model)"
             )
         models = frozenset(listed)
-    return _Entry(digest, Tenant(name, models))
+    cap = raw.get("max_priority", 0)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not INT32_MIN <= cap <= INT32_MAX:
+        raise TokensFileError(f"{where}: max_priority must be a 32-bit integer (absent: 0)")
+    return _Entry(digest, Tenant(name, models, cap))
 
 
 def parse_tokens(text: str, path: str) -> tuple[_Entry, ...]:

@@ -187,6 +187,7 @@ async def test_refusals_are_counted_by_reason(live: Live) -> None:
         "id_reused",
         "tenant_cap",
         "queue_full",
+        "priority_not_allowed",
         "deadline",
     )
     before = {r: refused(r) for r in reasons}
@@ -195,6 +196,9 @@ async def test_refusals_are_counted_by_reason(live: Live) -> None:
     assert await refusal(live, request("r-inv", 0), "a") == S.INVALID_ARGUMENT
     not_allowed = request("r-model", 5, model="smollm2-135m-instruct")
     assert await refusal(live, not_allowed, "a") == S.PERMISSION_DENIED
+    too_high = request("r-prio", 5)
+    too_high.priority = 1  # above tenant a's max_priority (absent: 0)
+    assert await refusal(live, too_high, "a") == S.PERMISSION_DENIED
     await hold(live, "long-a1", "a")  # runs on the one slot
     await hold(live, "long-a2", "a")  # waits: tenant a's one share of the queue
     assert await refusal(live, request("long-a2", 7), "a") == S.ALREADY_EXISTS

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from services.scheduler.core.bands import rank
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.core.queue import TokenTime
 from services.scheduler.core.scheduler import SchedulerCore
@@ -232,15 +233,14 @@ class AdmissionControl:
         if token_s <= 0.0 or slots == 0 or entry is None:
             return None
         remaining = core.policy.remaining
-        mine = (entry[0], entry[1])
-        # Jobs the policy serves first: smaller key (arrival order for FIFO), as in
-        # ``SchedulerCore.position``. Jobs still awaiting a prediction are not counted.
+        mine = rank(job)
+        # Jobs the policy serves first: a higher band, or the same band and a smaller key
+        # (arrival order for FIFO), as in ``SchedulerCore.position``. Jobs still awaiting
+        # a prediction are not counted.
         ahead = (
             remaining(other) * token_s
             for other in core.queue
-            if other is not job
-            and other.entry is not None
-            and (other.entry[0], other.entry[1]) < mine
+            if other is not job and other.entry is not None and rank(other) < mine
         )
         start = start_after(self._busy(token_s), slots, ahead)
         return Estimate(start, remaining(job) * token_s)
@@ -260,3 +260,8 @@ class AdmissionControl:
         if token_s <= 0.0:
             return DEFAULT_RETRY_AFTER_S
         return retry_after(self._busy(token_s))
+
+
+class PriorityCapError(PermissionError):
+    """A request asked for a priority band above its tenant's ``max_priority`` (raised
+    by the service's tenancy check; here so the refusal counter can name it)."""

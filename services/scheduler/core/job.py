@@ -66,6 +66,7 @@ class Job:
         "predicted",
         "prediction_source",
         "preemptions",
+        "priority",
         "prompt",
         "prompt_tokens",
         "ready_since",
@@ -75,6 +76,7 @@ class Job:
         "run_token",
         "seq",
         "state",
+        "tenant",
         "true_tokens",
         "worker",
     )
@@ -91,6 +93,8 @@ class Job:
         max_tokens: int = 1 << 30,
         true_tokens: int | None = None,
         deadline: float | None = None,
+        priority: int = 0,
+        tenant: str = "",
     ) -> None:
         self.id = job_id
         self.arrival = arrival
@@ -101,6 +105,10 @@ class Job:
         self.max_tokens = max_tokens
         self.true_tokens = true_tokens
         self.deadline = deadline
+        # Strict band (higher = more urgent) and who sent it (fair share): both fixed while
+        # the job lives, since the banded queue finds a queued job's band and tenant by them.
+        self.priority = priority
+        self.tenant = tenant
         self.state = JobState.QUEUED
         self.seq = 0
         self.predicted = math.nan

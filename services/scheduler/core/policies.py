@@ -86,7 +86,9 @@ class Policy:
     token_time: float = 0.0  # seconds per predicted token for latest starts; 0: learned
     slack_margin: float = 0.0
 
-    def make_queue(self, clock: Clock) -> ReadyQueue:
+    def make_queue(self, clock: Clock, token_time: TokenTime | None = None) -> ReadyQueue:
+        """The policy's ready queue; ``token_time``: one estimate shared by several queues
+        (the banded queue makes one per band and tenant, and they learn together)."""
         if self.key is None:
             return FifoQueue()
         if self.jct_target is not None:
@@ -95,7 +97,7 @@ class Policy:
                 self.jct_target,
                 clock,
                 self.remaining,
-                TokenTime(self.token_time),
+                token_time if token_time is not None else TokenTime(self.token_time),
                 self.slack_margin,
             )
         if self.wait_bound is not None:

@@ -43,8 +43,16 @@ class RunningHeap:
         best: Job,
         progress: Callable[[Job], int] | None,
         spare: Collection[Any] = (),
+        *,
+        across: bool = False,
     ) -> Job | None:
         """The running job to stop for ``best``, or None; it leaves the heap.
+
+        ``across``: these running jobs are of a lower band than ``best``, which goes
+        first whatever their sizes, so neither the size factor nor the early-job bound
+        applies (a band's latency is bought with the lower band's recompute, which
+        ``bench.priority`` measures); a job is still preempted at most ``max_per_job``
+        times, which bounds what one low job can lose.
 
         Jobs whose ids are in ``spare`` (those the same dispatch just started) are
         never chosen: the policy picked each over ``best`` a moment ago (the
@@ -53,7 +61,7 @@ class RunningHeap:
         rule = policy.preemption
         if rule is None:
             return None
-        threshold = policy.remaining(best) * rule.factor
+        threshold = 0.0 if across else policy.remaining(best) * rule.factor
         heap = self._heap
         kept: list[tuple[float, int, int, Job]] = []
         victim: Job | None = None
@@ -74,7 +82,7 @@ class RunningHeap:
                 continue
             if progress is not None:
                 job.generated = progress(job)
-            if job.generated >= rule.max_fraction * job.predicted:
+            if not across and job.generated >= rule.max_fraction * job.predicted:
                 heapq.heappop(heap)  # too far along, now and for ever
                 continue
             heapq.heappop(heap)

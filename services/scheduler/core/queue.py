@@ -271,7 +271,8 @@ class TokenTime:
 class SlackQueue(_GuardedHeapQueue):
     """A key heap guarded by a JCT target: jobs that would finish late go first.
 
-    Each job's deadline is ``arrival + target`` and its latest start is the
+    Each job's deadline is ``arrival + target`` (or its own deadline, when the
+    caller's is earlier) and its latest start is the
     deadline minus its predicted service (remaining predicted tokens times the
     learned or configured token time). A wait bound promotes a long job no
     earlier than a short one although its completion is its wait plus a long
@@ -321,7 +322,13 @@ class SlackQueue(_GuardedHeapQueue):
         return self.token_time.value
 
     def latest_start(self, job: Job) -> float:
-        return job.arrival + self._target - self._remaining(job) * self.token_time.value
+        """The job's own deadline (the caller's gRPC deadline) when it is earlier than
+        arrival + target: each request is guarded by its own completion time."""
+        due = job.arrival + self._target
+        deadline = job.deadline
+        if deadline is not None and deadline < due:
+            due = deadline
+        return due - self._remaining(job) * self.token_time.value
 
     def push(self, job: Job) -> None:
         super().push(job)

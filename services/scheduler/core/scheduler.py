@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from services.scheduler.core.bands import BandedQueue, BandSettings, rank
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.clock import Clock
@@ -35,6 +36,7 @@ from services.scheduler.core.membership import WorkerMembership
 from services.scheduler.core.placement import SlotBoard, WorkerSlots
 from services.scheduler.core.policies import Policy
 from services.scheduler.core.preemption import RunningHeap
+from services.scheduler.core.queue import ReadyQueue
 
 QUEUED = JobState.QUEUED
 PREDICTED = JobState.PREDICTED
@@ -63,6 +65,7 @@ class SchedulerCore(WorkerMembership):
         progress: Callable[[Job], int] | None = None,
         max_requeues: int = 3,
         cap_at_max_tokens: bool = True,
+        bands: BandSettings | None = None,
     ) -> None:
         if queue_limit < 1:
             raise ValueError(f"queue limit must be >= 1, got {queue_limit}")
@@ -80,7 +83,15 @@ class SchedulerCore(WorkerMembership):
         # capped. Benchmark mode turns this off: there max_tokens carries the
         # replayed true length, and capping at it would hand SSJF the oracle.
         self.cap_at_max_tokens = cap_at_max_tokens
-        self.queue = policy.make_queue(clock)
+        # The policy's queue until a job of another band than 0 arrives (or from the start
+        # with fair share): then priority bands (strict, wait-bounded) over the policy's
+        # queues. Without priorities nothing is added to a decision.
+        self.bands = bands or BandSettings()
+        self.queue: ReadyQueue = (
+            BandedQueue(policy, clock, self.bands)
+            if self.bands.fair_share
+            else policy.make_queue(clock)
+        )
         self._dynamic = batching.mode is BatchingMode.DYNAMIC
         self._board = SlotBoard()
         self._workers: dict[Any, WorkerSlots] = {}
@@ -89,7 +100,9 @@ class SchedulerCore(WorkerMembership):
         self._awaiting_prediction = 0
         self._running = 0
         self._preempting: set[Any] = set()
-        self._running_heap = RunningHeap()
+        # One per band: a queued job may preempt only in its own band (by the rule) or
+        # in a lower one, never in a higher one.
+        self._running_heaps: dict[int, RunningHeap] = {}
         self._deadlines: list[tuple[float, int, Job]] = []
         self._window_start: float | None = None
         self.submitted = 0
@@ -148,7 +161,7 @@ class SchedulerCore(WorkerMembership):
         job.to(PREDICTED)
         self._awaiting_prediction -= 1
         job.ready_since = self.clock.now()
-        self.queue.push(job)
+        self._enqueue(job)
         return job
 
     def on_prediction_failed(self, job_id: Any) -> Job | None:
@@ -218,7 +231,10 @@ class SchedulerCore(WorkerMembership):
         w.jobs[job.id] = None
         self._running += 1
         if self.policy.preemption is not None:
-            self._running_heap.add(job, self.policy.remaining(job))
+            heap = self._running_heaps.get(job.priority)
+            if heap is None:
+                heap = self._running_heaps[job.priority] = RunningHeap()
+            heap.add(job, self.policy.remaining(job))
         decisions.append(Assign(job, w.id))
 
     def _maybe_preempt(self, decisions: list[Decision]) -> None:
@@ -226,7 +242,15 @@ class SchedulerCore(WorkerMembership):
         if best is None:
             return
         started = {d.job.id for d in decisions if isinstance(d, Assign)}
-        victim = self._running_heap.victim(self.policy, best, self._progress, started)
+        victim = None
+        # Lowest band first: a higher band's job displaces a lower band's before its own
+        # band's, and never a higher band's.
+        for band in sorted(b for b in self._running_heaps if b <= best.priority):
+            victim = self._running_heaps[band].victim(
+                self.policy, best, self._progress, started, across=band < best.priority
+            )
+            if victim is not None:
+                break
         if victim is not None:
             victim.to(PREEMPTED)
             victim.preemptions += 1
@@ -378,7 +402,30 @@ class SchedulerCore(WorkerMembership):
     def _requeue(self, job: Job, now: float) -> None:
         job.to(PREDICTED)
         job.ready_since = now
+        self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
+        if job.priority and not isinstance(self.queue, BandedQueue):
+            self._use_bands()
         self.queue.push(job)
+
+    def _use_bands(self) -> None:
+        """Moves the queued jobs (all of band 0) into a banded queue, once: O(n log n)
+        on the first job with a priority, nothing before. The policy queue's token time
+        and late count carry over."""
+        old = self.queue
+        banded = BandedQueue(
+            self.policy,
+            self.clock,
+            self.bands,
+            token_time=getattr(old, "token_time", None),
+            late_before=old.late_jobs,
+        )
+        jobs = sorted(old, key=lambda j: j.ready_since)  # the wait-bound FIFO's order
+        for job in jobs:
+            old.remove(job)
+            banded.push(job)
+        self.queue = banded
 
     def _end(self, job: Job, state: JobState, reason: str, now: float) -> None:
         if job.state is PREDICTED:
@@ -402,15 +449,10 @@ class SchedulerCore(WorkerMembership):
 
     def position(self, job: Job) -> int:
         """Jobs ahead of ``job`` in the ready queue now (O(n); for the Accepted message)."""
-        entry = job.entry
-        if entry is None:
+        if job.entry is None:
             return len(self.queue)
-        mine = (entry[0], entry[1])
-        return sum(
-            1
-            for other in self.queue
-            if other.entry is not None and (other.entry[0], other.entry[1]) < mine
-        )
+        mine = rank(job)
+        return sum(1 for other in self.queue if rank(other) < mine)
 
     @property
     def queue_depth(self) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from services.scheduler import metrics
-from services.scheduler.config import SchedulerConfig, build_policy
+from services.scheduler.config import SchedulerConfig, build_bands, build_policy
 from services.scheduler.core.admission import AdmissionControl
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
@@ -87,6 +87,7 @@ class SchedulerService:
             cache=SemanticCache(cfg.cache_threshold, cfg.cache_size) if cfg.predictor else None,
             fallback=FallbackPredictor(cfg.fallback_tokens),
             cap_at_max_tokens=not cfg.benchmark_mode,
+            bands=build_bands(cfg),
         )
         # Every job the core ends, on any path, is listed here and ended for its
         # clients in ``_settle``: no client is left waiting on a job the core forgot.
@@ -280,6 +281,9 @@ class SchedulerService:
             max_tokens=request.max_tokens,
             true_tokens=request.max_tokens if self.policy.uses_truth else None,
             deadline=now + remaining if remaining is not None else None,
+            # Absent = band 0; the tenant's max_priority was checked before (tenancy).
+            priority=request.priority if request.HasField("priority") else 0,
+            tenant=tenant,
         )
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)

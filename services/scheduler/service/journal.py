@@ -61,6 +61,7 @@ from services.scheduler.service.journal_rows import (
     Loaded,
     migrate,
     read,
+    write_band,
 )
 from services.scheduler.service.streams import Request
 from shortline.common.outcomes import Outcome, embedding_blob, private_file
@@ -297,6 +298,7 @@ class Journal:
                     chat.to_json(chat.messages_of(req)),
                 ),
             )
+            write_band(c, job.id, job.priority)
             c.execute("DELETE FROM deltas WHERE key=?", (job.id,))
             mark.admitted = True
         if len(req.text) > mark.chars:

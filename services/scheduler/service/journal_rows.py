@@ -59,6 +59,24 @@ SCHEMA = (
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE requests ADD COLUMN messages TEXT",),
 }
+# A request's priority band, for the requests not in band 0 (absent: 0). A table of its
+# own, made at every open, rather than a column: no schema version, so a journal moves
+# between schedulers with and without bands in both directions (an older one ignores
+# the table), and band-0 requests cost nothing. A trigger forgets a band with its request.
+BANDS = (
+    "CREATE TABLE IF NOT EXISTS bands(key TEXT PRIMARY KEY, priority INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS bands_forget AFTER DELETE ON requests"
+    " BEGIN DELETE FROM bands WHERE key = OLD.key; END",
+)
+
+
+def write_band(conn: sqlite3.Connection, key: str, priority: int) -> None:
+    """Journals a newly admitted request's band (the writer calls it with the request's
+    INSERT; nothing is written for band 0)."""
+    if priority:
+        conn.execute("INSERT OR REPLACE INTO bands(key, priority) VALUES (?,?)", (key, priority))
+    else:
+        conn.execute("DELETE FROM bands WHERE key=?", (key,))
 
 
 def migrate(conn: sqlite3.Connection, version: int) -> None:
@@ -72,6 +90,8 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
             for step in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
+        for statement in BANDS:
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -114,6 +134,7 @@ class Record:
     outcome: Outcome | None = None  # not yet in the outcome log
     # A chat request's conversation as ``chat.to_json`` wrote it; None for a prompt.
     messages: str | None = None
+    priority: int = 0  # its band, kept across a restart
 
 
 @dataclass
@@ -131,10 +152,12 @@ def read(conn: sqlite3.Connection, cutoff: float) -> tuple[Loaded, list[str]]:
         parts, count = texts.get(key, ([], 0))
         parts.append(text)
         texts[key] = (parts, count + int(tokens or 0))
+    bands = dict(conn.execute("SELECT key, priority FROM bands"))
     loaded = Loaded()
     stale = []
     for row in conn.execute("SELECT * FROM requests ORDER BY coalesce(finished, arrival), arrival"):
         record = _record(row, texts)
+        record.priority = int(bands.get(record.key, 0))
         if record.outcome is not None:
             loaded.unlogged.append(record)
         if record.final is None:

@@ -109,6 +109,8 @@ def _request(record: Record, mono: Shift) -> Request:
         prompt=record.prompt,
         max_tokens=record.max_tokens,
         deadline=mono(record.deadline),
+        priority=record.priority,  # its band, as admitted
+        tenant=record.tenant,
     )
     job.first_dispatch = mono(record.first_dispatch)
     job.first_token = mono(record.first_token)

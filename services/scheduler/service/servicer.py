@@ -73,6 +73,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self.tenancy.check_model(tenant, request.model, context)
+        await self.tenancy.check_priority(tenant, request, context)
         span = self._tracer.start_span("scheduler.generate")
         try:
             # Current only while the request is admitted or attached (no yield in

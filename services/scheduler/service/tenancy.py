@@ -20,6 +20,7 @@ import logging
 import grpc
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.core.admission import PriorityCapError
 from shortline.common.auth import ANONYMOUS, Tenant, TokensFileError, TokenStore, bearer_token
 from shortline.common.tls import is_loopback
 from shortline.scheduler.v1 import scheduler_pb2
@@ -142,6 +143,34 @@ class Tenancy:
                 f"tenant {tenant.name!r} may not use model {model[:64]!r} (allowed: {allowed})",
             )
 
+    @staticmethod
+    async def check_priority(
+        tenant: Tenant,
+        request: scheduler_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Aborts with PERMISSION_DENIED when ``request`` asks for a band above the
+        tenant's ``max_priority``. The abort is raised while :class:`PriorityCapError` is
+        handled, so the refusal counter (``server.py``) can tell it by the abort's
+        ``__context__`` from a model the tenant may not use."""
+        problem = priority_problem(tenant, request)
+        if problem is not None:
+            try:
+                raise PriorityCapError(problem)
+            except PriorityCapError:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+
+
+def priority_problem(tenant: Tenant, request: scheduler_pb2.GenerateRequest) -> str | None:
+    """Why ``tenant`` may not send ``request``'s priority, or None (absent = band 0)."""
+    priority = request.priority if request.HasField("priority") else 0
+    if tenant.may_ask(priority):
+        return None
+    return (
+        f"priority {priority} is above tenant {tenant.name!r}'s max_priority "
+        f"{tenant.max_priority} (its tokens file entry); send priority <= {tenant.max_priority}"
+    )
+
 
 def startup_policy(cfg: SchedulerConfig, tenancy: Tenancy) -> None:
     """Says at start who may call; refuses an open port without tokens."""
@@ -167,11 +196,13 @@ def startup_policy(cfg: SchedulerConfig, tenancy: Tenancy) -> None:
 
 
 __all__ = [
+    "PriorityCapError",
     "Tenancy",
     "TenancyConfigError",
     "TokensFileError",
     "differing_field",
     "fingerprint",
+    "priority_problem",
     "scoped_key",
     "shown_id",
     "startup_policy",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from services.scheduler.core.bands import BandSettings
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.clock import VirtualClock
@@ -65,6 +66,8 @@ class RunResult:
     cache_hits: int = 0
     late_jobs: int = 0  # ssjf-aging: jobs that reached their latest start
     token_time_s: float = 0.0  # ssjf-aging: seconds per predicted token at the end
+    priority: NDArray[np.int64] | None = None  # the workload's bands, when it has them
+    tenant: list[str] | None = None
 
 
 def simulate(
@@ -76,6 +79,7 @@ def simulate(
     slots: int,
     model: ServiceModel,
     cache: SemanticCache | None = None,
+    bands: BandSettings | None = None,
 ) -> RunResult:
     """Runs every request of ``workload`` to completion; returns per-request times.
 
@@ -113,7 +117,13 @@ def simulate(
         return job.run_start_generated + max(0, int(s - s_join[job.id] + _EPS))
 
     core = SchedulerCore(
-        policy, batching, clock, queue_limit=n_jobs + 1, progress=progress, cache=cache
+        policy,
+        batching,
+        clock,
+        queue_limit=n_jobs + 1,
+        progress=progress,
+        cache=cache,
+        bands=bands,
     )
     embeddings: Any = None
     ids: list[int] | None = None
@@ -130,6 +140,8 @@ def simulate(
     caps = workload.max_tokens.tolist() if workload.max_tokens is not None else None
     preds = workload.predicted.tolist()
     source = workload.prediction_source
+    prios = workload.priority.tolist() if workload.priority is not None else None
+    tenants = workload.tenant
     first_token = [np.nan] * n_jobs
     finish = [np.nan] * n_jobs
     first_dispatch = [np.nan] * n_jobs
@@ -169,7 +181,7 @@ def simulate(
         if i < n_jobs and (not events or arrivals[i] <= events[0][0]):
             now = arrivals[i]
             clock.t = now
-            submit(
+            job = (
                 Job(
                     i,
                     arrival=now,
@@ -185,6 +197,11 @@ def simulate(
                     true_tokens=ttoks[i],
                 )
             )
+            if prios is not None:
+                job.priority = prios[i]
+            if tenants is not None:
+                job.tenant = tenants[i]
+            submit(job)
             if ids is None:
                 on_prediction(i, preds[i], source)
             else:
@@ -304,4 +321,6 @@ def simulate(
         cache_hits=cache.hits if cache is not None else 0,
         late_jobs=stats.late_jobs,
         token_time_s=stats.token_time_s,
+        priority=workload.priority,
+        tenant=workload.tenant,
     )

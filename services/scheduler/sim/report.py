@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from services.scheduler.sim.engine import RunResult
 from shortline.common import stats
 from shortline.common.stats import completion_stats
 
-__all__ = ["ORACLE", "SIM_RATIOS", "add_ratios", "completion_stats", "summarize", "table"]
+__all__ = [
+    "ORACLE",
+    "SIM_RATIOS",
+    "add_ratios",
+    "completion_stats",
+    "group_table",
+    "groups",
+    "summarize",
+    "table",
+]
 
 # The ratios ``shortline simulate`` reports, under the names its JSON has always had.
 SIM_RATIOS = {
@@ -68,5 +79,46 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r.get('mean_jct_vs_fcfs', float('nan')):.3f} "
             f"| {r.get('p99_jct_vs_fcfs', float('nan')):.3f} | {_share(r)} | {r['preemptions']} "
             f"| {r['sim_wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def groups(r: RunResult) -> list[dict[str, Any]]:
+    """Mean and p99 JCT per priority band and per tenant, when the workload has them
+    (what an operator asks of bands and fair share: who paid for whom)."""
+    jct = r.finish - r.arrival
+    out: list[dict[str, Any]] = []
+    labelled: list[tuple[str, list[Any]]] = []
+    if r.priority is not None:
+        labelled.append(("band", r.priority.tolist()))
+    if r.tenant is not None:
+        labelled.append(("tenant", list(r.tenant)))
+    for by, labels in labelled:
+        keys = np.asarray(labels, dtype=object)
+        for value in sorted(set(labels), key=lambda v: (str(type(v)), v)):
+            mine = jct[(keys == value) & np.isfinite(jct)]
+            if not mine.size:
+                continue
+            out.append(
+                {
+                    "policy": r.policy,
+                    "batching": r.batching,
+                    "by": by,
+                    "group": value,
+                    "requests": int(mine.size),
+                    "mean_jct_s": float(mine.mean()),
+                    "p99_jct_s": stats.percentile(mine, 99),
+                }
+            )
+    return out
+
+
+def group_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| batching | policy | by | group | requests | mean JCT s | p99 JCT s |"]
+    lines.append("|" + "---|" * 7)
+    for g in rows:
+        lines.append(
+            f"| {g['batching']} | {g['policy']} | {g['by']} | {g['group']} | {g['requests']} "
+            f"| {g['mean_jct_s']:.3f} | {g['p99_jct_s']:.3f} |"
         )
     return "\n".join(lines)

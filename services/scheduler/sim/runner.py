@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from services.scheduler.core.bands import REFERENCE_BAND_MAX_WAIT_JOB_TIMES, BandSettings
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.policies import (
@@ -24,7 +25,7 @@ from services.scheduler.core.policies import (
 from services.scheduler.sim import traffic
 from services.scheduler.sim import workload as wl
 from services.scheduler.sim.engine import simulate
-from services.scheduler.sim.report import add_ratios, summarize, table
+from services.scheduler.sim.report import add_ratios, group_table, groups, summarize, table
 from services.scheduler.sim.service_model import ServiceModel, capacity, parse_dynamic_charge
 from shortline.common import paths
 from shortline.common.stats import kendall_tau
@@ -130,6 +131,23 @@ class SimulateConfig:
             "(default: the times as given)"
         },
     )
+    band_max_wait_s: float = field(
+        default=math.nan,
+        metadata={
+            "help": "priority bands: a lower band's wait bound, seconds (default "
+            f"{REFERENCE_BAND_MAX_WAIT_JOB_TIMES:g} job times at capacity; 0: strict bands)"
+        },
+    )
+    fair_share: bool = field(
+        default=False,
+        metadata={"help": "within a band, the tenant with the least recent service first"},
+    )
+    fair_share_half_life_s: float = field(
+        default=math.nan,
+        metadata={
+            "help": "fair share: service halves every this many seconds (default 60 job times)"
+        },
+    )
     seed: int = field(default=1, metadata={"help": "random seed"})
     out: str = field(default="", metadata={"help": "JSON path (default .run/sim/...)"})
 
@@ -188,6 +206,7 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
     )
     rule = PreemptionRule(cfg.preempt_factor, cfg.preempt_max_fraction, cfg.preempt_max_per_job)
     rows: list[dict[str, Any]] = []
+    group_rows: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
     for mode in [m.strip() for m in cfg.batching.split(",") if m.strip()]:
         batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
@@ -220,6 +239,7 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         aging_rate = cfg.aging_rate if not math.isnan(cfg.aging_rate) else ref.aging_rate
         max_wait = cfg.max_wait_s if not math.isnan(cfg.max_wait_s) else ref.max_wait_s
         jct_target = cfg.jct_target_s if not math.isnan(cfg.jct_target_s) else ref.jct_target_s
+        bands = reference_bands(cfg, per_job)
         cells.append(
             {
                 "batching": mode,
@@ -250,9 +270,11 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
                 slots=cfg.slots,
                 model=model,
                 cache=SemanticCache(0.95, cfg.cache_size) if cfg.cache else None,
+                bands=bands,
             )
             row = summarize(result)
             rows.append(row)
+            group_rows += groups(result)
             log.info(
                 "%s/%s: mean JCT %.3f s in %.1f s wall",
                 mode,
@@ -271,12 +293,28 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         "dynamic_charge": model.dynamic_charge,
         "cells": cells,
         "rows": rows,
+        "groups": group_rows,
     }
+
+
+def reference_bands(cfg: SimulateConfig, seconds_per_job: float) -> BandSettings:
+    """The bands' settings for a load: as given, else in job times at capacity."""
+    wait = cfg.band_max_wait_s
+    half = cfg.fair_share_half_life_s
+    return BandSettings(
+        max_wait_s=wait
+        if not math.isnan(wait)
+        else REFERENCE_BAND_MAX_WAIT_JOB_TIMES * seconds_per_job,
+        fair_share=cfg.fair_share,
+        half_life_s=half if not math.isnan(half) else 60.0 * seconds_per_job,
+    )
 
 
 def main(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> int:
     report = run(cfg, predictor)
     print(table(report["rows"]))
+    if report["groups"]:
+        print("\nper priority band and tenant:\n" + group_table(report["groups"]))
     own = report["traffic"]
     if own is not None:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(own["skipped"].items())) or "none"

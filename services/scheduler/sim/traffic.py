@@ -363,6 +363,8 @@ def to_workload(
         true_tokens=traffic.true_tokens,
         predicted=predicted,
         prediction_source=source,
+        priority=traffic.priority,
+        tenant=traffic.tenant,
         info={
             "source": traffic.name,
             "requests": len(traffic),

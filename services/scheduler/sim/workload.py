@@ -55,6 +55,10 @@ class Workload:
     # The max_tokens each request asks for; the core caps its prediction there (None: no
     # cap). Set where the live client sends one, so that the simulator sees the same keys.
     max_tokens: NDArray[np.int64] | None = None
+    # Each request's priority band and tenant (own traffic, bench.priority); None: band 0,
+    # one tenant.
+    priority: NDArray[np.int64] | None = None
+    tenant: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.arrivals.shape[0])

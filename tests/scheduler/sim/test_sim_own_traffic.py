@@ -112,7 +112,7 @@ def test_csv_workload_in_any_order_with_bad_predictions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lines = [
-        f"{t},{a},{p},,{i},tenant-{i}"
+        f"{t},{a},{p},,1,tenant-{i}"
         for i, (a, t, p) in enumerate(zip(ARRIVALS, TRUE, BAD, strict=True))
     ]
     path = write_csv(
@@ -122,7 +122,7 @@ def test_csv_workload_in_any_order_with_bad_predictions(
     )
     loaded = traffic.read_workload_file(path)
     assert loaded.arrivals.tolist() == ARRIVALS
-    assert loaded.priority is not None and loaded.priority.tolist() == [0, 1, 2]
+    assert loaded.priority is not None and loaded.priority.tolist() == [1, 1, 1]
     assert loaded.tenant == ["tenant-0", "tenant-1", "tenant-2"]
 
     cfg = config(workload=str(path), out=str(tmp_path / "report.json"))
