@@ -172,9 +172,7 @@ def create_app(cfg: GatewayConfig, options: ClientOptions | None = None) -> Star
             except ApiError as exc:
                 return http.error_response(exc)
             state = holder["s"]
-            job = job_type(
-                params, token, state.pool, state.limiter, cfg.default_deadline_s, chosen
-            )
+            job = job_type(params, token, state.pool, state.limiter, cfg.default_deadline_s, chosen)
             log.debug(
                 "%s %s: model %s, stream %s", kind, job.request_id, params.model, params.stream
             )
