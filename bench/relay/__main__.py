@@ -8,9 +8,11 @@ starts two local stacks side by side (``shortline up`` as real processes, the
 ``replay`` model at a fast step: 2 workers x 32 slots, 2 ms + 0.05 ms per
 sequence, so the services, not the model, are the limit): one whose workers
 send every token as its own message (``--coalesce-ms 0``) and one with the
-worker's default coalescing. Rounds of ``--streams`` concurrent streams go to
-one stack, then the other, the order alternating, so both see the same load
-on the machine (other work on it included).
+worker's default coalescing (in both, the scheduler takes each worker's deltas
+on one ``StreamDeltas`` stream, several jobs' per message). Rounds of
+``--streams`` concurrent streams go to one stack, then the other, the order
+alternating, so both see the same load on the machine (other work on it
+included).
 
 Per setting, over the measured rounds (a warm-up round is left out):
 

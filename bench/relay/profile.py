@@ -14,8 +14,10 @@ of its measured rounds, three ways, each a difference over the round:
 - **journal**: commits and their summed time, from the scheduler's Prometheus
   histogram.
 
-A message is a chunk the clients received (with coalescing off, one token:
-one message from the worker, one to the client). A function's share of the
+A message is a chunk the clients received (with coalescing off, one token):
+one message to the client, and its share of a message of the worker's delta
+stream, which carries several jobs' chunks (``Execute`` with a worker that
+predates it: one message from the worker). A function's share of the
 samples times the event loop thread's CPU per message is its cost per
 message, in microseconds: the samples are wall time with the GIL held (a
 thread the OS preempts while holding it still counts), so the shares are

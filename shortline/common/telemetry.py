@@ -41,6 +41,8 @@ UNTRACED_SERVICES = (
 )
 UNTRACED_METHODS = (
     "/shortline.scheduler.v1.SchedulerInternalService/Heartbeat",
+    # One long-lived stream per worker carrying every job's deltas, not a request's.
+    "/shortline.worker.v1.WorkerService/StreamDeltas",
     # The worker's readiness polls and model listing (tritonclient, Triton's API).
     "/inference.GRPCInferenceService/ServerReady",
     "/inference.GRPCInferenceService/ServerLive",

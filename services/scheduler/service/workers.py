@@ -3,7 +3,8 @@
 A worker's handle (its channel, stub, last heartbeat and running streams)
 hangs off the core's record of the worker (``core.workers[id].attachment``):
 the core's table of workers is the one registry of workers. A run is one
-``Execute`` stream; its deltas go to the request's record
+``Execute`` stream; its deltas (on the worker's ``StreamDeltas`` stream when
+open, ``delta_stream``, else on ``Execute``) go to the request's record
 (``streams.Request``) and its end to the core.
 
 A worker is present and serving, present but not serving, or gone. Each
@@ -42,6 +43,13 @@ from services.scheduler.core.interface import Stop
 from services.scheduler.core.job import JobState
 from services.scheduler.core.membership import MembershipInterface
 from services.scheduler.service.chat import messages_of
+from services.scheduler.service.delta_stream import (
+    DeltasLost,
+    DeltaStream,
+    RunSink,
+    applier,
+    lost_in_transit,
+)
 from services.scheduler.service.results import StatusError
 from services.scheduler.service.streams import Request
 from services.scheduler.service.tenancy import shown_id
@@ -79,6 +87,9 @@ class WorkerHandle:
     # Its last word on whether it can serve (heartbeat, GetCapacity); dispatch follows it.
     serving: bool = True
     probe: asyncio.Task[None] | None = None
+    # Its StreamDeltas stream (runs' deltas, several a message) and the task keeping it.
+    deltas: DeltaStream | None = None
+    deltas_task: asyncio.Task[None] | None = None
 
 
 class WorkerPool:
@@ -99,6 +110,8 @@ class WorkerPool:
         self._pump = pump
         self._tls = tls.load(cfg)
         self._tracer = tracer("shortline.scheduler")
+        # limits() per model, asked by every Generate; changes only when workers do.
+        self._limits: dict[str, ServedLimits] = {}
 
     # ---- the registry (the core's) -------------------------------------------
 
@@ -133,10 +146,16 @@ class WorkerPool:
         workers serving it, chat messages only if every one of them formats them.
         Before any worker has joined (a request may queue then), or for a model no
         worker serves (``unserved`` refuses it), the defaults."""
+        cached = self._limits.get(model)
+        if cached is not None:
+            return cached
         serving = [w for w in self if model in w.limits]
         narrowed = narrowest(model, (w.limits[model] for w in serving))
         chat = all(model in w.chat for w in serving)
-        return ServedLimits(**asdict(narrowed), chat=chat)
+        limits = ServedLimits(**asdict(narrowed), chat=chat)
+        if len(self._limits) < 1024:  # bounded: names come from requests
+            self._limits[model] = limits
+        return limits
 
     def served(self) -> list[ServedLimits]:
         """Each served model's limits (ListModels), by name."""
@@ -188,6 +207,9 @@ class WorkerPool:
             chat=frozenset(m.model for m in limits if m.chat and m.model in models),
         )
         self.core.add_worker(worker_id, slots, handle)
+        self._limits.clear()
+        handle.deltas = DeltaStream(worker_id, handle.stub)
+        handle.deltas_task = self._spawn(handle.deltas.run(), None)
         metrics.MODELS.add(models)
         metrics.WORKERS_ALIVE.set(len(self))
         log.info(
@@ -249,11 +271,14 @@ class WorkerPool:
         # Jobs its core record holds that retries cannot save end (FAILED) in the core's
         # list of ended jobs; the data plane ends their streams when this pumps.
         requeued = self.core.on_worker_lost(worker_id)
+        self._limits.clear()
         for task in worker.runs.values():
             task.cancel()
         worker.runs.clear()
         if worker.probe is not None:
             worker.probe.cancel()
+        if worker.deltas_task is not None:
+            worker.deltas_task.cancel()
         self._spawn(worker.channel.close(None), None)
         metrics.WORKERS_ALIVE.set(len(self))
         log.warning(
@@ -346,6 +371,12 @@ class WorkerPool:
         span.set_attribute("shortline.predicted_tokens", job.predicted)
         token_ctx = otel_context.attach(trace.set_span_in_context(span))
         fresh = req.tokens == 0  # this run's input is the prompt alone
+        # The run's series, looked up once: labels() takes a lock and builds a key
+        # (about 1 us of the ~1.3 us a per-message lookup and inc cost).
+        generated = metrics.GENERATED_TOKENS.labels(metrics.MODELS.label(job.model))
+        apply = applier(req, token, worker.id, self.core.on_progress, generated.inc)
+        stream = worker.deltas
+        sink: RunSink | None = stream.attach(key, apply) if stream is not None else None
         try:
             call = worker.stub.Execute(
                 worker_pb2.ExecuteRequest(
@@ -359,36 +390,41 @@ class WorkerPool:
                     sampling=req.sampling,
                     resume_text=req.text,
                     resume_tokens=req.tokens,
+                    delta_stream=stream.stream_id if sink is not None and stream else "",
                 )
             )
-            # The run's series, looked up once: labels() takes a lock and builds a key
-            # (about 1 us of the ~1.3 us a per-message lookup and inc cost).
-            generated = metrics.GENERATED_TOKENS.labels(metrics.MODELS.label(job.model))
+            if sink is not None:
+                sink.call = call
             async for msg in call:
                 if not current():
                     call.cancel()
                     return
                 if msg.HasField("delta"):
-                    d = msg.delta
-                    if job.state is JobState.CANCELLED:
-                        continue
-                    req.add_text(d.text, d.tokens)
-                    self.core.on_progress(job.id, req.tokens)
-                    generated.inc(d.tokens)
+                    apply(msg.delta)
                 else:
-                    reason = msg.result.finish_reason
-                    req.worker_id = msg.result.worker_id or worker.id
-                    if fresh and msg.result.prompt_tokens:
-                        req.prompt_tokens = msg.result.prompt_tokens
-        except asyncio.CancelledError:
-            return  # the worker was declared lost; the core has requeued the job
+                    result = msg.result
+                    if result.streamed_deltas and sink is not None:
+                        await sink.caught_up(result.streamed_deltas)
+                    reason = result.finish_reason
+                    req.worker_id = result.worker_id or worker.id
+                    if fresh and result.prompt_tokens:
+                        req.prompt_tokens = result.prompt_tokens
+        except (asyncio.CancelledError, DeltasLost) as exc:
+            if not lost_in_transit(sink, exc):
+                return  # the worker was declared lost; the core has requeued the job
+            if current():  # resumes from the deltas applied, as a run that broke
+                self._run_broke(req, worker, grpc.StatusCode.UNAVAILABLE, repr(exc))
+            self._pump()
+            return
         except grpc.aio.AioRpcError as exc:
             if not current():
                 return
-            self._run_broke(req, worker, exc)
+            self._run_broke(req, worker, exc.code(), exc.details() or "")
             self._pump()
             return
         finally:
+            if sink is not None and stream is not None:
+                stream.detach(key, sink)
             if worker.runs.get(job.id) is asyncio.current_task():
                 del worker.runs[job.id]
             span.set_attribute("shortline.tokens", req.tokens)
@@ -414,10 +450,11 @@ class WorkerPool:
             status = grpc.StatusCode.FAILED_PRECONDITION
             self._finalize(req, (status, f"request {shown_id(req.id)}: {why}"))
 
-    def _run_broke(self, req: Request, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> None:
+    def _run_broke(
+        self, req: Request, worker: WorkerHandle, code: grpc.StatusCode, details: str
+    ) -> None:
         job = req.job
-        code = exc.code()
-        log.warning("job %s on %s: %s %s", job.id, worker.id, code.name, exc.details())
+        log.warning("job %s on %s: %s %s", job.id, worker.id, code.name, details)
         worker.runs.pop(job.id, None)
         down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         retry = code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
@@ -425,9 +462,9 @@ class WorkerPool:
         if job.terminal:
             # CANCELLED here is the worker's doing, not the client's: say UNAVAILABLE.
             told = grpc.StatusCode.UNAVAILABLE if down else code
-            self._finalize(req, (told, f"request {shown_id(req.id)}: {exc.details()}"))
+            self._finalize(req, (told, f"request {shown_id(req.id)}: {details}"))
         if down:
-            self._suspect(worker, f"{code.name}: {exc.details()}")
+            self._suspect(worker, f"{code.name}: {details}")
 
     def _run_ended(self, req: Request, reason: int | None) -> None:
         job = req.job

@@ -376,5 +376,13 @@ class WorkerServer:
                 name = getattr(task.get_coro(), "__qualname__", task.get_name())
                 log.warning("%s did not end within %g s of its cancel", name, TASK_STOP_S)
         self._tasks.clear()
-        await self.server.stop(grace_s)
+        stopping = asyncio.create_task(self.server.stop(grace_s))
+        # The delta streams end once the jobs whose deltas they carry have (or the grace
+        # is over), not after the grace: they are open for as long as a scheduler is.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.servicer.slots.used and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        self.servicer.deltas.close_all()
+        await stopping
         await self.triton.close()

@@ -1,13 +1,16 @@
 """The WorkerService: K slots in front of one Triton endpoint.
 
-``Execute`` streams a job's text as Triton produces it. ``Cancel`` and
-``Preempt`` cancel the job's Triton stream (the model drops the sequence
-before its next decoding step) and return exactly the text the Execute
-stream has handed to gRPC: the Execute loop appends a delta to the job's
-``Execution`` (``slots.py``) and yields it without an ``await`` in between,
-and it checks the stop flag before taking the next delta, so the two can
-never disagree. Every exit path of Execute (end, cancel, preempt, client
-gone, deadline, error) releases the slot in one ``finally``.
+``Execute`` streams a job's text as Triton produces it, or, when its request
+names the scheduler's open ``StreamDeltas`` stream (``deltas.py``), puts the
+deltas there, batched with other jobs', and ends with the result alone, which
+counts them. ``Cancel`` and ``Preempt`` cancel the job's Triton stream
+(the model drops the sequence before its next decoding step) and return
+exactly the text the Execute stream has handed to gRPC (or put on the delta
+stream): the Execute loop appends a delta to the job's ``Execution``
+(``slots.py``) and sends it without an ``await`` in between, and it checks the
+stop flag before taking the next delta, so the two can never disagree. Every
+exit path of Execute (end, cancel, preempt, client gone, deadline, error)
+releases the slot in one ``finally``.
 
 The server around it (gRPC, Triton health watch, scheduler membership) is
 in ``server.py``.
@@ -36,6 +39,7 @@ from services.worker.prompts import (
     parse_models,
 )
 from services.worker.service.coalesce import chunks
+from services.worker.service.deltas import DeltaStreams, StreamLimit
 from services.worker.service.slots import DuplicateJob, Execution, Slots, SlotsFull
 from services.worker.service.triton_client import (
     ModelNotFound,
@@ -96,6 +100,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._slots_used = metrics.SLOTS_USED.labels(worker_id)
         self._tokens = metrics.WORKER_TOKENS
         self.serving = False
+        # The schedulers' StreamDeltas streams (deltas.py).
+        self.deltas = DeltaStreams()
         self._tracer = tracer("shortline.worker")
         # With mutual TLS only these certificates may run, stop or inspect jobs: a job id
         # alone (guessable) must not let anyone cancel another user's request.
@@ -216,6 +222,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         timeout = min(remaining, self.config.triton_timeout_s) if remaining else None
         first_token = 0.0
         reason = ""
+        streamed = 0  # deltas put on the StreamDeltas stream
+        stream_id = ""
         # Not made current: the span outlives many yields of this generator.
         span = self._tracer.start_span("triton.stream_infer")
         span.set_attribute("triton.url", self.triton.url)
@@ -238,6 +246,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if execution.stop_reason is not None:  # stopped while the stream was being opened
                 execution.stream.cancel()
             sent = 0
+            # Decided once per run: each of its deltas on the one stream or the other.
+            stream_id = request.delta_stream if self.deltas.has(request.delta_stream) else ""
             coalesce_s = self.config.coalesce_ms / 1e3
             async for chunk in chunks(
                 execution.stream, execution, coalesce_s, self.config.coalesce_tokens
@@ -246,15 +256,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     if not first_token:
                         first_token = time.perf_counter() - started
                     sent += chunk.tokens
-                    yield worker_pb2.ExecuteResponse(
-                        delta=worker_pb2.TextDelta(
-                            text=chunk.text,
-                            tokens=chunk.tokens,
-                            total_tokens=sent,
-                            step=chunk.step,
-                            batch_size=chunk.batch_size,
-                        )
+                    delta = worker_pb2.TextDelta(
+                        text=chunk.text,
+                        tokens=chunk.tokens,
+                        total_tokens=sent,
+                        step=chunk.step,
+                        batch_size=chunk.batch_size,
                     )
+                    if stream_id:
+                        # Counted even if the stream closed meanwhile: its scheduler
+                        # then waits for deltas that never come and resumes the job.
+                        # A job's first goes at once: time to first token unchanged.
+                        self.deltas.put(stream_id, request.job_id, delta, streamed == 0)
+                        streamed += 1
+                    else:
+                        yield worker_pb2.ExecuteResponse(delta=delta)
                 if chunk.finish_reason:
                     reason = chunk.finish_reason
         except asyncio.CancelledError:
@@ -281,6 +297,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.set_attribute("shortline.tokens", execution.tokens)
             span.set_attribute("shortline.finish_reason", reason or str(execution.stop_reason))
             span.end()
+        if streamed:
+            self.deltas.flush(stream_id)  # its scheduler waits for them to end the run
         finish: common_pb2.FinishReason.ValueType
         if execution.stop_reason is not None:
             finish = common_pb2.FinishReason.ValueType(execution.stop_reason)
@@ -297,6 +315,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 total_seconds=time.perf_counter() - started,
                 worker_id=self.worker_id,
                 prompt_tokens=execution.prompt_tokens,
+                streamed_deltas=streamed,
             )
         )
 
@@ -329,6 +348,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.PreemptResponse:
         text, tokens = await self._stop(request.job_id, common_pb2.FINISH_REASON_PREEMPTED, context)
         return worker_pb2.PreemptResponse(job_id=request.job_id, text=text, tokens=tokens)
+
+    async def StreamDeltas(
+        self, request: worker_pb2.StreamDeltasRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StreamDeltasResponse]:
+        await self._check_caller(context)
+        try:
+            async for message in self.deltas.serve(request.stream_id):
+                yield message
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StreamLimit as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except asyncio.CancelledError:
+            if not context.cancelled():
+                raise
+            # The scheduler went away; returning spares grpc an "unhandled" error log.
 
     async def GetCapacity(
         self, request: worker_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
