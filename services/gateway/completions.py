@@ -66,6 +66,7 @@ def open_stream(
         ignore_eos=p.ignore_eos,
         priority=p.priority,
         length_model=p.length_model,
+        length_hint=p.length_hint,
         reattach_grace_seconds=client.options.reattach_grace_seconds,
     )
     sampling = request.sampling

@@ -32,6 +32,7 @@ _PARAMS = {
     "repetition_penalty": "repetition_penalty",
     "length_model": "length_model",
     "priority": "priority",
+    "length_hint": "length_hint",
 }
 
 # gRPC status -> (HTTP status, OpenAI error type, OpenAI error code).
@@ -113,7 +114,7 @@ def from_rpc(exc: grpc.RpcError) -> ApiError:
     details = (exc.details() if hasattr(exc, "details") else "") or code.name
     status, kind, err_code = _MAPPING.get(code, (500, "server_error", None))
     param = None
-    if status == 400:
+    if status in (400, 403):  # 403: a field the tenant may not send (priority, length_hint)
         match = _FIELD.match(details)
         param = _PARAMS.get(match.group(1)) if match else None
     elif status == 404:

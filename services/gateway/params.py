@@ -59,6 +59,7 @@ _MAPPED = {
     # Shortline's own (documented in docs/gateway.md)
     "priority",
     "deadline_seconds",
+    "length_hint",
     "length_model",
     "ignore_eos",
     "top_k",
@@ -104,6 +105,7 @@ class CompletionParams:
     include_usage: bool = False
     priority: int | None = None
     deadline_seconds: float | None = None
+    length_hint: int | None = None
     length_model: str = ""
     ignore_eos: bool = False
 
@@ -242,6 +244,7 @@ def _common(
         include_usage=_include_usage(body, stream),
         priority=_integer(body, "priority", -INT32, INT32),
         deadline_seconds=deadline,
+        length_hint=_integer(body, "length_hint", 1, INT32),
         length_model=_text(body, "length_model"),
         ignore_eos=_flag(body, "ignore_eos"),
     )

@@ -20,7 +20,11 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.scheduler.core.accuracy import GroupAccuracy
-from services.scheduler.core.admission import PriorityCapError, TenantCapError
+from services.scheduler.core.admission import (
+    HintNotAllowedError,
+    PriorityCapError,
+    TenantCapError,
+)
 from services.scheduler.core.interface import QueueFullError
 from shortline.common.labels import OTHER, KnownNames, bounded
 from shortline.common.prometheus import service_registry
@@ -203,8 +207,16 @@ _REFUSED_BY_CODE = {
 QUEUE_FULL = "queue_full"
 TENANT_CAP = "tenant_cap"
 PRIORITY_NOT_ALLOWED = "priority_not_allowed"  # above the tenant's max_priority
+HINT_NOT_ALLOWED = "length_hint_not_allowed"  # a length_hint without length_hints
 REFUSAL_REASONS = frozenset(
-    {*_REFUSED_BY_CODE.values(), QUEUE_FULL, TENANT_CAP, PRIORITY_NOT_ALLOWED, OTHER}
+    {
+        *_REFUSED_BY_CODE.values(),
+        QUEUE_FULL,
+        TENANT_CAP,
+        PRIORITY_NOT_ALLOWED,
+        HINT_NOT_ALLOWED,
+        OTHER,
+    }
 )
 
 REFUSED = Counter(
@@ -234,6 +246,8 @@ def refusal_reason(code: grpc.StatusCode | None, error: BaseException | None) ->
         while cause is not None:
             if isinstance(cause, PriorityCapError):
                 return PRIORITY_NOT_ALLOWED
+            if isinstance(cause, HintNotAllowedError):
+                return HINT_NOT_ALLOWED
             cause = cause.__context__
     reason = _REFUSED_BY_CODE.get(code) if code is not None else None
     return bounded(reason or OTHER, REFUSAL_REASONS)

@@ -159,6 +159,7 @@ class AsyncShortlineClient:
         ignore_eos: bool = False,
         priority: int | None = None,
         length_model: str = "",
+        length_hint: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerateStream:
@@ -174,6 +175,7 @@ class AsyncShortlineClient:
             priority=priority,
             length_model=length_model,
             reattach_grace_seconds=self.options.reattach_grace_seconds,
+            length_hint=length_hint,
         )
         return AsyncGenerateStream(self, request, timeout or self.options.timeout_seconds)
 

@@ -160,6 +160,7 @@ class ShortlineClient:
         ignore_eos: bool = False,
         priority: int | None = None,
         length_model: str = "",
+        length_hint: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerateStream:
@@ -178,6 +179,7 @@ class ShortlineClient:
             priority=priority,
             length_model=length_model,
             reattach_grace_seconds=self.options.reattach_grace_seconds,
+            length_hint=length_hint,
         )
         return GenerateStream(self, request, timeout or self.options.timeout_seconds)
 

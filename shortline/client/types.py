@@ -225,14 +225,15 @@ def build_request(
     priority: int | None,
     length_model: str,
     reattach_grace_seconds: float = 0.0,
+    length_hint: int | None = None,
 ) -> scheduler_pb2.GenerateRequest:
+    """The scheduler's request: a prompt, or ``messages`` (a conversation the worker
+    formats with the model's chat template); ValueError unless exactly one is given."""
     sampling = common_pb2.SamplingParams(ignore_eos=ignore_eos)
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:
         sampling.top_p = top_p
-    """The scheduler's request: a prompt, or ``messages`` (a conversation the worker
-    formats with the model's chat template); ValueError unless exactly one is given."""
     turns = chat_messages(messages) if messages is not None else []
     if bool(prompt) == bool(turns):
         raise ValueError("exactly one of prompt and messages must be given (and not be empty)")
@@ -247,6 +248,8 @@ def build_request(
     )
     if priority is not None:
         request.priority = priority
+    if length_hint is not None:
+        request.length_hint = length_hint
     if reattach_grace_seconds > 0.0:
         request.reattach_grace_seconds = reattach_grace_seconds
     return request

@@ -9,12 +9,16 @@ tenant may use::
     sha256 = "<hex SHA-256 of the token>"  # or: token = "<the token in clear>"
     models = ["replay"]                    # optional; absent = every model
     max_priority = 2                       # optional; absent = 0 (no request above band 0)
+    length_hints = true                    # optional; absent = false (no length_hint)
 
 ``max_priority`` caps ``GenerateRequest.priority``: with strict bands one
 tenant's priority 2^31-1 would otherwise jump every other tenant's queue, so a
 tokens file grants bands explicitly and a request above its tenant's cap is
-refused (``PERMISSION_DENIED``). Without a tokens file (the loopback-only
-development stack) the one anonymous tenant is not capped.
+refused (``PERMISSION_DENIED``). ``length_hints`` lets a tenant send
+``GenerateRequest.length_hint``, its own estimate of the output length, which
+replaces the predictor's: for the same reason it is granted explicitly. Without a
+tokens file (the loopback-only development stack) the one anonymous tenant is
+neither capped nor refused hints.
 
 Only SHA-256 digests are held in memory, so a file of digests keeps no token
 anywhere on the server. A presented token is hashed and compared with every
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_ENTRY_KEYS = frozenset({"tenant", "token", "sha256", "models", "max_priority"})
+_ENTRY_KEYS = frozenset({"tenant", "token", "sha256", "models", "max_priority", "length_hints"})
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 CHECK_INTERVAL_S = 1.0
 
@@ -64,6 +68,7 @@ class Tenant:
     name: str
     models: frozenset[str] | None = None
     max_priority: int | None = 0
+    length_hints: bool = False
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -73,7 +78,7 @@ class Tenant:
 
 
 # Without a tokens file every caller is this one tenant.
-ANONYMOUS = Tenant("", None, None)
+ANONYMOUS = Tenant("", None, None, length_hints=True)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def _entry(path: str, index: int, raw: Any) -> _Entry:
     if unknown:
         raise TokensFileError(
             f"{where}: unknown key(s) {', '.join(unknown)} "
-            "(allowed: tenant, token, sha256, models, max_priority)"
+            "(allowed: tenant, token, sha256, models, max_priority, length_hints)"
         )
     name = raw.get("tenant")
     if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
@@ -130,7 +135,10 @@ def _entry(path: str, index: int, raw: Any) -> _Entry:
     cap = raw.get("max_priority", 0)
     if isinstance(cap, bool) or not isinstance(cap, int) or not INT32_MIN <= cap <= INT32_MAX:
         raise TokensFileError(f"{where}: max_priority must be a 32-bit integer (absent: 0)")
-    return _Entry(digest, Tenant(name, models, cap))
+    hints = raw.get("length_hints", False)
+    if not isinstance(hints, bool):
+        raise TokensFileError(f"{where}: length_hints must be true or false (absent: false)")
+    return _Entry(digest, Tenant(name, models, cap, hints))
 
 
 def parse_tokens(text: str, path: str) -> tuple[_Entry, ...]:

@@ -11,6 +11,7 @@ import pytest
 
 from shortline.common import auth
 from shortline.common.auth import (
+    ANONYMOUS,
     Tenant,
     TokensFileError,
     TokenStore,
@@ -65,6 +66,11 @@ def test_clear_and_sha256_entries_name_their_tenant_and_models(tmp_path: Path) -
     assert store.tenants == {"team-a", "team.b_2"} and len(store) == 2
     b = store.authenticate(BETA)
     assert b is not None and b.may_use("replay") and not b.may_use("smollm2-135m-instruct")
+    # Length hints are granted explicitly (they order the queue); the anonymous
+    # development tenant (no tokens file) may send them.
+    assert not b.length_hints and ANONYMOUS.length_hints
+    granted = parse_tokens('[[token]]\ntenant = "h"\ntoken = "t"\nlength_hints = true\n', "t")
+    assert granted[0].tenant.length_hints
 
 
 @pytest.mark.parametrize(
@@ -88,6 +94,8 @@ def test_clear_and_sha256_entries_name_their_tenant_and_models(tmp_path: Path) -
         ('[[token]]\ntenant = "a"\ntoken = "t"\nmodels = []\n', "models must be a non-empty list"),
         ('[[token]]\ntenant = "a"\ntoken = "t"\nmodels = "replay"\n', "models must be"),
         ('[[token]]\ntenant = "a"\ntoken = "t"\nscope = "x"\n', "unknown key(s) scope"),
+        ('[[token]]\ntenant = "a"\ntoken = "t"\nlength_hints = 1\n', "length_hints must be"),
+        ('[[token]]\ntenant = "a"\ntoken = "t"\nlength_hints = "yes"\n', "length_hints must be"),
         (
             f'[[token]]\ntenant = "a"\ntoken = "t1"\n[[token]]\ntenant = "b"\ntoken = "t2"\n'
             f'[[token]]\ntenant = "c"\nsha256 = "{sha("t1")}"\n',

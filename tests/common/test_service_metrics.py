@@ -188,6 +188,7 @@ async def test_refusals_are_counted_by_reason(live: Live) -> None:
         "tenant_cap",
         "queue_full",
         "priority_not_allowed",
+        "length_hint_not_allowed",
         "deadline",
     )
     before = {r: refused(r) for r in reasons}
@@ -199,6 +200,9 @@ async def test_refusals_are_counted_by_reason(live: Live) -> None:
     too_high = request("r-prio", 5)
     too_high.priority = 1  # above tenant a's max_priority (absent: 0)
     assert await refusal(live, too_high, "a") == S.PERMISSION_DENIED
+    hinted = request("r-hint", 5)
+    hinted.length_hint = 1  # tenant a has no length_hints
+    assert await refusal(live, hinted, "a") == S.PERMISSION_DENIED
     await hold(live, "long-a1", "a")  # runs on the one slot
     await hold(live, "long-a2", "a")  # waits: tenant a's one share of the queue
     assert await refusal(live, request("long-a2", 7), "a") == S.ALREADY_EXISTS

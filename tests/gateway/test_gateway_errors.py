@@ -21,6 +21,7 @@ from shortline.common.net import free_port
 REPLAY = {"ignore_eos": True}
 TOKEN = "gateway-test-token-a"
 LIMITED = "gateway-test-token-limited"
+HINTED = "gateway-test-token-hinted"
 
 
 def _error(exc: openai.APIStatusError) -> dict[str, Any]:
@@ -102,6 +103,7 @@ async def test_tokens_pass_through_401_and_403(embedded_triton: Any, tmp_path: P
     tokens.write_text(
         f'[[token]]\ntenant = "a"\ntoken = "{TOKEN}"\n\n'
         f'[[token]]\ntenant = "limited"\ntoken = "{LIMITED}"\nmodels = ["smollm2-135m-instruct"]\n'
+        f'[[token]]\ntenant = "hinted"\ntoken = "{HINTED}"\nlength_hints = true\n'
     )
     async with gateway_stack(embedded_triton.grpc_url, tmp_path, tokens_file=str(tokens)) as gw:
         good = gw.client(api_key=TOKEN)
@@ -120,6 +122,20 @@ async def test_tokens_pass_through_401_and_403(embedded_triton: Any, tmp_path: P
             await limited.completions.create(model="replay", prompt="go", max_tokens=2)
         assert "replay" not in {m.id async for m in limited.models.list()}
         assert "replay" in {m.id async for m in good.models.list()}
+        # A length hint orders the queue: only a tenant granted length_hints may send it.
+        with pytest.raises(openai.PermissionDeniedError) as no_hint:
+            await good.completions.create(
+                model="replay", prompt="go", max_tokens=2, extra_body={"length_hint": 1}
+            )
+        assert _error(no_hint.value)["param"] == "length_hint"
+        hinted = gw.client(api_key=HINTED)
+        raw = await hinted.completions.with_raw_response.create(
+            model="replay", prompt="go", max_tokens=4, extra_body={**REPLAY, "length_hint": 3}
+        )
+        assert raw.headers["x-shortline-prediction-source"] == "hint"
+        assert float(raw.headers["x-shortline-predicted-tokens"]) == 3.0
+        assert raw.parse().usage.completion_tokens == 4  # a hint orders; it does not cut
+        await hinted.close()
         async with httpx.AsyncClient() as http:
             anonymous = await http.get(f"{gw.url}/v1/models")
             assert anonymous.status_code == 401

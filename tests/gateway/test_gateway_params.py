@@ -72,6 +72,8 @@ def test_mapped_fields_and_neutral_values_pass() -> None:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": True, "stream_options": {"other": 1}}, "stream_options.other"),
         ({"deadline_seconds": 61}, "deadline_seconds"),
+        ({"length_hint": 0}, "length_hint"),
+        ({"length_hint": 2.5}, "length_hint"),
         ({"tools": []}, "tools"),
     ],
 )

@@ -47,7 +47,7 @@ MAX_TARGETS = 16
 MAX_GROUPS = 8
 NATURAL_ENDS = frozenset({"stop", "length"})
 BUCKET_PERCENTILES = (25.0, 50.0, 75.0, 99.0)
-SOURCES = frozenset({"predictor", "cache", "fallback", "oracle"})
+SOURCES = frozenset({"predictor", "cache", "fallback", "oracle", "hint"})
 
 
 @dataclass(frozen=True)

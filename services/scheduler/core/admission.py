@@ -265,3 +265,7 @@ class AdmissionControl:
 class PriorityCapError(PermissionError):
     """A request asked for a priority band above its tenant's ``max_priority`` (raised
     by the service's tenancy check; here so the refusal counter can name it)."""
+
+
+class HintNotAllowedError(PermissionError):
+    """A request sent a length_hint its tenant may not send (``length_hints``)."""

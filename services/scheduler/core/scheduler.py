@@ -50,6 +50,7 @@ SOURCE_PREDICTOR = "predictor"
 SOURCE_CACHE = "cache"
 SOURCE_FALLBACK = "fallback"
 SOURCE_ORACLE = "oracle"
+SOURCE_HINT = "hint"  # the request's own length_hint
 
 
 class SchedulerCore(WorkerMembership):

@@ -42,7 +42,7 @@ from services.scheduler.core.cache import SemanticCache
 from services.scheduler.core.fallback import FallbackPredictor
 from services.scheduler.core.interface import Assign, Decision, Stop
 from services.scheduler.core.job import Job
-from services.scheduler.core.scheduler import SchedulerCore
+from services.scheduler.core.scheduler import SOURCE_HINT, SOURCE_PREDICTOR, SchedulerCore
 from services.scheduler.service.chat import ChatRequest, copy_messages
 from services.scheduler.service.clock import MonotonicClock
 from services.scheduler.service.journal import Journal
@@ -302,30 +302,38 @@ class SchedulerService:
         # Work done for this request later (prediction, runs on workers) joins the
         # caller's trace, whichever event happens to trigger it.
         req.trace_context = contextvars.copy_context()
-        self.predict_later(req)
+        hint = float(request.length_hint) if request.HasField("length_hint") else None
+        self.predict_later(req, hint)
         return req
 
-    def predict_later(self, req: Request) -> None:
-        """Asks the predictor for ``req`` in the background (queued on its answer)."""
-        self._spawn(self._predict(req), req)
+    def predict_later(self, req: Request, hint: float | None = None) -> None:
+        """Asks the predictor for ``req`` in the background (queued on its answer); a
+        request's own ``length_hint`` is its prediction (checked: tenancy)."""
+        self._spawn(self._predict(req, hint), req)
         self._arm()
 
-    async def _predict(self, req: Request) -> None:
+    async def _predict(self, req: Request, hint: float | None = None) -> None:
         job = req.job
         cache = self.core.cache
         outcome_log = self.results.outcome_log
         # A digest-mode outcome log keeps the embedding in place of the prompt.
         log_embedding = outcome_log is not None and outcome_log.wants_embeddings
-        try:
-            got = await self.predictor.predict(
-                job, want_embedding=cache is not None or log_embedding
-            )
-        except Exception:  # a bad answer must not leave the job waiting for a prediction
-            log.exception("prediction for %s failed; falling back", job.id)
-            got = Prediction(None, None)
+        source = SOURCE_PREDICTOR
+        if hint is not None:
+            # No predictor call and no cache lookup: the caller's estimate is the one
+            # used (online accuracy keeps hints apart, by their source).
+            got, source = Prediction(hint, None), SOURCE_HINT
+        else:
+            try:
+                got = await self.predictor.predict(
+                    job, want_embedding=cache is not None or log_embedding
+                )
+            except Exception:  # a bad answer must not leave the job waiting for a prediction
+                log.exception("prediction for %s failed; falling back", job.id)
+                got = Prediction(None, None)
         lookups = cache.lookups if cache else 0
         hits = cache.hits if cache else 0
-        if self.core.on_prediction(job.id, got.tokens, "predictor", got.embedding) is None:
+        if self.core.on_prediction(job.id, got.tokens, source, got.embedding) is None:
             return  # cancelled while we were predicting
         if log_embedding and job.embedding is None:
             job.embedding = got.embedding  # the core keeps it only for its cache

@@ -48,6 +48,7 @@ SOURCES = {
     "cache": scheduler_pb2.PREDICTION_SOURCE_CACHE,
     "fallback": scheduler_pb2.PREDICTION_SOURCE_FALLBACK,
     "oracle": scheduler_pb2.PREDICTION_SOURCE_ORACLE,
+    "hint": scheduler_pb2.PREDICTION_SOURCE_HINT,
 }
 _REASONS = {
     "stop": common_pb2.FINISH_REASON_STOP,

@@ -20,7 +20,7 @@ import logging
 import grpc
 
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.core.admission import PriorityCapError
+from services.scheduler.core.admission import HintNotAllowedError, PriorityCapError
 from shortline.common.auth import ANONYMOUS, Tenant, TokensFileError, TokenStore, bearer_token
 from shortline.common.tls import is_loopback
 from shortline.scheduler.v1 import scheduler_pb2
@@ -41,6 +41,7 @@ FINGERPRINT_FIELDS = (
     "length_model",
     "priority",
     "messages",
+    "length_hint",
 )
 Fingerprint = tuple[bytes, ...]
 
@@ -72,6 +73,8 @@ def _field_bytes(request: scheduler_pb2.GenerateRequest, name: str) -> bytes:
         )
     if name == "priority":
         return str(request.priority).encode() if request.HasField("priority") else b"-"
+    if name == "length_hint":  # absent: empty, as a fingerprint journaled before hints
+        return str(request.length_hint).encode() if request.HasField("length_hint") else b""
     return str(getattr(request, name)).encode("utf-8")
 
 
@@ -159,6 +162,23 @@ class Tenancy:
                 raise PriorityCapError(problem)
             except PriorityCapError:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+
+
+async def check_length_hint(
+    tenant: Tenant, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+) -> None:
+    """Aborts with PERMISSION_DENIED when ``request`` carries a length_hint that
+    ``tenant`` may not send (raised while :class:`HintNotAllowedError` is handled, so the
+    refusal counter names it)."""
+    if request.HasField("length_hint") and not tenant.length_hints:
+        problem = (
+            f"length_hint is not allowed for tenant {tenant.name!r}: its tokens file entry "
+            "needs length_hints = true (a hint orders the queue); leave length_hint out"
+        )
+        try:
+            raise HintNotAllowedError(problem)
+        except HintNotAllowedError:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
 
 
 def priority_problem(tenant: Tenant, request: scheduler_pb2.GenerateRequest) -> str | None:

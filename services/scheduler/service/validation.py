@@ -87,6 +87,8 @@ def validate(
     problem = _length_model(request.length_model, length_models)
     if problem is not None:
         return problem
+    if request.HasField("length_hint") and request.length_hint < 1:
+        return "length_hint must be at least 1 token (leave it out to use the predictor)"
     if request.HasField("reattach_grace_seconds"):
         grace = request.reattach_grace_seconds
         if not (math.isfinite(grace) and grace >= 0.0):
