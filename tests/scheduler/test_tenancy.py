@@ -45,7 +45,10 @@ def tokens_file(tmp_path: Path) -> Path:
     path = tmp_path / "tokens.toml"
     b_digest = hashlib.sha256(B_TOKEN.encode()).hexdigest()
     path.write_text(
-        f'[[token]]\ntenant = "team-a"\ntoken = "{A_TOKEN}"\n\n'
+        # team-a may ask for bands up to 5 and send length hints: a reused id that
+        # changes them is then a reuse, not a refusal of the field itself.
+        f'[[token]]\ntenant = "team-a"\ntoken = "{A_TOKEN}"\nmax_priority = 5\n'
+        "length_hints = true\n\n"
         f'[[token]]\ntenant = "team-b"\nsha256 = "{b_digest}"\n\n'
         f'[[token]]\ntenant = "team-c"\ntoken = "{C_TOKEN}"\n\n'
         f'[[token]]\ntenant = "limited"\ntoken = "{LIMITED_TOKEN}"\n'
@@ -190,14 +193,19 @@ async def test_a_reused_id_must_be_the_same_request(embedded_triton: Any, tmp_pa
             "sampling": {"sampling": common_pb2.SamplingParams(ignore_eos=True, temperature=0.7)},
             "length_model": {"length_model": "gpt-4"},
             "priority": {"priority": 3},
+            "length_hint": {"length_hint": 7},
         }
-        for field, change in changes.items():
-            kwargs: dict[str, Any] = {"prompt": prompt, "max_tokens": 60, **change}
-            n = kwargs.pop("max_tokens")
-            code, details = await code_of(run(s, "reuse", n, A, **kwargs))
-            assert code == grpc.StatusCode.ALREADY_EXISTS, field
-            assert f"another {field};" in details and "'reuse'" in details
-            assert prompt not in details and "different text" not in details
+        try:
+            for field, change in changes.items():
+                kwargs: dict[str, Any] = {"prompt": prompt, "max_tokens": 60, **change}
+                n = kwargs.pop("max_tokens")
+                code, details = await code_of(run(s, "reuse", n, A, **kwargs))
+                assert code == grpc.StatusCode.ALREADY_EXISTS, (field, code, details)
+                assert f"another {field};" in details and "'reuse'" in details
+                assert prompt not in details and "different text" not in details
+        except BaseException:  # a failed check leaves no stream behind
+            first.cancel()
+            raise
         # The identical retry attaches to the running job; the job ran once.
         second_msgs, second_text = await run(s, "reuse", 60, A, prompt=prompt)
         first_msgs, first_text = await first
