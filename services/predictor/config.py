@@ -9,12 +9,18 @@ from services.predictor.heads import SHIPPED_HEADS_DIR
 from shortline.common import paths
 from shortline.common.tls import TlsSettings
 
+VERSIONS_DIR_ENV = "SHORTLINE_PREDICTOR_VERSIONS_DIR"
+
 
 def default_versions_dir() -> str:
-    """``<run dir>/predictor/versions`` (``$SHORTLINE_RUN_DIR``, else ``.run``), not created
+    """The predictor's own ``$SHORTLINE_PREDICTOR_VERSIONS_DIR`` (a container that sets it
+    for the predictor steers the train and rollout commands run beside it too), else
+    ``<run dir>/predictor/versions`` (``$SHORTLINE_RUN_DIR``, else ``.run``). Not created
     here: the folder is optional until a version is trained into it."""
     import os
 
+    if os.environ.get(VERSIONS_DIR_ENV):
+        return os.environ[VERSIONS_DIR_ENV]
     run = os.environ.get("SHORTLINE_RUN_DIR", str(paths.REPO_ROOT / ".run"))
     return os.path.join(run, "predictor", "versions")
 

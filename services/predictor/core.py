@@ -103,6 +103,11 @@ class Result:
     bucket: np.ndarray
     probs: np.ndarray
     embeddings: np.ndarray
+    quantiles: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    """(prompts, levels) output tokens at ``quantile_levels``; (prompts, 0) when the
+    head's card has no distribution."""
+    quantile_levels: tuple[float, ...] = ()
+    """The levels of ``quantiles``' columns (``QUANTILE_LEVELS``); empty when it has none."""
 
 
 class PredictorCore:
@@ -311,6 +316,8 @@ class PredictorCore:
                     bucket=out["bucket"],
                     probs=out["probs"],
                     embeddings=emb,
+                    quantiles=out["quantiles"],
+                    quantile_levels=head.distribution.levels if head.distribution else (),
                 )
             )
         return results

@@ -18,16 +18,36 @@ Kinds and how each turns its output into tokens:
   the probability-weighted mean of the buckets' train medians.
 - ``rank``: a pairwise ranking score; tokens = the train length at the same
   quantile as the score among train scores (monotone, so order is kept).
+
+Distributions (issue 19): a card's ``distribution`` section gives each head a
+location-scale family on ``log1p(tokens)`` centred on the head's own log
+prediction (plus a shift), so the quantiles at ``QUANTILE_LEVELS`` cost a few
+numpy operations per prompt and no second encoder pass, and any head folder
+gains them from its card alone (``shortline predictor calibrate`` writes the
+section, training writes it too). A card without the section (every card
+before issue 19, or a family this code does not know) serves no quantiles::
+
+    "distribution": {"family": "student_t", "space": "log1p(tokens)",
+                     "max_tokens": 1790.0,
+                     "heads": {"reg": {"shift": -0.006, "scale": 0.29, "df": 1.7}, ...}}
+
+``max_tokens`` caps every quantile (the longest answer in the fitting data): the
+fitted tails are heavy on the short side, and a symmetric family would otherwise
+put the 0.99 quantile at ten times the point.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy import special
+
+from shortline.common.length_distribution import QUANTILE_LEVELS
 
 HeadKindName = Literal["reg", "cls", "rank"]
 HEAD_KINDS: tuple[HeadKindName, ...] = ("reg", "cls", "rank")
@@ -47,6 +67,81 @@ DISTILLED_HEADS_DIR = ARTIFACTS_DIR / "heads_distilled"
 SHIPPED_HEADS_DIR = DISTILLED_HEADS_DIR
 
 
+DISTRIBUTION_FAMILIES = ("student_t", "gaussian", "logistic")
+DISTRIBUTION_SECTION = "distribution"
+# log1p of the largest length a quantile may reach, whatever the card says.
+_LOG_CEILING = 16.0
+
+
+def standard_quantiles(family: str, levels: Sequence[float], df: float = 0.0) -> np.ndarray:
+    """Quantiles of the family's standard member (location 0, scale 1) at ``levels``."""
+    p = np.asarray(levels, dtype=np.float64)
+    if family == "gaussian":
+        return np.asarray(special.ndtri(p), dtype=np.float64)
+    if family == "logistic":
+        return np.asarray(special.logit(p), dtype=np.float64)
+    if family == "student_t":
+        if not df > 0.0:
+            raise ValueError(f"student_t needs df > 0, got {df}")
+        return np.asarray(special.stdtrit(df, p), dtype=np.float64)
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(DISTRIBUTION_FAMILIES)}")
+
+
+@dataclass(frozen=True)
+class HeadDistribution:
+    """One head's calibrated spread: the point's log plus ``shift + scale * z(level)``."""
+
+    family: str
+    shift: float
+    scale: float
+    df: float
+    max_tokens: float
+    levels: tuple[float, ...]
+    offsets: np.ndarray
+    """``shift + scale * z`` per level, computed once at load."""
+
+    @staticmethod
+    def of(
+        family: str,
+        params: Mapping[str, Any],
+        max_tokens: float,
+        levels: Sequence[float] = QUANTILE_LEVELS,
+    ) -> HeadDistribution:
+        shift, scale = float(params["shift"]), float(params["scale"])
+        df = float(params.get("df", 0.0))
+        if not scale > 0.0 or not np.isfinite(scale) or not np.isfinite(shift):
+            raise ValueError(f"bad {family} parameters {dict(params)}")
+        z = standard_quantiles(family, levels, df)
+        return HeadDistribution(
+            family, shift, scale, df, float(max_tokens), tuple(levels), shift + scale * z
+        )
+
+    def quantiles(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, levels) output tokens, non-decreasing along each row, each >= 1."""
+        loc = np.log1p(np.maximum(np.asarray(tokens, dtype=np.float64), 0.0))
+        logq = np.minimum(loc[:, None] + self.offsets[None, :], _LOG_CEILING)
+        return np.clip(np.expm1(logq), 1.0, max(self.max_tokens, 1.0))
+
+
+def distributions_of(card: Mapping[str, Any]) -> dict[str, HeadDistribution]:
+    """Each head's distribution from the card's section; {} when the card has none.
+
+    A section this code cannot read (a family added later) also gives {}: the
+    heads still serve their points, as from an old card.
+    """
+    section = card.get(DISTRIBUTION_SECTION)
+    if not isinstance(section, Mapping):
+        return {}
+    family = str(section.get("family", ""))
+    if family not in DISTRIBUTION_FAMILIES:
+        return {}
+    cap = float(section.get("max_tokens", np.expm1(_LOG_CEILING)))
+    return {
+        name: HeadDistribution.of(family, params, cap)
+        for name, params in section.get("heads", {}).items()
+    }
+
+
 @dataclass
 class Head:
     """One trained head: weights plus what is needed to map its output to tokens."""
@@ -59,6 +154,8 @@ class Head:
     score_quantiles: np.ndarray | None = None
     length_quantiles: np.ndarray | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    distribution: HeadDistribution | None = None
+    """From the card's ``distribution`` section; None: no quantiles (an older card)."""
 
     def raw(self, embeddings: np.ndarray) -> np.ndarray:
         """MLP output: ReLU between layers, none after the last."""
@@ -94,11 +191,14 @@ class Head:
             score = out[:, 0]
             tokens = np.interp(score, self.score_quantiles, self.length_quantiles)
             bucket = np.searchsorted(boundaries, tokens, side="left")
+        tokens = np.maximum(tokens, 1.0)
+        dist = self.distribution
         return {
-            "tokens": np.maximum(tokens, 1.0),
+            "tokens": tokens,
             "score": score,
             "bucket": bucket.astype(np.int64),
             "probs": probs,
+            "quantiles": np.zeros((len(out), 0)) if dist is None else dist.quantiles(tokens),
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -134,6 +234,7 @@ class TargetHeads:
 def load_target(folder: Path) -> TargetHeads:
     """Reads ``card.json`` and every head's ``.npz`` in a target's folder."""
     card = json.loads((folder / "card.json").read_text())
+    distributions = distributions_of(card)
     heads: dict[str, Head] = {}
     for name, info in card["heads"].items():
         with np.load(folder / info["file"]) as data:
@@ -150,6 +251,7 @@ def load_target(folder: Path) -> TargetHeads:
             score_quantiles=sq,
             length_quantiles=lq,
             metrics={k: float(v) for k, v in info.get("test_metrics", {}).items()},
+            distribution=distributions.get(name),
         )
     return TargetHeads(
         target_model=str(card["target_model"]), card=card, heads=heads, folder=folder

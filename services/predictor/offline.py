@@ -17,6 +17,7 @@ import numpy as np
 
 from services.predictor.core import MAX_PROMPTS, PredictorCore, Query
 from services.predictor.heads import SHIPPED_HEADS_DIR
+from shortline.common.length_distribution import QUANTILE_LEVELS
 
 HEADS_DIR_ENV = "SHORTLINE_PREDICTOR_HEADS_DIR"
 _lock = threading.Lock()
@@ -68,3 +69,27 @@ def predict_tokens(
         for i in range(0, len(prompts), MAX_PROMPTS)
     ]
     return np.concatenate(chunks).astype(np.float64)
+
+
+def predict_distribution(
+    target_model: str, prompts: Sequence[str], head: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted tokens ``(n,)`` and their quantiles ``(n, len(QUANTILE_LEVELS))`` per prompt.
+
+    The quantiles are output tokens at ``shortline.common.length_distribution.QUANTILE_LEVELS``
+    (non-decreasing along a row, each >= 1), from the head's calibrated distribution
+    (``heads.py``). A head whose card has none gives ``(n, 0)``: the caller keeps the
+    point. Same chunking and errors as :func:`predict_tokens`.
+    """
+    if not prompts:
+        return np.zeros(0, dtype=np.float64), np.zeros((0, len(QUANTILE_LEVELS)))
+    predictor = core()
+    results = [
+        predictor.predict(
+            Query(target_model, list(prompts[i : i + MAX_PROMPTS]), head, embedding=False)
+        )
+        for i in range(0, len(prompts), MAX_PROMPTS)
+    ]
+    tokens = np.concatenate([r.tokens for r in results]).astype(np.float64)
+    quantiles = np.concatenate([r.quantiles for r in results]).astype(np.float64)
+    return tokens, quantiles

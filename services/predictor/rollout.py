@@ -47,7 +47,8 @@ def register(sub: Any) -> None:
             "--versions-dir",
             type=Path,
             default=None,
-            help="the predictor's --versions-dir (default <run dir>/predictor/versions)",
+            help="the predictor's --versions-dir (default $SHORTLINE_PREDICTOR_VERSIONS_DIR, else "
+            "<run dir>/predictor/versions)",
         )
         parser.add_argument(
             "--heads-dir",
@@ -103,6 +104,7 @@ def register(sub: Any) -> None:
 
 
 def _dir(args: argparse.Namespace) -> Path:
+    """``--versions-dir``, else the predictor's default (its own variable first)."""
     return Path(args.versions_dir or default_versions_dir())
 
 

@@ -201,8 +201,11 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             head=KIND_TO_ENUM[result.head],
             head_version=result.head_version,
             bucket_boundaries=result.bucket_boundaries,
+            quantile_levels=result.quantile_levels,
         )
         has_probs = result.probs.shape[1] > 0
+        # One tolist per array, not per prompt: the quantiles cost a few us a request.
+        quantiles = result.quantiles.tolist() if result.quantile_levels else None
         for i in range(len(query.prompts)):
             pred = response.predictions.add(
                 predicted_tokens=float(result.tokens[i]),
@@ -211,6 +214,8 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             )
             if has_probs:
                 pred.bucket_probabilities.extend(result.probs[i].tolist())
+            if quantiles is not None:
+                pred.quantiles.extend(quantiles[i])
             if request.return_embedding:
                 pred.embedding.extend(result.embeddings[i].tolist())
         return response
@@ -232,6 +237,9 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                 serving_version=route.serving_version,
                 canary_version=route.canary_version,
             )
+            default = target.heads[target.default_head].distribution
+            if default is not None:
+                info.quantile_levels.extend(default.levels)
             for kind, head in sorted(target.heads.items()):
                 h = info.heads.add(kind=KIND_TO_ENUM[kind], version=head.version)
                 for key, value in head.metrics.items():

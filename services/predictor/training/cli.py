@@ -80,6 +80,13 @@ def register(sub: Any) -> None:
         help="with --from-log: share of the newest rows held out for comparison (0.2)",
     )
     train.add_argument(
+        "--newest",
+        type=int,
+        default=0,
+        help="with --from-log: use only the log's newest N usable rows (0: all). After a "
+        "drift, the rows from before it teach the old lengths: train on what came since",
+    )
+    train.add_argument(
         "--holdout-min",
         type=int,
         default=50,
@@ -119,6 +126,26 @@ def register(sub: Any) -> None:
     )
     ev.set_defaults(func=_eval)
 
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit each head's length distribution (quantiles) on the val split and report "
+        "held-out log-likelihood and calibration of every candidate; --write stores it in "
+        "the card",
+    )
+    cal.add_argument(
+        "--target-model", action="append", default=None, help="repeatable (default: every card)"
+    )
+    cal.add_argument("--heads-dir", type=Path, default=SHIPPED_HEADS_DIR)
+    cal.add_argument(
+        "--write",
+        action="store_true",
+        help="write the chosen family's section into each card.json (versions and weights "
+        "unchanged)",
+    )
+    cal.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    cal.add_argument("--backend", choices=BACKENDS, default="auto", help="as the service (auto)")
+    cal.set_defaults(func=_calibrate)
+
 
 def _train(args: argparse.Namespace) -> int:
     from services.predictor.heads import HEAD_KINDS, HeadKindName
@@ -142,7 +169,9 @@ def _train(args: argparse.Namespace) -> int:
         if versioned:
             return _train_version(args, kinds)
         if args.from_log is not None:
-            data = sources.from_outcome_log(args.from_log, target, args.log_input)
+            data = sources.newest(
+                sources.from_outcome_log(args.from_log, target, args.log_input), args.newest
+            )
             out = args.out
             print(f"training from {data.source}", file=sys.stderr)
         else:
@@ -201,7 +230,9 @@ def _train_version(args: argparse.Namespace, kinds: tuple[Any, ...]) -> int:
 
     target = args.target_model
     versions_dir = args.versions_dir or Path(default_versions_dir())
-    data = sources.from_outcome_log(args.from_log, target, args.log_input)
+    data = sources.newest(
+        sources.from_outcome_log(args.from_log, target, args.log_input), args.newest
+    )
     held_out = sources.hold_out_recent(data, args.holdout_share, args.holdout_min)
     print(f"training from {data.source}; {held_out.rule}", file=sys.stderr)
     staging = versioning.staging_dir(versions_dir, target)
@@ -279,4 +310,51 @@ def _eval(args: argparse.Namespace) -> int:
     result["head_versions"] = {k: h.version for k, h in target.heads.items()}
     result["encoder_backend"] = extractor.backend
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Features as served for every alpaca_eval row (train: the shift; val: the scale;
+    test: the report), then each candidate of ``training/distribution.py``."""
+    import numpy as np
+
+    from services.predictor.features.extractor import ExtractorSettings
+    from services.predictor.features.registry import CardRef, build_one
+    from services.predictor.heads import load_all
+    from services.predictor.training import distribution, sources
+
+    targets = load_all(args.heads_dir)
+    names = args.target_model or sorted(targets)
+    unknown = [n for n in names if n not in targets]
+    if unknown:
+        print(f"error: no heads for {unknown} in {args.heads_dir}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {}
+    built: dict[str, Any] = {}
+    for name in names:
+        target = targets[name]
+        try:
+            data = sources.from_alpaca(name)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        ref = CardRef(name, target.card, target.folder)
+        key = json.dumps([target.card.get(k) for k in ("features", "encoder")], sort_keys=True)
+        if key not in built:  # the five distilled cards share one extractor
+            built[key] = build_one(
+                ref, ExtractorSettings(threads=args.threads, backend=args.backend)
+            )
+        unique = sorted(set(data.instructions))
+        feats = built[key].features(unique).features
+        where = {t: i for i, t in enumerate(unique)}
+        features = feats[[where[t] for t in data.instructions]].astype(np.float32)
+        section = distribution.section(target.heads, features, data)
+        report[name] = {
+            "default_head": target.default_head,
+            "chosen": section,
+            "candidates": distribution.compare(target.heads, features, data),
+        }
+        if args.write:
+            distribution.write_section(target.folder / "card.json", section)
+    print(json.dumps(report, indent=2))
     return 0

@@ -28,7 +28,14 @@ from services.predictor.features.minilm_backends import (
     DEFAULT_MAX_TOKENS,
     ENCODER_NAME,
 )
-from services.predictor.heads import BUCKET_PERCENTILES, HEAD_KIND_LONG, Head, HeadKindName
+from services.predictor.heads import (
+    BUCKET_PERCENTILES,
+    DISTRIBUTION_SECTION,
+    HEAD_KIND_LONG,
+    Head,
+    HeadKindName,
+)
+from services.predictor.training import distribution
 from services.predictor.training.buckets import bucket_boundaries, bucket_medians
 from services.predictor.training.evaluation import evaluate, evaluate_split
 from services.predictor.training.feature_cache import cached_features
@@ -260,6 +267,10 @@ def train_target(
         "heads": head_cards,
         "test_baselines": {k: _round(v) for k, v in test["baselines"].items()} if test else {},
     }
+    if len(val_idx) >= distribution.MIN_VAL_ROWS:
+        # Each head's length distribution (quantiles), fitted on this run's train and val
+        # rows and judged on its test rows (for a version from the log: the newest ones).
+        card[DISTRIBUTION_SECTION] = distribution.section(heads, features_np, data)
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
 

@@ -195,6 +195,24 @@ class HeldOut:
     rule: str
 
 
+def newest(data: TrainingData, n: int) -> TrainingData:
+    """Only the newest ``n`` rows (the log's order is arrival order); ``n`` <= 0: all."""
+    if n <= 0 or n >= len(data.instructions):
+        return data
+    if n < 14:
+        raise ValueError(f"--newest {n}: at least 14 rows are needed (12 to train, 2 held out)")
+    cut = len(data.instructions) - n
+    return replace(
+        data,
+        instructions=data.instructions[cut:],
+        tokens=data.tokens[cut:],
+        prompt_tokens=data.prompt_tokens[cut:],
+        splits=data.splits[cut:],
+        embeddings=None if data.embeddings is None else data.embeddings[cut:],
+        skipped={**data.skipped, "older than --newest": cut},
+    )
+
+
 def hold_out_recent(data: TrainingData, share: float = 0.2, minimum: int = 50) -> HeldOut:
     """Marks the newest ``max(share of the rows, minimum)`` rows ``test``, in place.
 
