@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from services.predictor import offline
 from services.predictor.offline import heads_dir, predict_tokens
 from services.scheduler.sim.runner import SimulateConfig, main
 from services.scheduler.sim.traffic import TrafficError
@@ -29,6 +30,18 @@ class OfflinePredictor:
 
     def predict(self, target_model: str, prompts: list[str], head: str | None) -> np.ndarray:
         return predict_tokens(target_model, prompts, head=head)
+
+    def quantiles(
+        self, target_model: str, prompts: list[str], head: str | None
+    ) -> np.ndarray | None:
+        """The predictor's quantiles at ``QUANTILE_LEVELS`` (n x levels), or None while
+        ``services.predictor.offline`` has no ``predict_distribution`` (the simulator then
+        builds a log-normal from held-out residuals, and says so)."""
+        fn = getattr(offline, "predict_distribution", None)
+        if fn is None:
+            return None
+        _, quantiles = fn(target_model, prompts, head=head)
+        return np.asarray(quantiles, dtype=np.float64)
 
     def fingerprint(self, target_model: str) -> bytes:
         # The names and bytes of the target's head files: a retrained head changes them.

@@ -6,7 +6,9 @@ finishes, and ``dispatch`` picks the next (pop, placement). Also timed: a
 cancel of a queued job (lazy deletion) and the bare queue push+pop. The
 "bands" rows spread the jobs over 4 priority bands and 8 tenants with fair
 share on (issue 19): the wait bound's FIFOs, the tenant heaps and the ledger
-are all on the path.
+are all on the path. The distribution-aware rows (ssjf-risk, ssjf-gittins, issue 19)
+give every job a predicted length distribution (quantiles of a log-normal around its
+point), which the core builds when the prediction arrives, inside the timed decision.
 
     .venv/bin/python -m bench.scheduler_core [--queued 100000] [--iterations 20000]
 """
@@ -29,6 +31,7 @@ from services.scheduler.core.clock import VirtualClock
 from services.scheduler.core.job import Job
 from services.scheduler.core.policies import make_policy
 from services.scheduler.core.scheduler import SchedulerCore
+from shortline.common.length_distribution import LengthDistribution, lognormal_quantiles
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -60,6 +63,10 @@ VARIANTS: tuple[tuple[str, str, Settings], ...] = (
     ),
     ("sjf-oracle", "sjf-oracle", {}),
     ("ssjf+preempt", "ssjf+preempt", {}),
+    ("ssjf-risk", "ssjf-risk", {}),
+    ("ssjf-gittins", "ssjf-gittins", {}),
+    ("ssjf-risk+preempt", "ssjf-risk+preempt", {}),
+    ("ssjf-gittins+preempt", "ssjf-gittins+preempt", {}),
 )
 # The same policies with 4 bands and 8 tenants, fair share on.
 BANDED: tuple[tuple[str, str, Settings], ...] = (
@@ -67,7 +74,11 @@ BANDED: tuple[tuple[str, str, Settings], ...] = (
     ("ssjf, bands + fair share", "ssjf", {}),
     ("ssjf-aging, bands + fair share", "ssjf-aging", {"jct_target_s": 120.0, "aging_rate": 1.0}),
     ("ssjf+preempt, bands + fair share", "ssjf+preempt", {}),
+    ("ssjf-gittins+preempt, bands + fair share", "ssjf-gittins+preempt", {}),
 )
+# Policies whose jobs carry a length distribution (its log-sigma: the held-out spread).
+DISTRIBUTED = ("ssjf-risk", "ssjf-gittins")
+SIGMA = 0.6
 BANDS = BandSettings(max_wait_s=1e9, fair_share=True)
 TENANTS = tuple(f"t{i}" for i in range(8))
 
@@ -101,6 +112,7 @@ def bench_policy(
     )
     core.add_worker("w", 1)
     next_id = 0
+    distributed = spec.startswith(DISTRIBUTED)
 
     def new_job() -> int:
         nonlocal next_id
@@ -110,7 +122,10 @@ def bench_policy(
             job.priority = rng.randrange(4)
             job.tenant = rng.choice(TENANTS)
         core.submit(job)
-        core.on_prediction(next_id, t * rng.lognormvariate(0, 0.5))
+        p = t * rng.lognormvariate(0, 0.5)
+        core.on_prediction(
+            next_id, p, quantiles=lognormal_quantiles(p, SIGMA) if distributed else None
+        )
         next_id += 1
         return next_id - 1
 
@@ -159,6 +174,8 @@ def bench_queue(
             j.tenant = rng.choice(TENANTS)
         j.seq = i
         j.predicted = float(rng.randint(1, 2000))
+        if spec.startswith(DISTRIBUTED):
+            j.length_dist = LengthDistribution.lognormal(j.predicted, SIGMA)
         jobs.append(j)
     for j in jobs[:queued]:
         q.push(j)

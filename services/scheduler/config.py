@@ -78,7 +78,8 @@ class SchedulerConfig(TlsSettings):
     policy: str = field(
         default=DEFAULT_POLICY,
         metadata={
-            "help": "fcfs, ssjf, ssjf-aging (add +preempt to preempt); sjf-oracle in benchmark mode"
+            "help": "fcfs, ssjf, ssjf-aging, ssjf-risk, ssjf-gittins (add +preempt to "
+            "preempt); sjf-oracle in benchmark mode"
         },
     )
     aging_rate: float = field(
@@ -123,6 +124,14 @@ class SchedulerConfig(TlsSettings):
     )
     preempt_max_per_job: int = field(
         default=DEFAULTS.preempt_max_per_job, metadata={"help": "preemptions per job"}
+    )
+    # Length distributions (issue 19): distribution-aware preemption's recompute cost.
+    preempt_recompute_cost: float = field(
+        default=DEFAULTS.preempt_recompute_cost,
+        metadata={
+            "help": "ssjf-risk/ssjf-gittins +preempt: decode tokens that recomputing one "
+            "prompt or generated token costs (prefill time per token / decode step x batch)"
+        },
     )
     batching: str = field(default="continuous", metadata={"help": "none, dynamic, continuous"})
     slots: int = field(default=8, metadata={"help": "cap on slots used per worker (B, K)"})

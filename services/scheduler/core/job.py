@@ -12,6 +12,8 @@ import enum
 import math
 from typing import Any
 
+from shortline.common.length_distribution import LengthDistribution
+
 
 class JobState(enum.IntEnum):
     # IntEnum (not Enum) so hashing and table lookups stay C-fast in the simulator.
@@ -60,6 +62,7 @@ class Job:
         "first_token",
         "generated",
         "id",
+        "length_dist",
         "length_model",
         "max_tokens",
         "model",
@@ -113,6 +116,9 @@ class Job:
         self.seq = 0
         self.predicted = math.nan
         self.prediction_source = ""
+        # The predicted length as a distribution (LengthDistribution) when the predictor
+        # sent quantiles; None when only a point is known (every policy then uses it).
+        self.length_dist: LengthDistribution | None = None
         self.embedding: Any = None
         self.generated = 0  # tokens generated over all runs, as streamed to the client
         self.run_start_generated = 0  # ``generated`` when the current run started

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from services.scheduler.core.bands import BandedQueue, BandSettings, rank
@@ -37,6 +37,7 @@ from services.scheduler.core.placement import SlotBoard, WorkerSlots
 from services.scheduler.core.policies import Policy
 from services.scheduler.core.preemption import RunningHeap
 from services.scheduler.core.queue import ReadyQueue
+from shortline.common.length_distribution import LengthDistribution, as_distribution
 
 QUEUED = JobState.QUEUED
 PREDICTED = JobState.PREDICTED
@@ -137,8 +138,12 @@ class SchedulerCore(WorkerMembership):
         predicted: float | None,
         source: str = SOURCE_PREDICTOR,
         embedding: Any = None,
+        quantiles: Sequence[float] | LengthDistribution | None = None,
     ) -> Job | None:
         """Queues the job by its prediction; a cache hit overrides it, ``None`` falls back.
+
+        ``quantiles`` (at ``QUANTILE_LEVELS``, or a built distribution) go with the
+        predictor's point only: a cache hit or a fallback drops them.
 
         Returns ``None`` when the job is no longer waiting for a prediction (a late
         answer for a cancelled job).
@@ -159,6 +164,9 @@ class SchedulerCore(WorkerMembership):
             predicted = float(job.max_tokens)
         job.predicted = predicted
         job.prediction_source = source
+        if quantiles is not None and source != SOURCE_CACHE and source != SOURCE_FALLBACK:
+            cap = job.max_tokens if self.cap_at_max_tokens else math.inf
+            job.length_dist = as_distribution(quantiles, cap)
         job.to(PREDICTED)
         self._awaiting_prediction -= 1
         job.ready_since = self.clock.now()

@@ -333,7 +333,10 @@ class SchedulerService:
                 got = Prediction(None, None)
         lookups = cache.lookups if cache else 0
         hits = cache.hits if cache else 0
-        if self.core.on_prediction(job.id, got.tokens, source, got.embedding) is None:
+        if (
+            self.core.on_prediction(job.id, got.tokens, source, got.embedding, got.quantiles)
+            is None
+        ):
             return  # cancelled while we were predicting
         if log_embedding and job.embedding is None:
             job.embedding = got.embedding  # the core keeps it only for its cache
@@ -351,6 +354,7 @@ class SchedulerService:
             predicted_tokens=job.predicted,
             prediction_source=prediction_source(job),
             queue_position=self.core.position(job),
+            head_version=req.head_version,
         )
         if job.first_dispatch is None and req.final is None:
             req.queue_span = self._tracer.start_span("scheduler.queue")

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 
 import grpc
 
@@ -35,6 +36,7 @@ from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.job import Job
 from shortline.common import limits, tls
+from shortline.common.length_distribution import QUANTILE_LEVELS, LengthDistribution
 from shortline.common.telemetry import tracer
 from shortline.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -57,6 +59,26 @@ class Prediction:
     tokens: float | None  # None: fall back
     embedding: list[float] | None
     head_version: str = ""  # the predictor's head that answered (its card's version)
+    # The predicted length as a distribution (from Prediction.quantiles), None: a point only.
+    quantiles: LengthDistribution | None = None
+
+
+def distribution_of(reply: object, p: object, scale: float) -> LengthDistribution | None:
+    """The distribution of one prediction's quantiles, in the scheduler's units, or None.
+
+    Read defensively (``getattr`` and lengths): a predictor, or generated code, from before
+    ``Prediction.quantiles`` has none, a head without a calibrated distribution sends an
+    empty list, and a malformed one must not fail the request (the point is used)."""
+    raw = getattr(p, "quantiles", None)
+    if raw is None or len(raw) == 0:
+        return None
+    levels = tuple(getattr(reply, "quantile_levels", ()) or QUANTILE_LEVELS)
+    if len(raw) != len(levels) or not all(0.0 < a < b < 1.0 for a, b in pairwise(levels)):
+        return None
+    try:
+        return LengthDistribution([q / scale for q in raw], levels)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
 
 
 class PredictorClient:
@@ -118,6 +140,7 @@ class PredictorClient:
         predicted: float | None = None
         embedding: list[float] | None = None
         head_version = ""
+        quantiles: LengthDistribution | None = None
         if self._stub is not None:
             started = time.perf_counter()
             with self._tracer.start_as_current_span("scheduler.predict") as span:
@@ -135,6 +158,7 @@ class PredictorClient:
                     predicted = p.predicted_tokens / self.cfg.prediction_scale
                     embedding = list(p.embedding) or None
                     head_version = reply.head_version[: limits.MAX_NAME_CHARS]
+                    quantiles = distribution_of(reply, p, self.cfg.prediction_scale)
                     span.set_attribute("shortline.predicted_tokens", predicted)
                 except grpc.aio.AioRpcError as exc:
                     self.errors += 1
@@ -144,7 +168,7 @@ class PredictorClient:
         if predicted is None:
             length_model = metrics.LENGTH_MODELS.label(job.length_model)
             metrics.PREDICTOR_FALLBACKS.labels(length_model).inc()
-        return Prediction(predicted, embedding, head_version)
+        return Prediction(predicted, embedding, head_version, quantiles)
 
     async def close(self) -> None:
         listing = self._listing

@@ -186,6 +186,7 @@ class Results:
                     prediction_source=prediction_source(job),
                     worker_id=req.worker_id,
                     prompt_tokens=req.prompt_tokens,
+                    head_version=req.head_version,
                 )
             )
         if req.accepted is not None or error is None:

@@ -33,6 +33,7 @@ from services.scheduler.core.policies import Policy
 from services.scheduler.core.scheduler import SchedulerCore
 from services.scheduler.sim.service_model import ServiceModel
 from services.scheduler.sim.workload import Workload
+from shortline.common.length_distribution import LengthDistribution, as_distribution
 
 _EPS = 1e-7  # steps
 
@@ -142,6 +143,16 @@ def simulate(
     source = workload.prediction_source
     prios = workload.priority.tolist() if workload.priority is not None else None
     tenants = workload.tenant
+    qs: list[Any] = [None] * n_jobs
+    if workload.quantiles is not None:
+        # One distribution per distinct row, built before the clock starts (the service
+        # builds it when the prediction arrives; here many requests repeat a prompt).
+        built: dict[tuple[float, ...], LengthDistribution | None] = {}
+        for k, row in enumerate(workload.quantiles.tolist()):
+            key = tuple(row)
+            if key not in built:
+                built[key] = as_distribution(key)
+            qs[k] = built[key]
     first_token = [np.nan] * n_jobs
     finish = [np.nan] * n_jobs
     first_dispatch = [np.nan] * n_jobs
@@ -203,9 +214,9 @@ def simulate(
                 job.tenant = tenants[i]
             submit(job)
             if ids is None:
-                on_prediction(i, preds[i], source)
+                on_prediction(i, preds[i], source, None, qs[i])
             else:
-                on_prediction(i, preds[i], source, embeddings[ids[i]])
+                on_prediction(i, preds[i], source, embeddings[ids[i]], qs[i])
             i += 1
         elif events:
             now, _, wid, version = pop(events)

@@ -73,6 +73,13 @@ class SimulateConfig:
     prefill_us_per_token: float = field(
         default=0.0, metadata={"help": "prefill per prompt token (us); 0 = decode only"}
     )
+    distribution: str = field(
+        default="auto",
+        metadata={
+            "help": "length distributions for ssjf-risk/ssjf-gittins: auto (the predictor's "
+            "quantiles, else a log-normal from held-out residuals), predictor, residuals, none"
+        },
+    )
     aging_rate: float = field(
         default=math.nan,
         metadata={"help": "ssjf-aging tokens per second waited (default 5 per job time)"},
@@ -101,6 +108,13 @@ class SimulateConfig:
     )
     preempt_max_per_job: int = field(
         default=DEFAULTS.preempt_max_per_job, metadata={"help": "preemptions per job"}
+    )
+    preempt_recompute_cost: float = field(
+        default=math.nan,
+        metadata={
+            "help": "ssjf-risk/ssjf-gittins +preempt: decode tokens one recomputed token "
+            "costs (default: K x prefill per token / step at K, the batch's stall)"
+        },
     )
     repeat_share: float = field(
         default=0.0, metadata={"help": "share of requests repeating an earlier prompt"}
@@ -195,6 +209,17 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         predicted, source = wl.predictions_for(
             cfg.predictor, lengths, cfg.target_model, rng, predictor
         )
+        quantiles, dist_source = wl.distributions_for(
+            cfg.predictor,
+            lengths,
+            predicted,
+            cfg.target_model,
+            cfg.split,
+            predictor,
+            cfg.distribution,
+        )
+    else:
+        quantiles, dist_source = None, "none (own traffic: a point only)"
     # Over the distinct requests the sequence samples from (own traffic: every request):
     # the predictor's quality here.
     tau = kendall_tau(predicted, lengths.true_tokens)
@@ -204,7 +229,6 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         cfg.prefill_us_per_token / 1e6,
         dynamic_charge=parse_dynamic_charge(cfg.dynamic_charge),
     )
-    rule = PreemptionRule(cfg.preempt_factor, cfg.preempt_max_fraction, cfg.preempt_max_per_job)
     rows: list[dict[str, Any]] = []
     group_rows: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
@@ -212,6 +236,12 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         batching = Batching.parse(mode, cfg.slots, cfg.batch_wait_ms / 1e3)
         cap = capacity(
             model, batching, cfg.workers, cfg.slots, lengths.true_tokens, lengths.prompt_tokens
+        )
+        rule = PreemptionRule(
+            cfg.preempt_factor,
+            cfg.preempt_max_fraction,
+            cfg.preempt_max_per_job,
+            recompute_cost(cfg, model, batching),
         )
         rate = cfg.rho * cap
         if own is None:
@@ -224,6 +254,7 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
                 prediction_source=source,
                 seed=cfg.seed,
                 repeat_share=cfg.repeat_share,
+                quantiles_unique=quantiles,
             )
         elif cfg.rescale_arrivals:
             work = traffic.rescaled(own, rate)
@@ -288,6 +319,7 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         "traffic": None if own is None else own.info,
         "lengths": lengths.name,
         "prediction_source": source,
+        "distribution_source": dist_source,
         "predictor_kendall_tau": tau,
         "capacity_definition": "workers / E[prefill + L*(a+b*K)/K] (see sim/service_model.py)",
         "dynamic_charge": model.dynamic_charge,
@@ -295,6 +327,15 @@ def run(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> dic
         "rows": rows,
         "groups": group_rows,
     }
+
+
+def recompute_cost(cfg: SimulateConfig, model: ServiceModel, batching: Batching) -> float:
+    """Decode tokens one recomputed token costs: as given, else the prefill of one token
+    over a decode step at the batch size, times the batch (the stall holds every job)."""
+    if not math.isnan(cfg.preempt_recompute_cost):
+        return cfg.preempt_recompute_cost
+    k = batching.usable_slots(cfg.slots)
+    return k * model.prefill_per_token_s / model.step(k)
 
 
 def reference_bands(cfg: SimulateConfig, seconds_per_job: float) -> BandSettings:
@@ -328,6 +369,7 @@ def main(cfg: SimulateConfig, predictor: wl.LengthPredictor | None = None) -> in
         f"lengths {report['lengths']}, predictor {cfg.predictor} "
         f"(Kendall tau {report['predictor_kendall_tau']:.3f} on the distinct requests)"
     )
+    print(f"length distributions: {report['distribution_source']}")
     out = (
         Path(cfg.out) if cfg.out else paths.run_dir() / "sim" / f"simulate-{int(time.time())}.json"
     )

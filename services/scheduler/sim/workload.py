@@ -41,6 +41,16 @@ class LengthPredictor(Protocol):
         ...
 
 
+class DistributionPredictor(Protocol):
+    """A :class:`LengthPredictor` that may also return quantiles (``QUANTILE_LEVELS``)."""
+
+    def quantiles(
+        self, target_model: str, prompts: list[str], head: str | None
+    ) -> np.ndarray | None:
+        """Quantiles per prompt (n x levels), or None when the predictor has none."""
+        ...
+
+
 @dataclass
 class Workload:
     arrivals: NDArray[np.float64]  # seconds, non-decreasing
@@ -59,6 +69,9 @@ class Workload:
     # one tenant.
     priority: NDArray[np.int64] | None = None
     tenant: list[str] | None = None
+    # Each request's predicted length distribution as quantiles at QUANTILE_LEVELS
+    # (n x levels); None: only the point is known.
+    quantiles: NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return int(self.arrivals.shape[0])
@@ -143,20 +156,30 @@ def trace_lengths(kind: str) -> LengthSet:
 
 
 def _real_predictions(
-    predictor: LengthPredictor, target_model: str, prompts: list[str], head: str | None
+    predictor: LengthPredictor,
+    target_model: str,
+    prompts: list[str],
+    head: str | None,
+    kind: str = "",
 ) -> np.ndarray:
-    """The shipped head's predictions for these prompts, computed once and cached on disk."""
-    h = hashlib.sha256(json.dumps([target_model, head, prompts], ensure_ascii=False).encode())
+    """The shipped head's predictions for these prompts, computed once and cached on disk;
+    ``kind`` "quantiles": the predictor's quantiles instead (its ``quantiles`` method)."""
+    key: list[Any] = [target_model, head, prompts] + ([kind] if kind else [])
+    h = hashlib.sha256(json.dumps(key, ensure_ascii=False).encode())
     # Retrained heads invalidate the cache: their files are part of the key.
     h.update(predictor.fingerprint(target_model))
     digest = h.hexdigest()[:16]
     cache_dir = paths.run_dir() / "sim" / "predictions"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{target_model}-{head or 'default'}-{digest}.npy"
+    path = cache_dir / f"{target_model}-{head or 'default'}{kind and '-' + kind}-{digest}.npy"
     if path.is_file():
         return np.load(path)
     log.info("predicting %d prompts for %s (cached at %s)", len(prompts), target_model, path)
-    pred = np.asarray(predictor.predict(target_model, prompts, head), dtype=np.float64)
+    if kind:
+        got = predictor.quantiles(target_model, prompts, head)  # type: ignore[attr-defined]
+    else:
+        got = predictor.predict(target_model, prompts, head)
+    pred = np.asarray(got, dtype=np.float64)
     np.save(path, pred)
     return pred
 
@@ -190,6 +213,67 @@ def predictions_for(
     raise ValueError(f"unknown predictor {spec!r}; use oracle, noisy:SIGMA or real[:HEAD]")
 
 
+# Held-out residual bins of the log-normal fallback: predicted-length terciles.
+_RESIDUAL_BINS = 3
+
+
+def distributions_for(
+    spec: str,
+    lengths: LengthSet,
+    predicted: NDArray[np.float64],
+    target_model: str,
+    split: str,
+    predictor: LengthPredictor | None = None,
+    source: str = "auto",
+) -> tuple[NDArray[np.float64] | None, str]:
+    """Quantiles at ``QUANTILE_LEVELS`` per unique request, and where they came from.
+
+    ``real``: the predictor's own quantiles when it has them; else a log-normal around
+    each point prediction whose centre shift and sigma are the median and spread of
+    the log residuals ``log(true / predicted)`` on the held-out val split, per
+    predicted-length tercile (so short and long predictions may differ in spread).
+    ``noisy:SIGMA``: a log-normal of that sigma (the noise's own). ``oracle``: None.
+    ``source``: auto (as above), predictor (its quantiles or an error), residuals (the
+    fallback even when the predictor has quantiles), none."""
+    if source not in ("auto", "predictor", "residuals", "none"):
+        raise ValueError(f"unknown distribution source {source!r}; use auto, predictor, ...")
+    if source == "none":
+        return None, "none (--distribution none)"
+    from shortline.common.length_distribution import QUANTILE_LEVELS, lognormal_quantiles
+
+    z = np.asarray(lognormal_quantiles(1.0, 1.0), dtype=np.float64)
+    z = np.log(z)  # the standard normal's quantiles at the levels
+    if spec.startswith("noisy:"):
+        noise = float(spec.split(":", 1)[1])
+        return predicted[:, None] * np.exp(noise * z)[None, :], f"log-normal, sigma {noise:g}"
+    if not (spec == "real" or spec.startswith("real:")) or predictor is None:
+        return None, "none (a point only)"
+    if not lengths.prompts:
+        return None, "none (no prompt text)"
+    head = spec.split(":", 1)[1] if ":" in spec else None
+    if source != "residuals" and callable(getattr(predictor, "quantiles", None)):
+        probe = predictor.quantiles(target_model, lengths.prompts[:1], head)  # type: ignore[attr-defined]
+        if probe is not None and probe.shape == (1, len(QUANTILE_LEVELS)):
+            q = _real_predictions(predictor, target_model, lengths.prompts, head, "quantiles")
+            return q, "predictor quantiles (predict_distribution)"
+    if source == "predictor":
+        raise ValueError("--distribution predictor: the predictor returns no quantiles")
+    held = alpaca_lengths(target_model, "val" if split != "val" else "train")
+    held_pred = _real_predictions(predictor, target_model, held.prompts, head)
+    resid = np.log(held.true_tokens / np.maximum(held_pred, 1.0))
+    edges = np.quantile(held_pred, np.linspace(0, 1, _RESIDUAL_BINS + 1)[1:-1])
+    held_bin = np.searchsorted(edges, held_pred)
+    shift = np.asarray([np.median(resid[held_bin == b]) for b in range(_RESIDUAL_BINS)])
+    sigma = np.asarray([resid[held_bin == b].std() for b in range(_RESIDUAL_BINS)])
+    b = np.searchsorted(edges, predicted)
+    q = np.maximum(predicted, 1.0)[:, None] * np.exp(shift[b][:, None] + sigma[b][:, None] * z)
+    how = ", ".join(f"{m:+.2f}/{s:.2f}" for m, s in zip(shift, sigma, strict=True))
+    return q, (
+        f"log-normal fallback: held-out {held.name} log residuals, shift/sigma per "
+        f"predicted tercile {how}"
+    )
+
+
 def build(
     *,
     n: int,
@@ -200,6 +284,7 @@ def build(
     prediction_source: str,
     seed: int,
     repeat_share: float = 0.0,
+    quantiles_unique: NDArray[np.float64] | None = None,
 ) -> Workload:
     """``repeat_share`` of the requests repeat an earlier request of the sequence
     (same prompt, same true length, same prediction; drawn uniformly among the
@@ -234,4 +319,5 @@ def build(
             "repeat_share": repeat_share,
         },
         prompt_ids=prompt_ids,
+        quantiles=None if quantiles_unique is None else quantiles_unique[pick],
     )
