@@ -95,6 +95,18 @@ class StackConfig:
     extra_worker_args: str = dataclasses.field(
         default="", metadata={"help": "extra flags passed to every `shortline worker serve`"}
     )
+    extra_predictor_args: str = dataclasses.field(
+        default="", metadata={"help": "extra flags passed to `shortline predictor serve`"}
+    )
+    versions_dir: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "the predictor's head versions folder (default "
+            "$SHORTLINE_PREDICTOR_VERSIONS_DIR, else <run dir>/predictor/versions, "
+            "where `shortline predictor train --from-log|canary|promote|rollback` write by "
+            "default: a rollout on this machine reaches this stack's predictor)"
+        },
+    )
     triton_models: str = dataclasses.field(
         default="", metadata={"help": "models Triton loads, comma-separated (default: all)"}
     )
@@ -122,6 +134,16 @@ class StackConfig:
             "one token for tenant dev, written to `token` beside it)"
         },
     )
+
+    def versions_path(self) -> Path:
+        """The predictor's versions folder: the one the rollout commands default to, so
+        ``shortline predictor promote`` on this machine reaches the stack; it outlives the
+        stack (a restarted predictor comes back on the promoted version)."""
+        if self.versions_dir:
+            return Path(self.versions_dir)
+        from services.predictor.config import default_versions_dir
+
+        return Path(default_versions_dir())
 
     def gateway_url(self, path: str = "/v1") -> str:
         """The gateway's URL at ``path``: ``/v1`` is the base URL the ``openai`` client takes;
@@ -286,7 +308,10 @@ def plan(cfg: StackConfig) -> list[Child]:
                 str(cfg.predictor_port),
                 "--metrics-port",
                 str(cfg.metrics_base_port + 1),
+                "--versions-dir",
+                str(cfg.versions_path()),
                 *_tls_args(cfg, "predictor"),
+                *cfg.extra_predictor_args.split(),
             ],
             f"{h}:{cfg.predictor_port}",
             ports=(cfg.predictor_port, cfg.metrics_base_port + 1),

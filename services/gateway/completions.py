@@ -110,6 +110,8 @@ def _headers(stream: AsyncGenerateStream, *, done: bool) -> dict[str, str]:
         head["x-shortline-predicted-tokens"] = f"{accepted.predicted_tokens:.1f}"
         head["x-shortline-prediction-source"] = accepted.prediction_source
         head["x-shortline-queue-position"] = str(accepted.queue_position)
+        if accepted.head_version:
+            head["x-shortline-head-version"] = accepted.head_version
     result = stream.result
     if done and result is not None:
         head["x-shortline-queue-wait-ms"] = f"{result.queue_wait_seconds * 1e3:.1f}"

@@ -135,6 +135,8 @@ class Accepted:
     predicted_tokens: float
     prediction_source: str
     queue_position: int
+    # The predictor's head version that predicted it ("" unless the source is predictor).
+    head_version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,7 @@ class Result:
     worker_id: str
     # The prompt's tokens as the model counted them (0: the model does not report it).
     prompt_tokens: int = 0
+    head_version: str = ""
 
 
 def _enum_name(enum: object, value: int, prefix: str) -> str:
@@ -168,6 +171,7 @@ def accepted_from_pb(msg: scheduler_pb2.Accepted) -> Accepted:
             scheduler_pb2.PredictionSource, msg.prediction_source, "PREDICTION_SOURCE_"
         ),
         queue_position=msg.queue_position,
+        head_version=msg.head_version,
     )
 
 
@@ -186,6 +190,7 @@ def result_from_pb(msg: scheduler_pb2.GenerateResult) -> Result:
         ),
         worker_id=msg.worker_id,
         prompt_tokens=msg.prompt_tokens,
+        head_version=msg.head_version,
     )
 
 
