@@ -213,6 +213,29 @@ def newest(data: TrainingData, n: int) -> TrainingData:
     )
 
 
+# The share of the older rows' prompts that choose the epoch when the split rule gave
+# val (almost) none: the newest ones, by prompt.
+FALLBACK_VAL_SHARE = 0.15
+
+
+def _ensure_val(instructions: list[str], splits: np.ndarray) -> None:
+    """Moves the newest prompts of ``train`` to ``val`` when the split rule left val with
+    fewer than 2 rows: a log whose prompts all fall in the rule's train part (say, one
+    application's few hundred prompts) would otherwise not train at all. By prompt, so
+    no prompt is in both."""
+    if int((splits == "val").sum()) >= 2:
+        return
+    train = [i for i in range(len(splits)) if splits[i] == "train"]
+    prompts: list[str] = []
+    for i in reversed(train):
+        if instructions[i] not in prompts:
+            prompts.append(instructions[i])
+    wanted = set(prompts[: max(2, int(len(prompts) * FALLBACK_VAL_SHARE))])
+    for i in train:
+        if instructions[i] in wanted:
+            splits[i] = "val"
+
+
 def hold_out_recent(data: TrainingData, share: float = 0.2, minimum: int = 50) -> HeldOut:
     """Marks the newest ``max(share of the rows, minimum)`` rows ``test``, in place.
 
@@ -237,6 +260,7 @@ def hold_out_recent(data: TrainingData, share: float = 0.2, minimum: int = 50) -
         if data.instructions[i] in recent:
             splits[i] = "repeat"
             repeats += 1
+    _ensure_val(data.instructions, splits)
     data.splits = np.concatenate([splits, np.full(k, "test", dtype=object)]).astype(str)
     return HeldOut(
         first=first,
