@@ -28,6 +28,7 @@ from services.predictor.heads import SHIPPED_HEADS_DIR, load_all
 from services.predictor.versions import (
     Manifest,
     ManifestError,
+    is_version_name,
     manifest_path,
     read_manifest,
     version_dir,
@@ -121,6 +122,8 @@ def current(versions_dir: Path, heads_dir: Path, target: str) -> Manifest:
 
 def _card(versions_dir: Path, heads_dir: Path, target: str, version: str) -> dict[str, Any]:
     """The card of a version in the folder, or of the base heads when it names them."""
+    if not is_version_name(version):
+        raise RolloutError(f"{version!r} is not a version name (letters, digits, . _ -)")
     file = version_dir(versions_dir, target, version) / "card.json"
     if file.is_file():
         card: dict[str, Any] = json.loads(file.read_text())

@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,9 @@ MAX_PREVIOUS = 20
 MAX_HISTORY = 100
 MAX_TARGETS = 64
 MAX_MANIFEST_BYTES = 1 << 20
+# A version's name is a folder name under its target: no separators, no leading dot
+# (so never "." or ".."), bounded. Version names made here look like "rank-2026.12.05-1a2b".
+VERSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 class ManifestError(ValueError):
@@ -101,7 +105,14 @@ def manifest_path(versions_dir: Path, target_model: str) -> Path:
     return versions_dir / target_model / MANIFEST
 
 
+def is_version_name(name: str) -> bool:
+    return VERSION_NAME.fullmatch(name) is not None
+
+
 def version_dir(versions_dir: Path, target_model: str, version: str) -> Path:
+    """The version's folder; ValueError for a name that is not a plain folder name."""
+    if not is_version_name(version):
+        raise ValueError(f"{version!r} is not a version name ({VERSION_NAME.pattern})")
     return versions_dir / target_model / version
 
 
@@ -126,11 +137,13 @@ def read_manifest(path: Path) -> Manifest:
     canary = raw.get("canary") or ""
     previous = raw.get("previous") or []
     history = raw.get("history") or []
-    if not isinstance(serving, str) or not serving or "/" in serving:
+    if not isinstance(serving, str) or not is_version_name(serving):
         raise ManifestError(f"{path}: 'serving' must name a version")
-    if not isinstance(canary, str) or "/" in canary:
+    if not isinstance(canary, str) or (canary and not is_version_name(canary)):
         raise ManifestError(f"{path}: 'canary' must be a version name or empty")
-    if not isinstance(previous, list) or not all(isinstance(p, str) for p in previous):
+    if not isinstance(previous, list) or not all(
+        isinstance(p, str) and is_version_name(p) for p in previous
+    ):
         raise ManifestError(f"{path}: 'previous' must be a list of version names")
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise ManifestError(f"{path}: 'history' must be a list of objects")

@@ -172,6 +172,11 @@ def test_promote_refuses_a_worse_version_and_force_overrides(
     # The shipped heads carry no held-out comparison: not promotable either.
     assert run("promote", *r.flags(), "--version", r.base) == 1
     assert run("promote", *r.flags(), "--version", "rank-1999.01.01-00000000") == 1
+    # A name is a folder under the target, never a path out of it.
+    for name in ("..", "../../etc", ".hidden", "a/b"):
+        assert run("canary", *r.flags(), "--version", name) == 1
+        assert "not a version name" in capsys.readouterr().err
+    assert manifest_path(r.versions, TARGET).read_bytes() == before
     assert run("promote", *r.flags(), "--version", r.noise, "--force") == 0
     assert "warning: promoting with --force" in capsys.readouterr().err
     manifest = read_manifest(manifest_path(r.versions, TARGET))
