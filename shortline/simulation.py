@@ -34,14 +34,12 @@ class OfflinePredictor:
     def quantiles(
         self, target_model: str, prompts: list[str], head: str | None
     ) -> np.ndarray | None:
-        """The predictor's quantiles at ``QUANTILE_LEVELS`` (n x levels), or None while
-        ``services.predictor.offline`` has no ``predict_distribution`` (the simulator then
-        builds a log-normal from held-out residuals, and says so)."""
-        fn = getattr(offline, "predict_distribution", None)
-        if fn is None:
-            return None
-        _, quantiles = fn(target_model, prompts, head=head)
-        return np.asarray(quantiles, dtype=np.float64)
+        """The predictor's quantiles at ``QUANTILE_LEVELS`` (n x levels), or None when the
+        head's card has no distribution (the simulator then builds a log-normal from
+        held-out residuals, and says so)."""
+        _, quantiles = offline.predict_distribution(target_model, prompts, head=head)
+        got = np.asarray(quantiles, dtype=np.float64)
+        return got if got.ndim == 2 and got.shape[1] > 0 else None
 
     def fingerprint(self, target_model: str) -> bytes:
         # The names and bytes of the target's head files: a retrained head changes them.

@@ -33,6 +33,8 @@ class BenchWorkload:
     length_scale: float
     lengths_name: str
     arrivals_name: str
+    # The predictor's quantiles per request (head units, as ``predicted``), or None.
+    quantiles: NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return int(self.arrivals.shape[0])
@@ -45,6 +47,8 @@ class BenchWorkload:
             true_tokens=self.true_tokens,
             # In the replayed lengths' unit, as the benchmark-mode scheduler sees them.
             predicted=self.predicted / self.length_scale,
+            # The same scaling as the live scheduler's (its --prediction-scale).
+            quantiles=None if self.quantiles is None else self.quantiles / self.length_scale,
             prediction_source="predictor",
             info={"lengths": self.lengths_name, "arrivals": self.arrivals_name},
             # The engine draws one embedding per id below the request count: compact them.
@@ -70,15 +74,29 @@ class LengthPool:
     scaled: NDArray[np.int64]
     predicted: NDArray[np.float64]
     length_scale: float
+    # The predictor's quantiles (what the live scheduler gets beside each prediction),
+    # so the simulated replay of a run orders distribution-aware policies as it did.
+    quantiles: NDArray[np.float64] | None = None
 
 
 def length_pool(target_model: str, length_scale: float, split: str = "test") -> LengthPool:
     lengths = wl.alpaca_lengths(target_model, split)
+    predictor = real_predictor()
     predicted, _ = wl.predictions_for(
-        "real", lengths, target_model, np.random.default_rng(0), real_predictor()
+        "real", lengths, target_model, np.random.default_rng(0), predictor
     )
+    try:
+        quantiles, _ = wl.distributions_for(
+            "real", lengths, predicted, target_model, split, predictor, source="predictor"
+        )
+    except ValueError:  # heads without a distribution: the live scheduler gets none either
+        quantiles = None
     return LengthPool(
-        lengths, scale_lengths(lengths.true_tokens, length_scale), predicted, length_scale
+        lengths,
+        scale_lengths(lengths.true_tokens, length_scale),
+        predicted,
+        length_scale,
+        quantiles,
     )
 
 
@@ -98,6 +116,7 @@ def build(pool: LengthPool, *, n: int, rate: float, trace: str, seed: int) -> Be
         arrivals=arrivals,
         true_tokens=pool.scaled[pick],
         predicted=pool.predicted[pick],
+        quantiles=None if pool.quantiles is None else pool.quantiles[pick],
         prompt_tokens=pool.lengths.prompt_tokens[pick],
         unique_index=pick,
         length_scale=pool.length_scale,
