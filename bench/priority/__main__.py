@@ -8,6 +8,15 @@ mean JCT, fcfs -> ssjf, both with the bands, over fcfs -> ssjf without bands
 (also reported: against the unbanded fcfs, which charges the low band for the
 precedence it gives the high one).
 
+The band guard (``core/band_guard.py``) is measured beside plain strict bands,
+one row per candidate: band preemption (a queued higher-band job that finds no
+slot stops the lower-band job with the most remaining work), a slot reservation
+for the higher band, and a batch cap while a higher band runs (with and without
+stopping lower-band jobs above it). A guard row's low-band gain is counted
+against fcfs with the same bands and *no* guard: a guard that slows the whole
+system also slows banded fcfs, and counting against that would call a low band
+that waits 50x longer one that "kept" its gain.
+
 Also measured: the lower band's wait bound (``band_max_wait_s``, in job times
 at capacity) from strict bands to a short bound, and fair share between two
 tenants (one sending 90% of the load, one 10%; then the flood: one at rho
@@ -27,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from services.scheduler.core.band_guard import GuardSettings
 from services.scheduler.core.bands import REFERENCE_BAND_MAX_WAIT_JOB_TIMES, BandSettings
 from services.scheduler.core.batching import Batching
 from services.scheduler.core.policies import make_policy
@@ -42,6 +52,30 @@ TARGET_MODEL = "Meta-Llama-3-8B-Instruct"
 SLOTS = 8
 HIGH_SHARE = 0.2
 WAITS_JOB_TIMES = (0.0, 20.0, 60.0, REFERENCE_BAND_MAX_WAIT_JOB_TIMES)
+MODES = ("none", "dynamic", "continuous")
+# Band guard candidates (strict bands), name -> settings; the reservation window is in
+# job times at capacity. Only preemption applies without batching (one slot), none in
+# dynamic batching (a batch runs to its end).
+GUARDS: dict[str, dict[str, Any]] = {
+    "preempt": {"preempt": True},
+    "reserve 1": {"reserve_slots": 1, "reserve_window_s": 10.0},
+    "reserve 2": {"reserve_slots": 2, "reserve_window_s": 10.0},
+    "cap 6": {"cap_slots": 6},
+    "cap 4": {"cap_slots": 4},
+    "cap 6 shrink": {"cap_slots": 6, "cap_shrink": True},
+    "cap 5 shrink": {"cap_slots": 5, "cap_shrink": True},
+    "cap 4 shrink": {"cap_slots": 4, "cap_shrink": True},
+    "preempt + cap 5 shrink": {"preempt": True, "cap_slots": 5, "cap_shrink": True},
+    "preempt + cap 4 shrink": {"preempt": True, "cap_slots": 4, "cap_shrink": True},
+}
+GUARDS_BY_MODE = {"none": ("preempt",), "dynamic": (), "continuous": tuple(GUARDS)}
+
+
+def _guard(name: str, per_job: float) -> GuardSettings:
+    spec = dict(GUARDS[name])
+    if "reserve_window_s" in spec:
+        spec["reserve_window_s"] *= per_job
+    return GuardSettings(**spec)
 
 
 def _jct(r: RunResult, mask: np.ndarray) -> tuple[float, float]:
@@ -92,18 +126,33 @@ def priority_cell(
     fcfs_low = _jct(_run(work, "fcfs", batching), low)[0]
     ssjf_low = _jct(_run(work, "ssjf", batching), low)[0]
     rows = []
-    for spec, wait in [(p, w) for p in ("ssjf", "ssjf+preempt") for w in WAITS_JOB_TIMES]:
+    cases = [(p, w, "") for p in ("ssjf", "ssjf+preempt") for w in WAITS_JOB_TIMES]
+    cases += [(p, 0.0, g) for p in ("ssjf", "ssjf+preempt") for g in GUARDS_BY_MODE[mode]]
+    if "preempt" in GUARDS_BY_MODE[mode]:  # the service's defaults: the bound and preemption
+        cases += [
+            (p, REFERENCE_BAND_MAX_WAIT_JOB_TIMES, "preempt") for p in ("ssjf", "ssjf+preempt")
+        ]
+    plain_fcfs: dict[float, float] = {}
+    for spec, wait, guard in cases:
         bands = BandSettings(max_wait_s=wait * per_job)
+        if wait not in plain_fcfs:
+            plain_fcfs[wait] = _jct(_run(banded, "fcfs", batching, bands), low)[0]
+        if guard:
+            bands = replace(bands, guard=_guard(guard, per_job))
         r = _run(banded, spec, batching, bands)
         hi_mean, hi_p99 = _jct(r, high)
         lo_mean, lo_p99 = _jct(r, low)
         kept = (fcfs_low - lo_mean) / (fcfs_low - ssjf_low)
-        fcfs_banded_low = _jct(_run(banded, "fcfs", batching, bands), low)[0]
-        kept_in_bands = (fcfs_banded_low - lo_mean) / (fcfs_low - ssjf_low)
+        fcfs_banded_low = (
+            _jct(_run(banded, "fcfs", batching, bands), low)[0] if guard else plain_fcfs[wait]
+        )
+        kept_in_bands = (plain_fcfs[wait] - lo_mean) / (fcfs_low - ssjf_low)
         rows.append(
             {
                 "policy": spec,
                 "band_max_wait_job_times": wait,
+                "guard": guard,
+                "preemptions": r.preemptions,
                 "high_mean_s": hi_mean,
                 "high_p99_s": hi_p99,
                 "high_p99_vs_alone": hi_p99 / high_alone_p99,
@@ -112,8 +161,11 @@ def priority_cell(
                 "low_gain_kept": kept,
                 "low_mean_fcfs_banded_s": fcfs_banded_low,
                 "low_gain_kept_in_bands": kept_in_bands,
+                # fcfs with the same bands and guard (not the target's reading: a guard
+                # that costs throughput slows this baseline too, and "gains" with it).
+                "low_gain_kept_same_guard": (fcfs_banded_low - lo_mean) / (fcfs_low - ssjf_low),
                 # The target's "ssjf's gain" read within the banded system (fcfs with the
-                # same bands -> ssjf with them, over ssjf's gain without bands); the
+                # same bands and no guard -> this row, over ssjf's gain without bands); the
                 # other reading (``low_gain_kept``) charges the low band for the
                 # precedence it gives, which no order within a band can win back.
                 "meets": hi_p99 / high_alone_p99 <= 1.2 and kept_in_bands >= 2 / 3,
@@ -175,10 +227,7 @@ def main() -> int:
     predicted, _ = predictions_for(
         "real", lengths, TARGET_MODEL, np.random.default_rng(args.seed), real_predictor()
     )
-    cells = [
-        priority_cell(m, args.requests, args.seed, lengths, predicted)
-        for m in ("none", "continuous")
-    ]
+    cells = [priority_cell(m, args.requests, args.seed, lengths, predicted) for m in MODES]
     fair = [
         fair_cell(m, args.requests, args.seed, lengths, predicted) for m in ("none", "continuous")
     ]
@@ -187,17 +236,18 @@ def main() -> int:
         f"{args.requests} requests (target: high p99 <= 1.2x alone, low keeps >= 2/3 of gain)\n"
     )
     print(
-        "| batching | policy | wait bound (job times) | high p99 / alone | low gain kept "
-        "| kept vs fcfs in bands | low p99 s | ok |"
+        "| batching | policy | wait bound (job times) | guard | high p99 / alone "
+        "| low gain kept | kept vs fcfs in bands | low mean s | low p99 s | preemptions | ok |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cells:
         for r in c["rows"]:
             wait = r["band_max_wait_job_times"] or "strict"
             print(
-                f"| {c['batching']} | {r['policy']} | {wait} | {r['high_p99_vs_alone']:.3f} "
-                f"| {r['low_gain_kept']:.0%} | {r['low_gain_kept_in_bands']:.0%} "
-                f"| {r['low_p99_s']:.2f} | {r['meets']} |"
+                f"| {c['batching']} | {r['policy']} | {wait} | {r['guard'] or '-'} "
+                f"| {r['high_p99_vs_alone']:.3f} | {r['low_gain_kept']:.0%} "
+                f"| {r['low_gain_kept_in_bands']:.0%} | {r['low_mean_s']:.2f} "
+                f"| {r['low_p99_s']:.2f} | {r['preemptions']} | {r['meets']} |"
             )
     print("\nfair share between two tenants (heavy 90% of the load, light 10%), ssjf\n")
     print(

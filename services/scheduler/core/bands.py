@@ -32,9 +32,10 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from services.scheduler.core.band_guard import GuardSettings
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job
 from services.scheduler.core.policies import Policy
@@ -66,6 +67,8 @@ class BandSettings:
     max_wait_s: float = DEFAULT_BAND_MAX_WAIT_S  # 0: strict bands, no bound
     fair_share: bool = False  # the core's neutral default; the service turns it on
     half_life_s: float = DEFAULT_FAIR_SHARE_HALF_LIFE_S
+    # What a higher band needs beyond queue order in a shared batch (core/band_guard.py).
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self) -> None:
         if not self.max_wait_s >= 0:
@@ -343,6 +346,25 @@ class BandedQueue:
 
     def __iter__(self) -> Iterator[Job]:
         return itertools.chain.from_iterable(list(self._bands.values()))
+
+    @classmethod
+    def adopt(
+        cls, policy: Policy, clock: Clock, settings: BandSettings, old: ReadyQueue
+    ) -> BandedQueue:
+        """A banded queue holding ``old``'s jobs (all of band 0), which it empties: O(n log n),
+        once, on the core's first job with a priority. The token time and late count
+        carry over."""
+        banded = cls(
+            policy,
+            clock,
+            settings,
+            token_time=getattr(old, "token_time", None),
+            late_before=old.late_jobs,
+        )
+        for job in sorted(old, key=lambda j: j.ready_since):  # the wait-bound FIFO's order
+            old.remove(job)
+            banded.push(job)
+        return banded
 
 
 def rank(job: Job) -> tuple[float, float, float]:

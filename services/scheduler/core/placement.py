@@ -10,6 +10,7 @@ until it accepts work again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -56,6 +57,15 @@ class SlotBoard:
         for level in self._levels:
             if level:
                 return next(iter(level.values()))
+        return None
+
+    def pick_first(self, ok: Callable[[WorkerSlots], bool]) -> WorkerSlots | None:
+        """Least-loaded worker with a free slot that ``ok`` accepts (the band guard's
+        placement when it refuses the least-loaded one): O(max slots + workers refused)."""
+        for level in self._levels:
+            for w in level.values():
+                if ok(w):
+                    return w
         return None
 
     def pick_idle(self) -> WorkerSlots | None:

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from services.scheduler.core.band_guard import BandGuard
 from services.scheduler.core.bands import BandedQueue, BandSettings, rank
 from services.scheduler.core.batching import Batching, BatchingMode
 from services.scheduler.core.cache import SemanticCache
@@ -98,6 +99,9 @@ class SchedulerCore(WorkerMembership):
         self._board = SlotBoard()
         self._workers: dict[Any, WorkerSlots] = {}
         self._jobs: dict[Any, Job] = {}
+        # Beyond queue order, what a higher band needs in a shared batch (band_guard.py).
+        g = self.bands.guard
+        self.guard = BandGuard(g, policy, progress, self._jobs) if g.active else None
         self._seq = itertools.count(1)
         self._awaiting_prediction = 0
         self._running = 0
@@ -185,6 +189,10 @@ class SchedulerCore(WorkerMembership):
         board = self._board
         if self._dynamic:
             self._dispatch_dynamic(decisions)
+        elif self.guard is not None:  # band_guard.py: it may hold the head back
+            self.guard.fill(queue, board, self.clock.now(), self._start, decisions)
+            if not self._preempting and (victim := self.guard.victim(queue, self._workers)):
+                self._stop(victim, decisions)
         else:
             while board.free and len(queue):
                 w = board.pick()
@@ -239,6 +247,8 @@ class SchedulerCore(WorkerMembership):
         job.run_started = now
         w.jobs[job.id] = None
         self._running += 1
+        if self.guard is not None:
+            self.guard.started(job, w)
         if self.policy.preemption is not None:
             heap = self._running_heaps.get(job.priority)
             if heap is None:
@@ -261,11 +271,14 @@ class SchedulerCore(WorkerMembership):
             if victim is not None:
                 break
         if victim is not None:
-            victim.to(PREEMPTED)
-            victim.preemptions += 1
-            self.preemptions += 1
-            self._preempting.add(victim.id)
-            decisions.append(Stop(victim, victim.worker, True))
+            self._stop(victim, decisions)
+
+    def _stop(self, victim: Job, decisions: list[Decision]) -> None:
+        victim.to(PREEMPTED)
+        victim.preemptions += 1
+        self.preemptions += 1
+        self._preempting.add(victim.id)
+        decisions.append(Stop(victim, victim.worker, True))
 
     # ---- running jobs --------------------------------------------------------
 
@@ -397,6 +410,8 @@ class SchedulerCore(WorkerMembership):
             return
         job.worker = None
         self._running -= 1
+        if self.guard is not None:
+            self.guard.released(job, worker_id)
         w = self._workers.get(worker_id)
         if w is None:
             return
@@ -415,26 +430,10 @@ class SchedulerCore(WorkerMembership):
 
     def _enqueue(self, job: Job) -> None:
         if job.priority and not isinstance(self.queue, BandedQueue):
-            self._use_bands()
+            self.queue = BandedQueue.adopt(self.policy, self.clock, self.bands, self.queue)
+        if self.guard is not None:
+            self.guard.queued(job, job.ready_since)
         self.queue.push(job)
-
-    def _use_bands(self) -> None:
-        """Moves the queued jobs (all of band 0) into a banded queue, once: O(n log n)
-        on the first job with a priority, nothing before. The policy queue's token time
-        and late count carry over."""
-        old = self.queue
-        banded = BandedQueue(
-            self.policy,
-            self.clock,
-            self.bands,
-            token_time=getattr(old, "token_time", None),
-            late_before=old.late_jobs,
-        )
-        jobs = sorted(old, key=lambda j: j.ready_since)  # the wait-bound FIFO's order
-        for job in jobs:
-            old.remove(job)
-            banded.push(job)
-        self.queue = banded
 
     def _end(self, job: Job, state: JobState, reason: str, now: float) -> None:
         if job.state is PREDICTED:
