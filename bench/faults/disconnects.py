@@ -130,7 +130,15 @@ def _raw_grpc_close(address: str) -> Callable[[], None]:
     for msg in call:
         if msg.HasField("delta"):
             break
-    return channel.close
+    # The call is kept referenced until the channel closes: a call object that is garbage
+    # collected cancels its RPC, which would end the stream before it is measured.
+    kept = [call]
+
+    def close() -> None:
+        channel.close()
+        kept.clear()
+
+    return close
 
 
 def _killed_process(address: str) -> Callable[[], None]:

@@ -412,5 +412,6 @@ async def test_drift_is_seen_alerted_retrained_and_rolled_out_under_load(drift: 
     assert scraped[("shortline_prediction_window_requests", new)] == g.requests
     assert not math.isnan(g.kendall_tau) and g.kendall_tau > tau_old, figures
 
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)  # gitignored: absent in a clone
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"drift figures: {json.dumps(figures, indent=2)}")
