@@ -243,17 +243,21 @@ def _print_accuracy(groups: Sequence[Any]) -> None:
         print("prediction accuracy: no finished request yet")
         return
     # gain: the share of the oracle's gain over a random order that the predictions'
-    # order captures on the window (services/scheduler/core/accuracy.py).
+    # order captures on the window, all queued at once (services/scheduler/core/accuracy.py);
+    # replay: the share of the oracle's gain over fcfs the scheduler's policy captures on
+    # the window replayed in the simulator (services/scheduler/sim/replay.py), "-" until
+    # the first replay.
     print("prediction accuracy (each length model's last finished requests):")
     print(
         f"{'length model':<26} {'source':<9} {'head':<24} {'requests':>8} {'share':>6} "
-        f"{'tau':>6} {'MAE':>7} {'bucket':>6} {'gain':>6}"
+        f"{'tau':>6} {'MAE':>7} {'bucket':>6} {'gain':>6} {'replay':>6}"
     )
     for g in groups:
+        replayed = g.replayed_order_gain  # NaN (not equal to itself) until a replay
         print(
             f"{g.length_model:<26} {g.source:<9} {g.head:<24} {g.requests:>8} "
             f"{g.share:>6.0%} {g.kendall_tau:>6.3f} {g.mae_tokens:>7.1f} {g.bucket_accuracy:>6.0%} "
-            f"{g.order_gain:>6.0%}"
+            f"{g.order_gain:>6.0%} {f'{replayed:.0%}' if replayed == replayed else '-':>6}"
         )
 
 

@@ -165,12 +165,21 @@ PREDICTION_ORDER_GAIN = Gauge(
     _ACCURACY,
     registry=REGISTRY,
 )
+PREDICTION_REPLAYED_ORDER_GAIN = Gauge(
+    "shortline_prediction_replayed_order_gain_ratio",
+    "Share of the oracle's mean-JCT gain over fcfs that the scheduler's policy captures on "
+    "the accuracy window replayed in the simulator (arrivals, workers, batching; the other "
+    "groups ordered by their true lengths); NaN until the first replay",
+    _ACCURACY,
+    registry=REGISTRY,
+)
 _ACCURACY_GAUGES = (
     PREDICTION_WINDOW,
     PREDICTION_TAU,
     PREDICTION_MAE,
     PREDICTION_BUCKET_ACCURACY,
     PREDICTION_ORDER_GAIN,
+    PREDICTION_REPLAYED_ORDER_GAIN,
 )
 _accuracy_series: set[tuple[str, str, str]] = set()
 
@@ -186,6 +195,7 @@ def export_accuracy(groups: list[GroupAccuracy]) -> None:
         PREDICTION_MAE.labels(*labels).set(g.mae_tokens)
         PREDICTION_BUCKET_ACCURACY.labels(*labels).set(g.bucket_accuracy)
         PREDICTION_ORDER_GAIN.labels(*labels).set(g.order_gain)
+        PREDICTION_REPLAYED_ORDER_GAIN.labels(*labels).set(g.replayed_order_gain)
     for labels in _accuracy_series - fresh:
         for gauge in _ACCURACY_GAUGES:
             gauge.remove(*labels)

@@ -23,10 +23,20 @@ for each (prediction source, head) group in it:
   server (mean completion in tokens; tied predictions in random order). 1 is the
   oracle's order, 0 no better than chance (a constant fallback), -1 reversed. A
   closed form on the window, not a replay in the simulator: arrivals, batching
-  and preemption are left out.
+  and preemption are left out; it is cheap and follows every recomputation;
+- the replayed order gain (``replayed_order_gain``): the same share, but from the
+  window replayed in the simulator at its arrival times on the deployment's workers
+  with the scheduler's own policy (``services/scheduler/sim/replay.py``, whose
+  docstring defines a group's figure). Slower, so the service runs it on its own
+  timer, off the event loop: each window keeps what a replay needs (arrival time on
+  the scheduler's clock, the last run's seconds and tokens for the time per token),
+  :meth:`OnlineAccuracy.replay_windows` copies it out and
+  :meth:`OnlineAccuracy.set_replayed` takes the figures back (NaN until then; the
+  last replay's figure until the next).
 
 Pure and clock-free: the service decides when to :meth:`OnlineAccuracy.compute`
-(a timer, not every request: tau over 500 costs about a millisecond).
+(a timer, not every request: tau over 500 costs about a millisecond) and when to
+replay.
 Bounded: ``max_targets`` targets (the rest pooled as ``other``), ``window``
 requests each, ``max_groups`` exported groups per target (the smallest of the
 rest pooled under head ``other``).
@@ -34,8 +44,10 @@ rest pooled under head ``other``).
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -63,6 +75,24 @@ class GroupAccuracy:
     mae_tokens: float
     bucket_accuracy: float
     order_gain: float  # NaN when every length is the same (no order to gain)
+    replayed_order_gain: float = math.nan  # NaN until a replay of the window reports
+
+
+@dataclass(frozen=True)
+class ReplayWindow:
+    """A copy of one target's window with what a replay needs, oldest first."""
+
+    target: str
+    groups: list[tuple[str, str]]  # (source, head) by group code
+    codes: np.ndarray  # each request's group code
+    arrival: np.ndarray  # seconds, the scheduler's clock
+    predicted: np.ndarray
+    actual: np.ndarray
+    token_time_s: float  # run seconds per generated token over the window; 0: unknown
+
+
+# (source, head, predicted, actual, arrival, last run's seconds, last run's tokens)
+Row = tuple[str, str, float, float, float, float, float]
 
 
 def order_gain(predicted: np.ndarray, actual: np.ndarray) -> float:
@@ -94,26 +124,95 @@ class OnlineAccuracy:
         self.window = window
         self.max_targets = max_targets
         self.max_groups = max_groups
-        # target -> (source, head, predicted, actual), oldest first
-        self._windows: dict[str, deque[tuple[str, str, float, float]]] = {}
+        self._windows: dict[str, deque[Row]] = {}  # oldest first
         self._dirty: set[str] = set()
         self._report: dict[str, list[GroupAccuracy]] = {}
+        self._unreplayed: set[str] = set()
+        self._replayed: dict[str, dict[tuple[str, str], float]] = {}
 
-    def observe(self, target: str, source: str, head: str, predicted: float, actual: float) -> None:
+    def observe(
+        self,
+        target: str,
+        source: str,
+        head: str,
+        predicted: float,
+        actual: float,
+        arrival: float = math.nan,
+        run_seconds: float = math.nan,
+        run_tokens: float = 0.0,
+    ) -> None:
         """One finished request with a natural end (the caller filters on
-        :data:`NATURAL_ENDS` and a known prediction)."""
+        :data:`NATURAL_ENDS` and a known prediction). ``arrival`` (the scheduler's
+        clock) and the last run's ``run_seconds`` and ``run_tokens`` are what a replay
+        needs; a request without an arrival is left out of replays."""
         if target not in self._windows and len(self._windows) >= self.max_targets:
             target = OTHER
         rows = self._windows.get(target)
         if rows is None:
             rows = self._windows[target] = deque(maxlen=self.window)
         source = source if source in SOURCES else OTHER
-        rows.append((source, head or source, float(predicted), float(actual)))
+        rows.append(
+            (
+                source,
+                head or source,
+                float(predicted),
+                float(actual),
+                float(arrival),
+                float(run_seconds),
+                float(run_tokens),
+            )
+        )
         self._dirty.add(target)
+        self._unreplayed.add(target)
 
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)
+
+    @property
+    def unreplayed(self) -> bool:
+        """A request ended since the last :meth:`replay_windows`."""
+        return bool(self._unreplayed)
+
+    def replay_windows(self) -> list[ReplayWindow]:
+        """Copies of the windows that changed since the last call (their requests
+        with an arrival time), grouped as :meth:`compute` groups them."""
+        out = []
+        for target in sorted(self._unreplayed):
+            window = self._windows[target]
+            groups, codes = self._grouping(window)  # the groups compute() reports
+            keep = [i for i, r in enumerate(window) if not math.isnan(r[4])]
+            if not keep:
+                continue
+            rows = [window[i] for i in keep]
+            codes = codes[keep]
+            seconds = sum(r[5] for r in rows if r[6] > 0.0 and r[5] >= 0.0)
+            tokens = sum(r[6] for r in rows if r[6] > 0.0 and r[5] >= 0.0)
+            out.append(
+                ReplayWindow(
+                    target=target,
+                    groups=groups,
+                    codes=codes,
+                    arrival=np.fromiter((r[4] for r in rows), np.float64, len(rows)),
+                    predicted=np.fromiter((r[2] for r in rows), np.float64, len(rows)),
+                    actual=np.fromiter((r[3] for r in rows), np.float64, len(rows)),
+                    token_time_s=seconds / tokens if tokens > 0.0 else 0.0,
+                )
+            )
+        self._unreplayed.clear()
+        return out
+
+    def set_replayed(self, target: str, gains: dict[tuple[str, str], float]) -> None:
+        """A replay's figures for ``target``'s groups (by (source, head)); they stay
+        until the next replay's."""
+        self._replayed[target] = dict(gains)
+        report = self._report.get(target)
+        if report is not None:
+            self._report[target] = [self._with_replayed(target, g) for g in report]
+
+    def _with_replayed(self, target: str, g: GroupAccuracy) -> GroupAccuracy:
+        gain = self._replayed.get(target, {}).get((g.source, g.head), math.nan)
+        return replace(g, replayed_order_gain=gain)
 
     def __len__(self) -> int:
         """Requests held, over every target."""
@@ -127,21 +226,26 @@ class OnlineAccuracy:
         self._dirty.clear()
         return [g for target in sorted(self._report) for g in self._report[target]]
 
-    def _compute(
-        self, target: str, rows: deque[tuple[str, str, float, float]]
-    ) -> list[GroupAccuracy]:
+    def _grouping(self, rows: Iterable[Row]) -> tuple[list[tuple[str, str]], np.ndarray]:
+        """The window's (source, head) groups, the smallest past ``max_groups`` pooled
+        under head ``other``, and each request's group code."""
+        pairs = [(r[0], r[1]) for r in rows]
+        counts = Counter(pairs)
+        kept = set(sorted(counts, key=lambda k: (-counts[k], k))[: self.max_groups])
+        keys = [(s, h) if (s, h) in kept else (s, OTHER) for s, h in pairs]
+        groups = sorted(set(keys))
+        index = {key: i for i, key in enumerate(groups)}
+        return groups, np.fromiter((index[k] for k in keys), np.int64, len(keys))
+
+    def _compute(self, target: str, rows: deque[Row]) -> list[GroupAccuracy]:
         predicted = np.fromiter((r[2] for r in rows), np.float64, len(rows))
         actual = np.fromiter((r[3] for r in rows), np.float64, len(rows))
         boundaries = np.percentile(actual, BUCKET_PERCENTILES)
         same_bucket = np.searchsorted(boundaries, predicted, side="left") == np.searchsorted(
             boundaries, actual, side="left"
         )
-        counts = Counter((r[0], r[1]) for r in rows)
-        kept = set(sorted(counts, key=lambda k: (-counts[k], k))[: self.max_groups])
-        keys = [(s, h) if (s, h) in kept else (s, OTHER) for s, h, _, _ in rows]
-        groups = sorted(set(keys))
-        index = {key: i for i, key in enumerate(groups)}
-        codes = np.fromiter((index[k] for k in keys), np.int64, len(keys))
+        groups, codes = self._grouping(rows)
+        replayed = self._replayed.get(target, {})
         out = []
         for i, key in enumerate(groups):
             mask = codes == i
@@ -158,6 +262,7 @@ class OnlineAccuracy:
                     mae_tokens=float(np.abs(p - a).mean()),
                     bucket_accuracy=float(same_bucket[mask].mean()),
                     order_gain=order_gain(p, a),
+                    replayed_order_gain=replayed.get(key, math.nan),
                 )
             )
         return out

@@ -102,6 +102,8 @@ class SchedulerService:
         self.results = Results(
             self.clock, self.policy.name, cfg.result_ttl_s, outcome_log, self._spawn_plain
         )
+        # The online accuracy's windows replayed on this core's policy and workers.
+        self.results.watch_deployment(self.core, self.admission)
         # Write-ahead: a request's news reaches its streams once journaled (``journal``).
         self.journal = journal
         if journal is not None:

@@ -15,6 +15,7 @@ event loop when the log says a batch is due, and otherwise at most
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,12 +24,20 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from services.scheduler import metrics
-from services.scheduler.core.accuracy import NATURAL_ENDS, GroupAccuracy, OnlineAccuracy
+from services.scheduler.core.accuracy import (
+    NATURAL_ENDS,
+    GroupAccuracy,
+    OnlineAccuracy,
+    ReplayWindow,
+)
 from services.scheduler.core.clock import Clock
 from services.scheduler.core.job import Job, JobState
 from services.scheduler.service.streams import Request
+from services.scheduler.sim.replay import Deployment, Replay, replay_gains
 
 if TYPE_CHECKING:
+    from services.scheduler.core.admission import AdmissionControl
+    from services.scheduler.core.scheduler import SchedulerCore
     from services.scheduler.service.journal import Journal
 from services.scheduler.service.tenancy import shown_id
 from shortline.common.outcomes import Outcome, OutcomeLog
@@ -42,6 +51,12 @@ PRUNE_RECHECK_S = 1.0
 # The online accuracy (tau over each target's window) is recomputed at most this often,
 # and only after a request ended: about 1 ms per target of 500 requests.
 ACCURACY_EVERY_S = 5.0
+# The replayed order gain (services/scheduler/sim/replay.py) runs at most this often, in
+# a thread: per target of 500 requests about 15 ms of simulation with one group, 50 ms
+# with eight, during which the event loop's wake-ups wait up to a GIL switch (5 ms).
+REPLAY_EVERY_S = 60.0
+
+log = logging.getLogger(__name__)
 
 SOURCES = {
     "predictor": scheduler_pb2.PREDICTION_SOURCE_PREDICTOR,
@@ -142,6 +157,15 @@ class Results:
         self._unkept: set[str] = set()
         self.accuracy = OnlineAccuracy()
         self._accuracy_due: float | None = None
+        # The replay of the accuracy windows: what it serves on (``watch_deployment``),
+        # when it is due, and no sooner than ``replay_every_s`` after the last one began.
+        self._core: SchedulerCore | None = None
+        self._admission: AdmissionControl | None = None
+        self.replay_every_s = REPLAY_EVERY_S
+        self._replay_due: float | None = None
+        self._replay_allowed = -math.inf
+        self._replaying = False
+        self.last_replays: list[Replay] = []  # the last round's, one per target (its cost)
 
     def finalize(self, req: Request, error: StatusError | None = None) -> None:
         """Ends ``req`` once: its final message to every stream, metrics, outcome row."""
@@ -245,9 +269,21 @@ class Results:
                     # Per head version when the predictor named one, else per source.
                     source = job.prediction_source
                     head = req.head_version or source
-                    self.accuracy.observe(length_model, source, head, job.predicted, req.tokens)
+                    run_s = job.finish - job.run_started if job.finish is not None else math.nan
+                    self.accuracy.observe(
+                        length_model,
+                        source,
+                        head,
+                        job.predicted,
+                        req.tokens,
+                        arrival=job.arrival,
+                        run_seconds=run_s,
+                        run_tokens=req.tokens - job.run_start_generated,
+                    )
                     if self._accuracy_due is None:
                         self._accuracy_due = now + ACCURACY_EVERY_S
+                    if self._replay_due is None and self._core is not None:
+                        self._replay_due = max(now + ACCURACY_EVERY_S, self._replay_allowed)
         metrics.REQUESTS.labels(model, reason).inc()
 
     def _log(
@@ -311,16 +347,80 @@ class Results:
             metrics.export_accuracy(groups)
         return groups
 
+    def watch_deployment(self, core: SchedulerCore, admission: AdmissionControl) -> None:
+        """Replays the accuracy windows on ``core``'s policy, batching and workers (the
+        time per token from the window, else ``admission``'s): without this call, no
+        replay."""
+        self._core = core
+        self._admission = admission
+
+    def _deployment(self, window: ReplayWindow) -> Deployment | None:
+        """The live deployment as the replay models it, or None without a worker or a
+        time per token."""
+        core, admission = self._core, self._admission
+        if core is None or admission is None or not core.workers:
+            return None
+        token_s = window.token_time_s or admission.seconds_per_token()
+        if not token_s > 0.0:
+            return None
+        workers = len(core.workers)
+        slots = sum(w.slots for w in core.workers.values())
+        per_worker = max(1, round(slots / workers))
+        return Deployment(core.policy, core.batching, workers, per_worker, token_s)
+
+    def _start_replay(self, now: float) -> None:
+        """Copies the changed windows and replays them in a thread (never on the event
+        loop: a few simulations per target); the figures land when it ends."""
+        if self._replaying:
+            self._replay_due = now + ACCURACY_EVERY_S
+            return
+        self._replay_due = None
+        self._replay_allowed = now + self.replay_every_s
+        work = [(w, d) for w in self.accuracy.replay_windows() if (d := self._deployment(w))]
+        if work:
+            self._replaying = True
+            self._spawn(self._replay(work))
+
+    async def _replay(self, work: list[tuple[ReplayWindow, Deployment]]) -> None:
+        try:
+            done = await asyncio.to_thread(_replay_all, work)
+        except Exception:
+            log.exception("replaying the accuracy windows failed")
+            return
+        finally:
+            self._replaying = False
+        self.last_replays = [r for _, r in done]
+        for window, replay in done:
+            gains = {key: replay.gains[i] for i, key in enumerate(window.groups)}
+            self.accuracy.set_replayed(window.target, gains)
+        metrics.export_accuracy(self.accuracy.compute())
+        log.debug(
+            "replayed %d accuracy windows in %.1f ms (%d simulations)",
+            len(done),
+            1e3 * sum(r.seconds for r in self.last_replays),
+            sum(r.simulations for r in self.last_replays),
+        )
+
     def on_timer(self, now: float) -> None:
         self.store.prune(now)
         if self._flush_due is not None and now >= self._flush_due:
             self.flush()
         if self._accuracy_due is not None and now >= self._accuracy_due:
             self.refresh_accuracy()
+        if self._replay_due is not None and now >= self._replay_due:
+            self._start_replay(now)
 
     def next_due(self, now: float) -> float | None:
         """When :meth:`on_timer` has work: a record's TTL, a buffered row's flush, the
-        accuracy's recomputation."""
-        due = (self.store.next_due(now), self._flush_due, self._accuracy_due)
+        accuracy's recomputation, its replay."""
+        due = (self.store.next_due(now), self._flush_due, self._accuracy_due, self._replay_due)
         times = [t for t in due if t is not None]
         return min(times) if times else None
+
+
+def _replay_all(work: list[tuple[ReplayWindow, Deployment]]) -> list[tuple[ReplayWindow, Replay]]:
+    """Every window's replay (run in a thread: reads only its copies)."""
+    return [
+        (w, replay_gains(w.arrival, w.predicted, w.actual, w.codes, len(w.groups), d))
+        for w, d in work
+    ]

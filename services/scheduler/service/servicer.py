@@ -251,6 +251,7 @@ def stats_response(
                 mae_tokens=g.mae_tokens,
                 bucket_accuracy=g.bucket_accuracy,
                 order_gain=g.order_gain,
+                replayed_order_gain=g.replayed_order_gain,
             )
             for g in plane.results.refresh_accuracy()
         ],
