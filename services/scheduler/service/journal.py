@@ -20,10 +20,14 @@ would splice two generations). Changes are batched: the first change
 schedules one commit, and every change made before it runs (deltas of many
 streams arriving together) joins it. The commit runs on the next event-loop
 turn, or, within ``COMMIT_GAP_S`` of the previous commit, that long after it:
-a transaction costs tens of microseconds whatever it holds, and under load one
-every few milliseconds carries the deltas of every stream instead of one each
-(bench.relay), while an idle scheduler's first change is written at once. The
-delay a change waits is measured as ``shortline_journal_delay_seconds``.
+a transaction has a fixed cost, and under load one every few milliseconds
+carries the deltas of every stream instead of one each (bench.relay: 5-7
+client messages per commit), while an idle scheduler's first change is written
+at once. Within one transaction, every stream's new text is one
+``executemany`` and a request's other news one ``UPDATE`` of its row. What is
+left costs per row more than per commit (a 10 ms gap put 23% more messages in
+a commit and each commit took 21% longer; docs/scaling.md). The delay a change
+waits is measured as ``shortline_journal_delay_seconds``.
 
 Durability: ``synchronous=NORMAL`` in WAL mode writes each commit to the WAL
 before returning, so a process that dies at any point (kill -9, the OOM
@@ -93,6 +97,30 @@ def meta_of(req: Request) -> tuple[Any, ...]:
         req.worker_id,
         req.reattach_grace_s,
     )
+
+
+# The columns of the row's UPDATE, each group written when it changed.
+PREDICTED_COLUMNS = ("predicted=?", "source=?")
+META_COLUMNS = (
+    "first_dispatch=?",
+    "first_token=?",
+    "preemptions=?",
+    "requeues=?",
+    "worker_id=?",
+    "reattach_grace=?",
+)
+FINAL_COLUMNS = (
+    "state=?",
+    "finish_reason=?",
+    "finished=?",
+    "final=?",
+    "final_code=?",
+    "final_message=?",
+    "outcome=?",
+    "embedding=?",
+    "prompt=?",
+    "messages=NULL",  # a retried id needs the result, not the conversation
+)
 
 
 @dataclass
@@ -232,8 +260,13 @@ class Journal:
         now_mono, now_wall = self.clock.now(), time.time()
         try:
             self._conn.execute("BEGIN")
+            deltas: list[tuple[str, str, int]] = []
             for req in dirty.values():
-                self._write(req, now_mono, now_wall)
+                self._write(req, now_mono, now_wall, deltas)
+            if deltas:  # one statement for every stream's new text
+                self._conn.executemany(
+                    "INSERT INTO deltas(key, text, tokens) VALUES (?,?,?)", deltas
+                )
             for key in logged:
                 self._conn.execute(
                     "UPDATE requests SET outcome=NULL, embedding=NULL, prompt=NULL, messages=NULL "
@@ -273,7 +306,12 @@ class Journal:
         for req in dirty.values():
             req.publish()
 
-    def _write(self, req: Request, now_mono: float, now_wall: float) -> None:
+    def _write(
+        self, req: Request, now_mono: float, now_wall: float, deltas: list[tuple[str, str, int]]
+    ) -> None:
+        """``req``'s news since the last commit: its new text as a row for ``deltas``
+        (inserted together), everything else of its row in one UPDATE (prediction,
+        dispatch and counts, the end: often several in one commit)."""
         mark: Mark = req.journal_mark
         job = req.job
         c = self._conn
@@ -302,38 +340,36 @@ class Journal:
             c.execute("DELETE FROM deltas WHERE key=?", (job.id,))
             mark.admitted = True
         if len(req.text) > mark.chars:
-            c.execute(
-                "INSERT INTO deltas(key, text, tokens) VALUES (?,?,?)",
-                (job.id, req.text[mark.chars :], req.tokens - mark.tokens),
-            )
+            deltas.append((job.id, req.text[mark.chars :], req.tokens - mark.tokens))
             mark.chars, mark.tokens = len(req.text), req.tokens
+        columns: list[str] = []
+        values: list[Any] = []
         if req.accepted is not None and not mark.predicted:
-            c.execute(
-                "UPDATE requests SET predicted=?, source=? WHERE key=?",
-                (job.predicted, job.prediction_source, job.id),
-            )
+            columns += PREDICTED_COLUMNS
+            values += (job.predicted, job.prediction_source)
             mark.predicted = True
         meta = meta_of(req)
         if meta != mark.meta:
-            c.execute(
-                "UPDATE requests SET first_dispatch=?, first_token=?, preemptions=?,"
-                " requeues=?, worker_id=?, reattach_grace=? WHERE key=?",
-                (
-                    _wall(job.first_dispatch, now_mono, now_wall),
-                    _wall(job.first_token, now_mono, now_wall),
-                    job.preemptions,
-                    job.requeues,
-                    req.worker_id,
-                    req.reattach_grace_s,
-                    job.id,
-                ),
+            columns += META_COLUMNS
+            values += (
+                _wall(job.first_dispatch, now_mono, now_wall),
+                _wall(job.first_token, now_mono, now_wall),
+                job.preemptions,
+                job.requeues,
+                req.worker_id,
+                req.reattach_grace_s,
             )
             mark.meta = meta
         if req.final is not None and not req.interrupted and not mark.final:
-            self._write_final(req, now_mono, now_wall)
+            columns += FINAL_COLUMNS
+            values += self._final_values(req, now_mono, now_wall)
             mark.final = True
+        if columns:
+            # A few combinations only, so SQLite's statement cache keeps each.
+            c.execute(f"UPDATE requests SET {', '.join(columns)} WHERE key=?", (*values, job.id))
 
-    def _write_final(self, req: Request, now_mono: float, now_wall: float) -> None:
+    def _final_values(self, req: Request, now_mono: float, now_wall: float) -> tuple[Any, ...]:
+        """FINAL_COLUMNS' values: the end, and the outcome row until the log has it."""
         job = req.job
         mark: Mark = req.journal_mark
         final = req.final
@@ -348,23 +384,18 @@ class Journal:
             row = json.dumps(
                 {k: v for k, v in outcome.__dict__.items() if k not in ("prompt", "embedding")}
             )
-        self._conn.execute(
-            "UPDATE requests SET state=?, finish_reason=?, finished=?, final=?, final_code=?,"
-            " final_message=?, outcome=?, embedding=?, prompt=?, messages=NULL WHERE key=?",
-            (
-                int(job.state),
-                job.finish_reason,
-                _wall(req.finished_at, now_mono, now_wall),
-                blob,
-                code,
-                message,
-                row,
-                embedding_blob(outcome.embedding) if outcome is not None else None,
-                outcome.prompt if outcome is not None else None,
-                job.id,
-            ),
-        )
         mark.outcome = None
+        return (
+            int(job.state),
+            job.finish_reason,
+            _wall(req.finished_at, now_mono, now_wall),
+            blob,
+            code,
+            message,
+            row,
+            embedding_blob(outcome.embedding) if outcome is not None else None,
+            outcome.prompt if outcome is not None else None,
+        )
 
     # ---- reading -------------------------------------------------------------
 

@@ -11,13 +11,8 @@ no client stream is left hanging. A second signal stops at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import cast
-
-import grpc
 
 from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
@@ -48,39 +43,9 @@ DRAIN_POLL_S = 0.05
 
 
 class DrainingServicer(SchedulerServicer):
-    """The public API, and what it refuses once the scheduler drains: a new request
-    (UNAVAILABLE, so the SDK retries it on another scheduler). A retry of a request
-    this scheduler holds still attaches to it: refusing it would leave that request
-    without a client, and a request without a client is cancelled."""
-
-    draining = False
-
-    async def Generate(
-        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
-        answered = False
-        try:
-            if self.draining:
-                tenant = await self.tenancy.tenant(context)
-                if self.plane.lookup(request.request_id, tenant.name) is None:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "the scheduler is draining (shutting down) and admits no new request; "
-                        "retry on another scheduler",
-                    )
-            items = cast(
-                AsyncGenerator[scheduler_pb2.GenerateResponse, None],
-                super().Generate(request, context),
-            )
-            async with contextlib.aclosing(items):
-                async for item in items:
-                    answered = True
-                    yield item
-        except grpc.aio.AbortError as exc:
-            # Ended with a status before its first message: refused, counted by reason.
-            if not answered:
-                metrics.count_refusal(context.code(), exc)
-            raise
+    """The public API as served: what it refuses once the scheduler drains is
+    ``SchedulerServicer.draining``'s (in its ``Generate``, so that no extra generator
+    layer sits on every message of a stream)."""
 
 
 class SchedulerServer:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
+from services.scheduler import metrics
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core.admission import TenantCapError
 from services.scheduler.core.interface import QueueFullError
@@ -45,9 +46,20 @@ INTERNAL_SERVICE_NAME = internal_pb2.DESCRIPTOR.services_by_name[
 ].full_name
 # Trailing metadata gRPC clients' retry policies read as "retry after this many ms".
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+DRAINING_MESSAGE = (
+    "the scheduler is draining (shutting down) and admits no new request; "
+    "retry on another scheduler"
+)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    """The public API. Once ``draining`` (the server's SIGTERM), a new request is
+    refused with UNAVAILABLE (the SDK retries it on another scheduler); a retry of a
+    request this scheduler holds still attaches to it: refusing it would leave that
+    request without a client, and a request without a client is cancelled."""
+
+    draining = False
+
     def __init__(
         self,
         cfg: SchedulerConfig,
@@ -66,43 +78,66 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Generate(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
-        tenant = await self.tenancy.tenant(context)
-        workers, predictor = self.plane.workers, self.plane.predictor
-        problem = validate(
-            request, self.cfg, workers.limits(request.model), predictor.known_targets()
-        )
-        if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        await self.tenancy.check_model(tenant, request.model, context)
-        await self.tenancy.check_priority(tenant, request, context)
-        await check_length_hint(tenant, request, context)
-        span = self._tracer.start_span("scheduler.generate")
+        # One generator over ``follow``: every message of the stream passes each layer
+        # (about a microsecond each), so the drain and the refusal count are here too.
+        answered = False
         try:
-            # Current only while the request is admitted or attached (no yield in
-            # between): the work done for it later joins this trace through the context
-            # ``admit`` keeps. Left current across the yields below, it would be detached
-            # in another context when gRPC drops the generator of a cancelled call (an
-            # error with a traceback in the log for each client that left).
-            with trace.use_span(span):
-                req = await self._open(request, tenant.name, context, span)
-            # The stream leaves the request when its RPC ends, however it ends.
-            sub = Subscription(req, self.plane.disconnected)
-            # (grpc-stubs types the callback as a class of its own; any callable is taken.)
-            context.add_done_callback(sub.end)  # type: ignore[arg-type]
-            async for item in follow(sub):
-                if isinstance(item, tuple):
-                    code, message = item
-                    span.set_attribute("shortline.status", code.name)
-                    await context.abort(code, message)
-                if item.HasField("result"):
-                    r = item.result
-                    span.set_attribute("shortline.predicted_tokens", r.predicted_tokens)
-                    span.set_attribute("shortline.actual_tokens", r.actual_tokens)
-                    span.set_attribute("shortline.preemptions", r.preemptions)
-                    span.set_attribute("shortline.queue_wait_s", r.queue_wait_seconds)
-                yield item
-        finally:
-            span.end()
+            tenant = await self.tenancy.tenant(context)
+            plane = self.plane
+            if self.draining and plane.lookup(request.request_id, tenant.name) is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            workers, predictor = plane.workers, plane.predictor
+            problem = validate(
+                request, self.cfg, workers.limits(request.model), predictor.known_targets()
+            )
+            if problem is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await self.tenancy.check_model(tenant, request.model, context)
+            await self.tenancy.check_priority(tenant, request, context)
+            await check_length_hint(tenant, request, context)
+            span = self._tracer.start_span(
+                "scheduler.generate", attributes={"shortline.request_id": request.request_id}
+            )
+            try:
+                # Current only while the request is admitted or attached (no yield in
+                # between): the work done for it later joins this trace through the
+                # context ``admit`` keeps. Left current across the yields below, it would
+                # be detached in another context when gRPC drops the generator of a
+                # cancelled call (an error with a traceback in the log for each client
+                # that left).
+                with trace.use_span(span):
+                    req = await self._open(request, tenant.name, context, span)
+                # The stream leaves the request when its RPC ends, however it ends.
+                sub = Subscription(req, plane.disconnected)
+                # (grpc-stubs types the callback as a class of its own; any callable is
+                # taken.)
+                context.add_done_callback(sub.end)  # type: ignore[arg-type]
+                async for item in follow(sub):
+                    # Only the end is ``req.final`` (a status or the result): one
+                    # identity test per delta, nothing more.
+                    if item is req.final:
+                        if isinstance(item, tuple):
+                            code, message = item
+                            span.set_attribute("shortline.status", code.name)
+                            await context.abort(code, message)
+                        r = item.result
+                        span.set_attributes(
+                            {
+                                "shortline.predicted_tokens": r.predicted_tokens,
+                                "shortline.actual_tokens": r.actual_tokens,
+                                "shortline.preemptions": r.preemptions,
+                                "shortline.queue_wait_s": r.queue_wait_seconds,
+                            }
+                        )
+                    answered = True
+                    yield item
+            finally:
+                span.end()
+        except grpc.aio.AbortError as exc:
+            # Ended with a status before its first message: refused, counted by reason.
+            if not answered:
+                metrics.count_refusal(context.code(), exc)
+            raise
 
     async def _open(
         self,
@@ -114,7 +149,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         """The request this stream follows: the tenant's live or finished one with this
         id, or a new one admitted now; aborts with the status that says why not."""
         plane = self.plane
-        span.set_attribute("shortline.request_id", request.request_id)
         req = plane.lookup(request.request_id, tenant)
         if req is not None:
             differs = differing_field(req.fingerprint, request)

@@ -34,7 +34,7 @@ import asyncio
 import contextvars
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
@@ -45,6 +45,12 @@ from shortline.scheduler.v1 import scheduler_pb2
 # What a stream ends with: a GenerateResponse carrying the result, or a
 # (grpc.StatusCode, message) pair the servicer aborts with.
 Final = Any
+
+
+class Subscriber(Protocol):
+    """Where a stream is published to (``Inbox``; an ``asyncio.Queue`` also fits)."""
+
+    def put_nowait(self, item: Any, /) -> None: ...
 
 
 @dataclass(eq=False)
@@ -70,7 +76,7 @@ class Request:
     tokens: int = 0
     shown: int = 0
     shown_tokens: int = 0
-    subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
+    subscribers: set[Subscriber] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     accepted: scheduler_pb2.Accepted | None = None
     final: Final = None  # GenerateResponse (result) or (StatusCode, message)
@@ -99,8 +105,7 @@ class Request:
     def end_queue_span(self, **attributes: Any) -> None:
         if self.queue_span is None:
             return
-        for name, value in attributes.items():
-            self.queue_span.set_attribute(f"shortline.{name}", value)
+        self.queue_span.set_attributes({f"shortline.{k}": v for k, v in attributes.items()})
         self.queue_span.end()
         self.queue_span = None
 
@@ -126,11 +131,13 @@ class Request:
         """Sends the streams what they have not had yet: the text since the last
         publish as one delta, then the end; releases streams waiting for Accepted."""
         if not self.final_shown and len(self.text) > self.shown:
-            delta = scheduler_pb2.TextDelta(
-                text=self.text[self.shown :], tokens=self.tokens - self.shown_tokens
-            )
+            # Built in place: a TextDelta passed to the constructor would be copied.
+            message = scheduler_pb2.GenerateResponse()
+            delta = message.delta
+            delta.text = self.text[self.shown :]
+            delta.tokens = self.tokens - self.shown_tokens
             self.shown, self.shown_tokens = len(self.text), self.tokens
-            self.broadcast(scheduler_pb2.GenerateResponse(delta=delta))
+            self.broadcast(message)
         if self.final is not None and not self.final_shown:
             self.final_shown = True
             self.broadcast(self.final)
@@ -141,6 +148,42 @@ class Request:
         if self.disconnect_timer is not None:
             self.disconnect_timer.cancel()
             self.disconnect_timer = None
+
+
+class Inbox:
+    """What one stream has been published and not yet sent: ``asyncio.Queue``'s
+    ``put_nowait`` (what :meth:`Request.broadcast` calls) without its bookkeeping
+    (task counts, an event, waiters on both sides), and every waiting item handed over
+    at one wake-up. A stream has one reader, so one waiter suffices; published items
+    are never dropped (a stream is bounded by its request's text and end)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    async def take(self) -> list[Any]:
+        """Every item published since the last call (at least one, waiting for it)."""
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
 
 
 class Subscription:
@@ -157,7 +200,7 @@ class Subscription:
     def __init__(self, req: Request, on_disconnect: Callable[[Request], None]) -> None:
         self.req = req
         self._on_disconnect = on_disconnect
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue = Inbox()
         req.cancel_disconnect_timer()
         req.subscribers.add(self.queue)
 
@@ -196,8 +239,7 @@ async def follow(sub: Subscription) -> AsyncIterator[Any]:
         # The published part only, and no await between this snapshot and the live
         # items that follow it (published later, so queued after it).
         text, tokens, ended = req.text[: req.shown], req.shown_tokens, req.final_shown
-        while not queue.empty():
-            queue.get_nowait()
+        queue.clear()
         if req.accepted is not None:
             yield scheduler_pb2.GenerateResponse(accepted=req.accepted)
         if text:
@@ -208,10 +250,11 @@ async def follow(sub: Subscription) -> AsyncIterator[Any]:
             yield req.final
             return
         while True:
-            item = await queue.get()
-            yield item
-            if isinstance(item, tuple) or item.HasField("result"):
-                return
+            for item in await queue.take():
+                yield item
+                # The end is published once, as ``req.final`` itself.
+                if item is req.final:
+                    return
     finally:
         sub.end()
 

@@ -359,16 +359,20 @@ class WorkerPool:
                 self._pump()
             return
 
-        span = self._tracer.start_span("scheduler.run")
-        span.set_attribute("shortline.request_id", req.id)
-        span.set_attribute("shortline.model", job.model)
-        span.set_attribute("shortline.target_model", job.length_model)
+        # Attributes given at the start: validated in one pass, not under the span's
+        # lock one by one.
+        attributes: dict[str, Any] = {
+            "shortline.request_id": req.id,
+            "shortline.model": job.model,
+            "shortline.target_model": job.length_model,
+            "shortline.preemptions": job.preemptions,
+            "shortline.worker_id": worker.id,
+            "shortline.resume_tokens": req.tokens,
+            "shortline.predicted_tokens": job.predicted,
+        }
         if req.accepted is not None:
-            span.set_attribute("shortline.queue_position", req.accepted.queue_position)
-        span.set_attribute("shortline.preemptions", job.preemptions)
-        span.set_attribute("shortline.worker_id", worker.id)
-        span.set_attribute("shortline.resume_tokens", req.tokens)
-        span.set_attribute("shortline.predicted_tokens", job.predicted)
+            attributes["shortline.queue_position"] = req.accepted.queue_position
+        span = self._tracer.start_span("scheduler.run", attributes=attributes)
         token_ctx = otel_context.attach(trace.set_span_in_context(span))
         fresh = req.tokens == 0  # this run's input is the prompt alone
         # The run's series, looked up once: labels() takes a lock and builds a key
