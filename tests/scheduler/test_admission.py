@@ -219,17 +219,21 @@ async def test_sixty_huge_prompts_leave_the_scheduler_process_flat(tmp_path: Pat
             before = _rss_mb(proc.pid)
             huge = "x" * 3_900_000
             rss = []
-            for _ in range(3):
+            for _ in range(5):
                 errors = await asyncio.gather(*(_refused(stub, prompt=huge) for _ in range(60)))
                 assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
                 rss.append(_rss_mb(proc.pid))
             # gRPC's buffers grow once (measured 5-36 MB on a loaded machine), well under
-            # the 234 MB that keeping 60 such prompts would take; then they settle. On a
-            # busy machine more of a round is in flight at once, and two later rounds
-            # added up to 19 MB (CI, 2 cores shared): a leak of even a tenth of the
-            # prompts would add 47 MB over them.
+            # the 234 MB that keeping 60 such prompts would take; then they settle. How
+            # high they settle depends on how many of a round's prompts are in flight at
+            # once, which a busy machine raises: on CI (2 cores shared) the first three
+            # rounds once rose 145 -> 227 MB, as the allocator's arenas reached the peak
+            # concurrency, while idle runs stay within 10 MB. So the leak check compares
+            # the last rounds with the highest of the earlier ones: a leak of even a tenth
+            # of the prompts would add 47 MB over two rounds.
             assert rss[0] - before < 80, f"VmRSS {before:.0f} -> {rss[0]:.0f} MB"
-            assert rss[2] - rss[0] < 40, f"VmRSS {rss[0]:.0f} -> {rss[2]:.0f} MB"
+            peak = max(rss[:3])
+            assert rss[4] - peak < 40, f"VmRSS rounds {[round(r) for r in rss]} MB"
             assert (log_path.stat().st_size if log_path.exists() else 0) == log_size
     finally:
         proc.terminate()
