@@ -239,28 +239,34 @@ for _reason in sorted(REFUSAL_REASONS):
     REFUSED.labels(_reason)  # every reason exported from the start, at 0: rate() sees the first
 
 
+# The refusals a status shares, told apart by the exception the abort was raised in.
+_REFUSED_BY_CAUSE: dict[grpc.StatusCode, tuple[tuple[type[BaseException], str], ...]] = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (
+        (QueueFullError, QUEUE_FULL),
+        (TenantCapError, TENANT_CAP),
+    ),
+    grpc.StatusCode.PERMISSION_DENIED: (
+        (PriorityCapError, PRIORITY_NOT_ALLOWED),
+        (HintNotAllowedError, HINT_NOT_ALLOWED),
+    ),
+}
+
+
 def refusal_reason(code: grpc.StatusCode | None, error: BaseException | None) -> str:
     """The reason label of a refusal with status ``code``; ``error`` is the exception the
-    abort raised, whose context tells a full queue from a tenant over its share."""
+    abort raised, whose context tells a full queue from a tenant over its share (and a
+    priority or hint not granted from a model not allowed)."""
+    causes = _REFUSED_BY_CAUSE.get(code, ()) if code is not None else ()
+    cause = error
+    while causes and cause is not None:
+        for kind, reason in causes:
+            if isinstance(cause, kind):
+                return reason
+        cause = cause.__context__
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        cause = error
-        while cause is not None:
-            if isinstance(cause, QueueFullError):
-                return QUEUE_FULL
-            if isinstance(cause, TenantCapError):
-                return TENANT_CAP
-            cause = cause.__context__
         return OTHER
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        cause = error
-        while cause is not None:
-            if isinstance(cause, PriorityCapError):
-                return PRIORITY_NOT_ALLOWED
-            if isinstance(cause, HintNotAllowedError):
-                return HINT_NOT_ALLOWED
-            cause = cause.__context__
-    reason = _REFUSED_BY_CODE.get(code) if code is not None else None
-    return bounded(reason or OTHER, REFUSAL_REASONS)
+    by_code = _REFUSED_BY_CODE.get(code) if code is not None else None
+    return bounded(by_code or OTHER, REFUSAL_REASONS)
 
 
 def count_refusal(code: grpc.StatusCode | None, error: BaseException | None) -> str:

@@ -342,7 +342,7 @@ class SchedulerService:
             return  # cancelled while we were predicting
         if log_embedding and job.embedding is None:
             job.embedding = got.embedding  # the core keeps it only for its cache
-        if job.prediction_source == "predictor":
+        if job.prediction_source == SOURCE_PREDICTOR:
             req.head_version = got.head_version  # online accuracy is kept per head
         if cache is not None:
             metrics.CACHE_LOOKUPS.inc(cache.lookups - lookups)

@@ -30,7 +30,6 @@ from services.scheduler.service.journal import Journal
 from services.scheduler.service.streams import Request, Subscription, follow
 from services.scheduler.service.tenancy import (
     Tenancy,
-    check_length_hint,
     differing_field,
     reuse_message,
     shown_id,
@@ -94,7 +93,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             await self.tenancy.check_model(tenant, request.model, context)
             await self.tenancy.check_priority(tenant, request, context)
-            await check_length_hint(tenant, request, context)
+            await self.tenancy.check_length_hint(tenant, request, context)
             span = self._tracer.start_span(
                 "scheduler.generate", attributes={"shortline.request_id": request.request_id}
             )

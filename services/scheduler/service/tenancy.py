@@ -153,32 +153,36 @@ class Tenancy:
         context: grpc.aio.ServicerContext,
     ) -> None:
         """Aborts with PERMISSION_DENIED when ``request`` asks for a band above the
-        tenant's ``max_priority``. The abort is raised while :class:`PriorityCapError` is
-        handled, so the refusal counter (``server.py``) can tell it by the abort's
-        ``__context__`` from a model the tenant may not use."""
+        tenant's ``max_priority``."""
         problem = priority_problem(tenant, request)
         if problem is not None:
-            try:
-                raise PriorityCapError(problem)
-            except PriorityCapError:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+            await _deny(PriorityCapError(problem), context)
+
+    @staticmethod
+    async def check_length_hint(
+        tenant: Tenant, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Aborts with PERMISSION_DENIED when ``request`` carries a length_hint that
+        ``tenant`` may not send."""
+        if request.HasField("length_hint") and not tenant.length_hints:
+            await _deny(
+                HintNotAllowedError(
+                    f"length_hint is not allowed for tenant {tenant.name!r}: its tokens file "
+                    "entry needs length_hints = true (a hint orders the queue); leave "
+                    "length_hint out"
+                ),
+                context,
+            )
 
 
-async def check_length_hint(
-    tenant: Tenant, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-) -> None:
-    """Aborts with PERMISSION_DENIED when ``request`` carries a length_hint that
-    ``tenant`` may not send (raised while :class:`HintNotAllowedError` is handled, so the
-    refusal counter names it)."""
-    if request.HasField("length_hint") and not tenant.length_hints:
-        problem = (
-            f"length_hint is not allowed for tenant {tenant.name!r}: its tokens file entry "
-            "needs length_hints = true (a hint orders the queue); leave length_hint out"
-        )
-        try:
-            raise HintNotAllowedError(problem)
-        except HintNotAllowedError:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+async def _deny(error: PermissionError, context: grpc.aio.ServicerContext) -> None:
+    """PERMISSION_DENIED with ``error``'s message, raised while ``error`` is handled: the
+    refusal counter (``metrics.refusal_reason``) names the reason by the abort's
+    ``__context__``, apart from a model the tenant may not use."""
+    try:
+        raise error
+    except PermissionError:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
 
 
 def priority_problem(tenant: Tenant, request: scheduler_pb2.GenerateRequest) -> str | None:
